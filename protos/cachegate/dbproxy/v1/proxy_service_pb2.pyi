@@ -57,12 +57,14 @@ class GetProxySettingsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetProxySettingsResponse(_message.Message):
-    __slots__ = ("redis_listen_addr", "web_listen_addr")
+    __slots__ = ("redis_listen_addr", "web_listen_addr", "api_listen_addr")
     REDIS_LISTEN_ADDR_FIELD_NUMBER: _ClassVar[int]
     WEB_LISTEN_ADDR_FIELD_NUMBER: _ClassVar[int]
+    API_LISTEN_ADDR_FIELD_NUMBER: _ClassVar[int]
     redis_listen_addr: str
     web_listen_addr: str
-    def __init__(self, redis_listen_addr: _Optional[str] = ..., web_listen_addr: _Optional[str] = ...) -> None: ...
+    api_listen_addr: str
+    def __init__(self, redis_listen_addr: _Optional[str] = ..., web_listen_addr: _Optional[str] = ..., api_listen_addr: _Optional[str] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("id", "user", "database", "db_user", "db_name", "client_addr", "start_time", "commands", "bytes_in", "bytes_out", "idle")

@@ -1,0 +1,190 @@
+"""Auth's storage: a small key/value store plus the audit log table.
+
+SQLite (a file in the data dir) is the default; PostgreSQL (HA) implements the
+same interface. Values are bytes (JSON or serialized protobuf); items may
+expire. Writes publish change events to in-process watchers.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+
+@dataclass
+class Item:
+    key: str
+    value: bytes
+    expires: float | None = None
+
+
+@dataclass
+class Change:
+    kind: str  # "put" | "delete"
+    key: str
+    value: bytes | None
+
+
+class Backend:
+    """Interface. All methods are coroutines; keys are '/'-separated strings."""
+
+    async def get(self, key: str) -> Item | None: ...
+    async def put(self, key: str, value: bytes, expires: float | None = None) -> None: ...
+    async def create(self, key: str, value: bytes, expires: float | None = None) -> bool: ...
+    async def compare_and_swap(self, key: str, old: bytes, new: bytes, expires: float | None = None) -> bool: ...
+    async def delete(self, key: str) -> bool: ...
+    async def list(self, prefix: str, after: str = "", limit: int = 0) -> list[Item]: ...
+    async def append_audit(self, event_id: str, when: float, type_: str, actor: str, data: bytes) -> None: ...
+    async def search_audit(self, since: float | None, until: float | None, types: list[str], actor: str,
+                           after: tuple[float, str] | None, limit: int) -> list[tuple[float, str, bytes]]: ...
+    async def close(self) -> None: ...
+
+    # --- watchers -------------------------------------------------------------
+    def _init_watchers(self) -> None:
+        self._watchers: list[tuple[str, Callable[[Change], None]]] = []
+
+    def subscribe(self, prefix: str, callback: Callable[[Change], None]) -> Callable[[], None]:
+        entry = (prefix, callback)
+        self._watchers.append(entry)
+        return lambda: self._watchers.remove(entry) if entry in self._watchers else None
+
+    def _notify(self, change: Change) -> None:
+        for prefix, cb in list(self._watchers):
+            if change.key.startswith(prefix):
+                cb(change)
+
+
+class SQLiteBackend(Backend):
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self.path.chmod(0o600)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS items (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS audit (id TEXT PRIMARY KEY, time REAL NOT NULL, type TEXT NOT NULL, "
+            "actor TEXT NOT NULL, data BLOB NOT NULL)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS audit_time ON audit (time, id)")
+        self._init_watchers()
+
+    def _live(self, row) -> Item | None:
+        if row is None:
+            return None
+        key, value, expires = row
+        if expires is not None and expires <= time.time():
+            return None
+        return Item(key, bytes(value), expires)
+
+    async def get(self, key: str) -> Item | None:
+        with self._lock:
+            row = self._db.execute("SELECT key, value, expires FROM items WHERE key=?", (key,)).fetchone()
+        return self._live(row)
+
+    async def put(self, key: str, value: bytes, expires: float | None = None) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO items (key, value, expires) VALUES (?, ?, ?) "
+                             "ON CONFLICT(key) DO UPDATE SET value=excluded.value, expires=excluded.expires",
+                             (key, value, expires))
+        self._notify(Change("put", key, value))
+
+    async def create(self, key: str, value: bytes, expires: float | None = None) -> bool:
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM items WHERE key=? AND expires IS NOT NULL AND expires<=?", (key, now))
+                cur = self._db.execute("INSERT OR IGNORE INTO items (key, value, expires) VALUES (?, ?, ?)",
+                                       (key, value, expires))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        if cur.rowcount:
+            self._notify(Change("put", key, value))
+        return bool(cur.rowcount)
+
+    async def compare_and_swap(self, key: str, old: bytes, new: bytes, expires: float | None = None) -> bool:
+        with self._lock:
+            cur = self._db.execute("UPDATE items SET value=?, expires=? WHERE key=? AND value=?",
+                                   (new, expires, key, old))
+        if cur.rowcount:
+            self._notify(Change("put", key, new))
+        return bool(cur.rowcount)
+
+    async def delete(self, key: str) -> bool:
+        with self._lock:
+            cur = self._db.execute("DELETE FROM items WHERE key=?", (key,))
+        if cur.rowcount:
+            self._notify(Change("delete", key, None))
+        return bool(cur.rowcount)
+
+    async def list(self, prefix: str, after: str = "", limit: int = 0) -> list[Item]:
+        hi = prefix + "\uffff"
+        lo = max(prefix, after)
+        op = ">" if after and after >= prefix else ">="
+        sql = f"SELECT key, value, expires FROM items WHERE key {op} ? AND key < ? ORDER BY key"
+        args: list = [lo, hi]
+        if limit:
+            sql += " LIMIT ?"
+            args.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [i for i in (self._live(r) for r in rows) if i is not None]
+
+    async def append_audit(self, event_id: str, when: float, type_: str, actor: str, data: bytes) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO audit (id, time, type, actor, data) VALUES (?, ?, ?, ?, ?)",
+                             (event_id, when, type_, actor, data))
+
+    async def search_audit(self, since, until, types, actor, after, limit):
+        sql = "SELECT time, id, data FROM audit WHERE 1=1"
+        args: list = []
+        if since is not None:
+            sql += " AND time >= ?"
+            args.append(since)
+        if until is not None:
+            sql += " AND time <= ?"
+            args.append(until)
+        if after is not None:
+            sql += " AND (time > ? OR (time = ? AND id > ?))"
+            args += [after[0], after[0], after[1]]
+        if actor:
+            sql += " AND actor = ?"
+            args.append(actor)
+        if types:
+            parts = []
+            for t in types:
+                if t.endswith("*"):
+                    parts.append("type LIKE ?")
+                    args.append(t[:-1].replace("%", r"\%") + "%")
+                else:
+                    parts.append("type = ?")
+                    args.append(t)
+            sql += " AND (" + " OR ".join(parts) + ")"
+        sql += " ORDER BY time, id LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [(r[0], r[1], bytes(r[2])) for r in rows]
+
+    async def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def open_backend(storage, data_dir: Path) -> Backend:
+    if storage.type == "sqlite":
+        return SQLiteBackend(storage.path or (data_dir / "cachegate.db"))
+    from services.auth.pgbackend import PostgresBackend  # noqa: PLC0415 (optional HA backend)
+
+    return PostgresBackend(storage.conn_string)
+

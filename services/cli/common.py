@@ -1,0 +1,100 @@
+"""What the three command-line tools share: output formats, errors, connections."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from enum import Enum
+from functools import wraps
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+import typer
+import yaml
+from rich.console import Console
+
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+out_console = Console(highlight=False, soft_wrap=True)
+
+
+class Format(str, Enum):
+    text = "text"
+    json = "json"
+    yaml = "yaml"
+
+
+def cachegate_home() -> Path:
+    return Path(os.environ.get("CACHEGATE_HOME") or Path.home() / ".cachegate")
+
+
+def dev_dir() -> Path:
+    return cachegate_home() / "dev"
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as one line, exit code 1."""
+
+
+def fail(message: str) -> None:
+    raise CLIError(message)
+
+
+def grpc_message(exc: grpc.aio.AioRpcError, target: str, what: str) -> str:
+    code = exc.code()
+    details = exc.details() or code.name
+    if code == grpc.StatusCode.UNAVAILABLE:
+        if "certificate" in details.lower() or "handshake" in details.lower() or "ssl" in details.lower():
+            return (f"TLS with the {what} at {target} failed ({details.splitlines()[0]}): "
+                    "your certificate may have expired or be from another cluster; log in again")
+        return f"cannot reach the {what} at {target}: is it running? ({details.splitlines()[0]})"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"the {what} at {target} did not answer in time; check that it is running and reachable"
+    return details.splitlines()[0]
+
+
+def run(coro_fn: Callable) -> Callable:
+    """Decorator: run an async command; print CLIError/gRPC errors as one line."""
+
+    @wraps(coro_fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return asyncio.run(coro_fn(*args, **kwargs))
+        except CLIError as exc:
+            err_console.print(f"ERROR: {exc}", markup=False)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def emit(data: Any, fmt: Format, text: Callable[[], None]) -> None:
+    """Write ``data`` as JSON/YAML (only that, on stdout), or call ``text``."""
+    if fmt == Format.json:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    elif fmt == Format.yaml:
+        sys.stdout.write(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+    else:
+        text()
+
+
+def table(columns: list[str], rows: list[list[str]]) -> None:
+    """A plain table in the reference style: header, dashes, rows; never wrapped."""
+    rows = [[str(x) for x in r] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
+
+    def line(cells):
+        return " ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    out = [line(columns), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    sys.stdout.write("\n".join(out) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,287 @@
+"""cachegate: run the services (start), a whole local cluster (dev), and db configure."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+
+from services.cli.common import CLIError, dev_dir, err_console, out_console
+from services.common.config import ConfigError, load_config
+from services.common.creds import Creds, write_private
+from services.common.join import JoinError
+from services.common.logs import setup_logging
+from services.common.version import VERSION
+
+app = typer.Typer(help="Run Cachegate services.", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
+
+SERVICES = ("auth", "discovery", "dbproxy")
+log = logging.getLogger("cachegate")
+
+
+@app.command()
+def version():
+    """Print the version."""
+    print(f"Cachegate v{VERSION}")
+
+
+@app.command()
+def start(
+    config: Path = typer.Option(..., "--config", "-c", help="The cachegate.yaml to run."),
+    service: Optional[list[str]] = typer.Option(None, "--service", help="Run only these services (repeatable)."),
+    token: Optional[str] = typer.Option(None, "--token", help="Join token (value or file) for a new host."),
+    ca_pin: Optional[str] = typer.Option(None, "--ca-pin", help="CA pin of the cluster (from `cgctl tokens add`)."),
+    auth_server: Optional[str] = typer.Option(None, "--auth-server", help="host:port of auth's mesh port."),
+    ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write bound ports here as JSON when ready."),
+):
+    """Run the services enabled in the config (one process)."""
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        err_console.print(f"ERROR: {exc}", markup=False)
+        raise typer.Exit(1) from None
+    if token:
+        cfg.join.token = token
+    if ca_pin:
+        cfg.join.ca_pin = ca_pin
+    if auth_server:
+        cfg.auth_server = auth_server
+    enabled = [s for s in SERVICES if getattr(cfg, f"{s}_service").enabled]
+    chosen = list(service) if service else enabled
+    unknown = [s for s in chosen if s not in SERVICES]
+    if unknown:
+        err_console.print(f"ERROR: unknown service {unknown[0]!r}: choose from {', '.join(SERVICES)}", markup=False)
+        raise typer.Exit(1)
+    if not chosen:
+        err_console.print("ERROR: no service is enabled in the config: set auth_service.enabled, "
+                          "discovery_service.enabled or dbproxy_service.enabled to true", markup=False)
+        raise typer.Exit(1)
+    setup_logging("+".join(chosen), cfg.log.level, cfg.log.format, cfg.log.output)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        asyncio.run(_run_services(cfg, chosen, ready_file))
+    except (JoinError, ConfigError, OSError) as exc:
+        log.error(str(exc))
+        err_console.print(f"ERROR: {exc}", markup=False)
+        raise typer.Exit(1) from None
+
+
+async def _run_services(cfg, chosen: list[str], ready_file: Path | None) -> None:
+    from services.auth.service import run_auth
+    from services.common.grpcserver import install_signal_handlers
+    from services.common.telemetry import shutdown
+    from services.dbproxy.server import run_dbproxy
+    from services.discovery.server import run_discovery
+
+    runners = {"auth": run_auth, "discovery": run_discovery, "dbproxy": run_dbproxy}
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    ready: dict = {}
+
+    def on_ready(info: dict) -> None:
+        ready[info["service"]] = info
+        if ready_file and set(ready) == set(chosen):
+            write_private(ready_file, json.dumps(ready).encode())
+
+    tasks = []
+    for name in chosen:  # auth first: the others may join it
+        tasks.append(asyncio.create_task(runners[name](cfg, stop, on_ready), name=name))
+        if name == "auth":
+            while "auth" not in ready and not tasks[-1].done():
+                await asyncio.sleep(0.05)
+    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    shutdown()
+    for t in done:
+        if t.exception():
+            raise t.exception()
+
+
+# --- the local dev cluster ---------------------------------------------------------------
+
+DEV_PORTS = {"auth": 3025, "join": 3026, "discovery": 3027, "proxy": 3080, "redis": 3081, "api": 3082, "web": 3443}
+
+
+class DevCluster:
+    def __init__(self, home: Path, free_ports: bool):
+        self.home = home
+        self.free = free_ports
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.data = home / "data"
+        self.run_dir = home / "run"
+        self.logs = home / "logs"
+
+    def port(self, name: str) -> int:
+        return 0 if self.free else DEV_PORTS[name]
+
+    def write_config(self, name: str, data: dict) -> Path:
+        path = self.home / f"{name}.yaml"
+        write_private(path, yaml.safe_dump(data, sort_keys=False).encode())
+        return path
+
+    def base(self) -> dict:
+        return {"version": "v1", "data_dir": str(self.data),
+                "log": {"level": "info", "format": "json", "output": ""}}
+
+    def spawn(self, name: str, config: Path) -> dict:
+        ready = self.run_dir / f"{name}.json"
+        ready.unlink(missing_ok=True)
+        logf = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (kept open for the child)
+        cmd = [sys.executable, "-m", "services.cli.daemon", "start", "-c", str(config), "--ready-file", str(ready)]
+        self.procs[name] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if ready.exists():
+                return json.loads(ready.read_text())[name]
+            if self.procs[name].poll() is not None:
+                break
+            time.sleep(0.1)
+        tail = (self.logs / f"{name}.log").read_text(errors="replace").strip().splitlines()[-5:]
+        raise CLIError(f"{name} did not start; see {self.logs / (name + '.log')}:\n  " + "\n  ".join(tail))
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def token_for(self, admin_identity: str, auth_port: int, type_: str) -> tuple[str, str]:
+        from cachegate.auth.v1 import token_service_pb2
+        from services.common.authclient import AuthClient
+        from services.common import identity as idmod
+
+        async def go():
+            async with AuthClient(f"127.0.0.1:{auth_port}", Creds.from_identity_file(admin_identity)) as c:
+                r = await c.tokens.CreateToken(token_service_pb2.CreateTokenRequest(
+                    roles=idmod.TOKEN_TYPES[type_]), timeout=15)
+                return r.token, r.ca_pin
+
+        return asyncio.run(go())
+
+    def up(self) -> dict:
+        for d in (self.data, self.run_dir, self.logs):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        auth_cfg = dict(self.base(), auth_service={
+            "enabled": True, "cluster_name": "cachegate-dev",
+            "listen_addr": f"127.0.0.1:{self.port('auth')}", "join_listen_addr": f"127.0.0.1:{self.port('join')}"})
+        auth = self.spawn("auth", self.write_config("auth", auth_cfg))
+        auth_addr, join_addr = f"127.0.0.1:{auth['mesh_port']}", f"127.0.0.1:{auth['join_port']}"
+        started = {"auth": auth}
+        for name, type_, section in (("discovery", "discovery", {
+                "enabled": True, "listen_addr": f"127.0.0.1:{self.port('discovery')}"}),
+                ("dbproxy", "proxy", {
+                    "enabled": True, "listen_addr": f"127.0.0.1:{self.port('proxy')}",
+                    "api_listen_addr": f"127.0.0.1:{self.port('api')}",
+                    "redis_listen_addr": f"127.0.0.1:{self.port('redis')}",
+                    "web_listen_addr": f"127.0.0.1:{self.port('web')}"})):
+            join = {"token": "", "ca_pin": auth["ca_pin"]}
+            if Creds.load_dir(self.data / name) is None:
+                token, _ = self.token_for(auth["admin_identity"], auth["mesh_port"], type_)
+                token_file = self.run_dir / f"{name}.token"
+                write_private(token_file, token.encode())
+                join["token"] = str(token_file)
+            cfg = dict(self.base(), auth_server=auth_addr, join_server=join_addr, join=join,
+                       **{f"{name}_service": section})
+            started[name] = self.spawn(name, self.write_config(name, cfg))
+        proxy = started["dbproxy"]
+        info = {
+            "cluster_name": auth["cluster_name"], "ca_pin": auth["ca_pin"],
+            "auth_server": auth_addr, "join_server": join_addr, "admin_identity": auth["admin_identity"],
+            "proxy": f"127.0.0.1:{proxy['public_port']}", "proxy_api": f"127.0.0.1:{proxy['api_port']}",
+            "web": f"127.0.0.1:{proxy['web_port']}", "discovery": f"127.0.0.1:{started['discovery']['port']}",
+            "host_ca": str(self.data / "dbproxy" / "host_ca.pem"),
+            "pids": {n: p.pid for n, p in self.procs.items()},
+        }
+        write_private(self.home / "cluster.json", json.dumps(info, indent=2).encode())
+        return info
+
+
+@app.command()
+def dev(
+    free_ports: bool = typer.Option(False, "--free-ports", help="Bind every port to a free one (tests)."),
+    reset: bool = typer.Option(False, "--reset", help="Forget the dev cluster's state first (CAs, users, data)."),
+):
+    """Run the whole cluster on this machine, each service its own process, joined with real tokens."""
+    home = dev_dir()
+    if reset and home.exists():
+        shutil.rmtree(home)
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cluster = DevCluster(home, free_ports)
+    try:
+        info = cluster.up()
+    except CLIError as exc:
+        cluster.stop()
+        err_console.print(f"ERROR: {exc}", markup=False)
+        raise typer.Exit(1) from None
+    except BaseException:
+        cluster.stop()
+        raise
+    out_console.print(
+        f"""Cachegate dev cluster "{info['cluster_name']}" is running (state in {home}).
+
+  auth       {info['auth_server']}   (join port {info['join_server']})
+  discovery  {info['discovery']}
+  dbproxy    {info['proxy']}   (API {info['proxy_api']}, web https://{info['web']})
+  CA pin     {info['ca_pin']}
+  logs       {cluster.logs}/
+
+Next, in another terminal:
+  . .venv/bin/activate
+  cgctl status
+  cgctl tokens add --type=db
+  curl -s --cacert {info['host_ca']} https://{info['web']}/v1/webapi/find
+
+Press Ctrl-C to stop the cluster.
+cluster ready""", markup=False, highlight=False)
+    sys.stdout.flush()
+    stop = {"now": False}
+
+    def on_signal(*_):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    code = 0
+    while not stop["now"]:
+        dead = [n for n, p in cluster.procs.items() if p.poll() is not None]
+        if dead:
+            err_console.print(f"ERROR: {dead[0]} exited (code {cluster.procs[dead[0]].returncode}); "
+                              f"see {cluster.logs / (dead[0] + '.log')}", markup=False)
+            code = 1
+            break
+        time.sleep(0.2)
+    cluster.stop()
+    (home / "cluster.json").unlink(missing_ok=True)
+    out_console.print("dev cluster stopped")
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

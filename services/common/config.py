@@ -1,0 +1,308 @@
+"""The one YAML config file, a section per service; environment overrides.
+
+Environment variables override file values: ``CACHEGATE_`` followed by the key
+path in upper case with ``__`` between levels, e.g.
+``CACHEGATE_AUTH_SERVICE__LISTEN_ADDR=0.0.0.0:3025`` or ``CACHEGATE_DATA_DIR``.
+Values are read as YAML scalars (``true``, ``30``, ``[a, b]``). An unknown key,
+in the file or in a variable, is an error that names it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "CACHEGATE_"
+# Variables with the prefix that are not config keys.
+ENV_NOT_CONFIG = {"CACHEGATE_CONFIG", "CACHEGATE_HOME", "CACHEGATE_IDENTITY", "CACHEGATE_AUTH_SERVER", "CACHEGATE_PROXY"}
+
+DEFAULT_AUTH_PORT = 3025
+DEFAULT_JOIN_PORT = 3026
+DEFAULT_DISCOVERY_PORT = 3027
+DEFAULT_PROXY_PORT = 3080
+DEFAULT_REDIS_PORT = 3081
+DEFAULT_API_PORT = 3082
+DEFAULT_WEB_PORT = 3443
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+class ConfigError(ValueError):
+    """A config problem, with a one-line message that says what to fix."""
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``90``, ``"90s"``, ``"15m"``, ``"1h30m"``, ``"2d"``."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip()
+    if text == "0":
+        return 0.0
+    m = _DURATION.match(text)
+    if not text or not m or not any(m.groups()):
+        raise ValueError(f"invalid duration {text!r}: use forms like 30s, 15m, 1h30m, 2d")
+    d, h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+    return d * 86400 + h * 3600 + mi * 60 + s
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds == 0:
+        return "0s"
+    out = ""
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+        n, seconds = divmod(seconds, size)
+        if n:
+            out += f"{n}{unit}"
+    return out
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Duration = float
+
+
+class LogConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+    # Empty = stderr.
+    output: str = ""
+
+
+class TelemetryConfig(_Model):
+    # Traces of gRPC calls and sessions: off (default, nearly free), console or otlp.
+    traces: Literal["off", "console", "otlp"] = "off"
+    metrics: Literal["off", "console", "otlp", "prometheus"] = "off"
+    otlp_endpoint: str = "localhost:4317"
+    otlp_insecure: bool = True
+    # Fraction of traces kept (1.0 = all).
+    sample_ratio: float = 1.0
+
+
+class JoinParams(_Model):
+    # The join token, or a path to a file that holds it.
+    token: str = ""
+    # "sha256:<hex>" pin of the cluster's host CA (printed by `cgctl tokens add`).
+    ca_pin: str = ""
+
+
+class StorageConfig(_Model):
+    type: Literal["sqlite", "postgres"] = "sqlite"
+    # sqlite: file path (default: <data_dir>/auth/cachegate.db).
+    path: str = ""
+    # postgres: a libpq connection string.
+    conn_string: str = ""
+
+
+class AuthServiceConfig(_Model):
+    enabled: bool = False
+    cluster_name: str = ""
+    # Mutual-TLS mesh port (services and cgctl).
+    listen_addr: str = f"0.0.0.0:{DEFAULT_AUTH_PORT}"
+    # Server-TLS port that serves only GetClusterInfo and JoinService.
+    join_listen_addr: str = f"0.0.0.0:{DEFAULT_JOIN_PORT}"
+    # Extra names/addresses for the auth certificate.
+    public_addrs: list[str] = Field(default_factory=list)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    # Default TTL of join tokens.
+    token_ttl: Duration = 1800.0
+    # Lifetime of host certificates.
+    host_cert_ttl: Duration = 30 * 86400.0
+
+    _ttl = field_validator("token_ttl", "host_cert_ttl", mode="before")(parse_duration)
+
+
+class AzureEndpoints(_Model):
+    # Resource Manager base URL (empty = public Azure).
+    resource_manager: str = ""
+    # Entra ID authority host (empty = public Azure).
+    authority_host: str = ""
+    # CA bundle to trust for both (empty = system CAs).
+    ca_file: str = ""
+
+
+class AzureMatcherConfig(_Model):
+    types: list[str] = Field(default_factory=lambda: ["redis"])
+    regions: list[str] = Field(default_factory=lambda: ["*"])
+    subscriptions: list[str] = Field(default_factory=lambda: ["*"])
+    resource_groups: list[str] = Field(default_factory=lambda: ["*"])
+    tags: dict[str, str | list[str]] = Field(default_factory=lambda: {"*": "*"})
+
+
+class StaticDatabaseConfig(_Model):
+    name: str
+    uri: str
+    description: str = ""
+    labels: dict[str, str] = Field(default_factory=dict)
+    tls: bool = True
+    ca_file: str = ""
+    # "env:NAME" or "file:/path" holding the database password.
+    secret: str = ""
+
+
+class DiscoveryServiceConfig(_Model):
+    enabled: bool = False
+    listen_addr: str = f"0.0.0.0:{DEFAULT_DISCOVERY_PORT}"
+    public_addrs: list[str] = Field(default_factory=list)
+    poll_interval: Duration = 60.0
+    azure: list[AzureMatcherConfig] = Field(default_factory=list)
+    azure_endpoints: AzureEndpoints = Field(default_factory=AzureEndpoints)
+    static: list[StaticDatabaseConfig] = Field(default_factory=list)
+
+    _poll = field_validator("poll_interval", mode="before")(parse_duration)
+
+
+class LimitsConfig(_Model):
+    max_bulk_len: int = 512 * 1024 * 1024
+    max_array_len: int = 1024 * 1024
+    max_inline_len: int = 64 * 1024
+    handshake_timeout: Duration = 10.0
+    upstream_connect_timeout: Duration = 10.0
+    max_sessions_per_user: int = 100
+
+    _d = field_validator("handshake_timeout", "upstream_connect_timeout", mode="before")(parse_duration)
+
+
+class DbProxyServiceConfig(_Model):
+    enabled: bool = False
+    # Public gRPC API for cgate (server TLS; client certificate optional).
+    listen_addr: str = f"0.0.0.0:{DEFAULT_PROXY_PORT}"
+    # Authenticated gRPC API (mutual TLS with session certificates).
+    api_listen_addr: str = f"0.0.0.0:{DEFAULT_API_PORT}"
+    # RESP listener (TLS with database certificates).
+    redis_listen_addr: str = f"0.0.0.0:{DEFAULT_REDIS_PORT}"
+    # HTTPS web port: /v1/webapi/find.
+    web_listen_addr: str = f"0.0.0.0:{DEFAULT_WEB_PORT}"
+    # A publicly trusted certificate for the web port (default: the host certificate).
+    web_cert_file: str = ""
+    web_key_file: str = ""
+    # host:port users reach the public API on (default: listen_addr).
+    public_addr: str = ""
+    public_addrs: list[str] = Field(default_factory=list)
+    azure_endpoints: AzureEndpoints = Field(default_factory=AzureEndpoints)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+
+class Config(_Model):
+    version: Literal["v1"] = "v1"
+    data_dir: str = "/var/lib/cachegate"
+    # host:port of the auth mesh port, for services that are not auth.
+    auth_server: str = f"127.0.0.1:{DEFAULT_AUTH_PORT}"
+    # host:port of the auth join port (default: auth_server's host, port 3026).
+    join_server: str = ""
+    join: JoinParams = Field(default_factory=JoinParams)
+    log: LogConfig = Field(default_factory=LogConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    auth_service: AuthServiceConfig = Field(default_factory=AuthServiceConfig)
+    discovery_service: DiscoveryServiceConfig = Field(default_factory=DiscoveryServiceConfig)
+    dbproxy_service: DbProxyServiceConfig = Field(default_factory=DbProxyServiceConfig)
+
+    def service_dir(self, service: str) -> Path:
+        return Path(self.data_dir) / service
+
+    def join_address(self) -> str:
+        if self.join_server:
+            return self.join_server
+        host, _ = split_hostport(self.auth_server, DEFAULT_AUTH_PORT)
+        return join_hostport(host, DEFAULT_JOIN_PORT)
+
+
+def split_hostport(addr: str, default_port: int) -> tuple[str, int]:
+    addr = addr.strip()
+    if addr.startswith("["):
+        host, _, rest = addr[1:].partition("]")
+        port = rest.lstrip(":")
+    elif addr.count(":") == 1:
+        host, port = addr.split(":")
+    else:
+        host, port = addr, ""
+    try:
+        return host, int(port) if port else default_port
+    except ValueError:
+        raise ConfigError(f"invalid address {addr!r}: use host:port") from None
+
+
+def join_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _set_path(data: dict, path: list[str], value: Any, var: str) -> None:
+    node = data
+    model: type[BaseModel] | None = Config
+    for i, key in enumerate(path):
+        fields = model.model_fields if model else {}
+        if model is not None and key not in fields:
+            raise ConfigError(
+                f"unknown config key {'.'.join(path[: i + 1])!r} in environment variable {var}: "
+                "check its spelling against docs/config.md"
+            )
+        if i == len(path) - 1:
+            node[key] = value
+            return
+        ann = fields[key].annotation if model is not None else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+
+
+def apply_env(data: dict, environ: dict[str, str]) -> dict:
+    for var, raw in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX) or var in ENV_NOT_CONFIG:
+            continue
+        path = [p.lower() for p in var[len(ENV_PREFIX):].split("__") if p]
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        if value is None:
+            value = ""
+        _set_path(data, path, value, var)
+    return data
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"{source}: unknown config key {loc!r}: check its spelling against docs/config.md"
+    return f"{source}: {loc}: {err['msg']}"
+
+
+def load_config(path: str | os.PathLike | None = None, environ: dict[str, str] | None = None,
+                data: dict | None = None) -> Config:
+    """Load, apply environment overrides, validate. Raises :class:`ConfigError`."""
+    environ = dict(os.environ if environ is None else environ)
+    source = str(path) if path else "config"
+    if data is None:
+        data = {}
+        if path:
+            try:
+                text = Path(path).read_text()
+            except OSError as exc:
+                raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as exc:
+                mark = getattr(exc, "problem_mark", None)
+                where = f" line {mark.line + 1}" if mark else ""
+                raise ConfigError(f"{path}:{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: the config must be a YAML mapping")
+    data = apply_env(data, environ)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+
+
+def dump_config(cfg: Config, only_set: bool = True) -> str:
+    data = cfg.model_dump(mode="json", exclude_unset=only_set)
+    return yaml.safe_dump(data, sort_keys=False)

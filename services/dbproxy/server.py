@@ -1,0 +1,219 @@
+"""The dbproxy process: the cluster's only public endpoint.
+
+Ports: the public gRPC API (server TLS: cluster info, login, invites, proxy
+settings), the authenticated gRPC API (mutual TLS with a session certificate),
+the HTTPS web port (``/v1/webapi/find``) and, later, the RESP listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+
+from cachegate.auth.v1 import cluster_service_pb2
+from cachegate.dbproxy.v1 import proxy_service_pb2, proxy_service_pb2_grpc
+from cachegate.types.v1 import types_pb2
+from services.common import authz
+from services.common.authclient import AuthClient
+from services.common.authz import ADMIN, ANY, PUBLIC, USER, CertVerifier, Policy, rule
+from services.common.config import (
+    DEFAULT_PROXY_PORT, Config, join_hostport, split_hostport,
+)
+from services.common.creds import Creds
+from services.common.grpcserver import GrpcServer, ServiceBinding
+from services.common.grpcutil import unimplemented
+from services.common.join import ensure_joined, local_addresses
+from services.common.pki import cert_from_pem
+from services.common.telemetry import server_interceptors, setup_tracing
+from services.common.version import VERSION
+
+log = logging.getLogger("cachegate.dbproxy")
+
+PROXY = proxy_service_pb2.DESCRIPTOR.services_by_name["ProxyService"]
+SESSIONS = proxy_service_pb2.DESCRIPTOR.services_by_name["SessionService"]
+CLUSTER_INFO_TTL = 30.0
+
+
+def _m(desc, name):
+    return f"/{desc.full_name}/{name}"
+
+
+PUBLIC_POLICY = Policy({
+    _m(PROXY, "GetClusterInfo"): rule(PUBLIC),
+    _m(PROXY, "GetProxySettings"): rule(PUBLIC),
+    _m(PROXY, "Login"): rule(PUBLIC),
+    _m(PROXY, "RedeemInvite"): rule(PUBLIC),
+}, infra=rule(PUBLIC))
+
+API_POLICY = Policy({
+    _m(PROXY, "GetClusterInfo"): rule(ANY),
+    _m(PROXY, "GetProxySettings"): rule(ANY),
+    _m(PROXY, "ListDatabases"): rule(USER),
+    _m(PROXY, "GenerateDatabaseCert"): rule(USER),
+    _m(SESSIONS, "ListSessions"): rule(ADMIN, resource="session", verb="list"),
+    _m(SESSIONS, "TerminateSession"): rule(ADMIN, resource="session", verb="delete"),
+})
+
+
+def _relay_status(exc: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
+    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return grpc.StatusCode.UNAVAILABLE, "the auth service is not reachable right now; try again shortly"
+    return exc.code(), exc.details() or exc.code().name
+
+
+class ProxyServicer(proxy_service_pb2_grpc.ProxyServiceServicer):
+    def __init__(self, auth: AuthClient, settings: proxy_service_pb2.GetProxySettingsResponse):
+        self.auth = auth
+        self.settings = settings
+        self._info: tuple[float, cluster_service_pb2.GetClusterInfoResponse] | None = None
+
+    async def cluster_info(self) -> cluster_service_pb2.GetClusterInfoResponse:
+        if self._info and time.monotonic() - self._info[0] < CLUSTER_INFO_TTL:
+            return self._info[1]
+        info = await self.auth.cluster.GetClusterInfo(cluster_service_pb2.GetClusterInfoRequest(), timeout=10)
+        self._info = (time.monotonic(), info)
+        return info
+
+    async def _forward(self, context, call, request, forward_cert: bool = False):
+        caller = authz.current_caller()
+        md = [(authz.CLIENT_ADDR_MD, caller.source_addr())]
+        if forward_cert and caller.cert is not None:
+            from services.common.pki import cert_to_pem
+
+            md.append((authz.FORWARDED_CERT_MD, cert_to_pem(caller.cert).decode()))
+        try:
+            return await call(request, metadata=md, timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            code, details = _relay_status(exc)
+            await context.abort(code, details)
+
+    async def GetClusterInfo(self, request, context):
+        try:
+            return await self.cluster_info()
+        except grpc.aio.AioRpcError as exc:
+            code, details = _relay_status(exc)
+            await context.abort(code, details)
+
+    async def GetProxySettings(self, request, context):
+        return self.settings
+
+    async def Login(self, request, context):
+        return await self._forward(context, self.auth.users.Login, request)
+
+    async def RedeemInvite(self, request, context):
+        return await self._forward(context, self.auth.users.RedeemInvite, request)
+
+    async def GenerateDatabaseCert(self, request, context):
+        return await self._forward(context, self.auth.users.GenerateDatabaseCert, request, forward_cert=True)
+
+    async def ListDatabases(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ProxyService.ListDatabases is not available in this version yet")
+
+
+def public_hostport(public_addr: str, listen_addr: str, port: int) -> str:
+    if public_addr:
+        host, _ = split_hostport(public_addr, DEFAULT_PROXY_PORT)
+    else:
+        host, _ = split_hostport(listen_addr, port)
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+    return join_hostport(host, port)
+
+
+def web_app(servicer: ProxyServicer, settings: proxy_service_pb2.GetProxySettingsResponse) -> web.Application:
+    async def find(request: web.Request) -> web.Response:
+        try:
+            info = await servicer.cluster_info()
+            cluster = info.cluster_name
+        except grpc.aio.AioRpcError:
+            cluster = ""
+        body = {
+            "server_version": VERSION,
+            "cluster_name": cluster,
+            "proxy": {
+                "public_addr": request.app["public"],
+                "api_addr": settings.api_listen_addr,
+                "redis_addr": settings.redis_listen_addr,
+                "web_addr": settings.web_listen_addr,
+            },
+            "min_client_version": f"{max(0, int(VERSION.split('.')[0]) - 1)}.0.0",
+        }
+        return web.json_response(body, dumps=lambda o: json.dumps(o, indent=None))
+
+    app = web.Application()
+    app["public"] = ""
+    app.router.add_get("/v1/webapi/find", find)
+    app.router.add_get("/webapi/find", find)
+    return app
+
+
+def web_ssl_context(cfg, creds: Creds, tmpdir: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cfg.web_cert_file:
+        ctx.load_cert_chain(cfg.web_cert_file, cfg.web_key_file or None)
+    else:
+        chain, key = tmpdir / "web.crt", tmpdir / "web.key"
+        chain.write_bytes(creds.cert_pem + creds.host_ca_pem)
+        key.write_bytes(creds.key_pem)
+        key.chmod(0o600)
+        ctx.load_cert_chain(str(chain), str(key))
+    return ctx
+
+
+async def run_dbproxy(cfg: Config, stop: asyncio.Event, ready=None) -> None:
+    tracing = setup_tracing("dbproxy", cfg.telemetry)
+    pcfg = cfg.dbproxy_service
+    folder = cfg.service_dir("dbproxy")
+    addrs = local_addresses(pcfg.listen_addr, pcfg.public_addr, *pcfg.public_addrs)
+    creds = await ensure_joined(folder, cfg.join_address(), cfg.join.token, cfg.join.ca_pin,
+                                types_pb2.SERVICE_ROLE_DBPROXY, addrs)
+    verifier = CertVerifier(cert_from_pem(creds.host_ca_pem), cert_from_pem(creds.user_ca_pem))
+    auth = AuthClient(cfg.auth_server, creds, tracing)
+    settings = proxy_service_pb2.GetProxySettingsResponse()
+    servicer = ProxyServicer(auth, settings)
+    interceptors = server_interceptors(tracing)
+    public = GrpcServer("dbproxy-public", [ServiceBinding(
+        proxy_service_pb2_grpc.add_ProxyServiceServicer_to_server, servicer, PROXY)],
+        PUBLIC_POLICY, creds.server_credentials(False), lambda: verifier, extra_interceptors=interceptors)
+    api = GrpcServer("dbproxy-api", [
+        ServiceBinding(proxy_service_pb2_grpc.add_ProxyServiceServicer_to_server, servicer, PROXY),
+        ServiceBinding(proxy_service_pb2_grpc.add_SessionServiceServicer_to_server,
+                       unimplemented(proxy_service_pb2_grpc.SessionServiceServicer, "SessionService")(), SESSIONS),
+    ], API_POLICY, creds.server_credentials(True), lambda: verifier, extra_interceptors=interceptors)
+    public_port = await public.start(pcfg.listen_addr)
+    api_port = await api.start(pcfg.api_listen_addr)
+    whost, wport = split_hostport(pcfg.web_listen_addr, 3443)
+    tmp = tempfile.TemporaryDirectory(prefix="cachegate-web-")
+    runner = web.AppRunner(web_app(servicer, settings), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, whost, wport, ssl_context=web_ssl_context(pcfg, creds, Path(tmp.name)))
+    await site.start()
+    web_port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 (port 0 in tests)
+    _, redis_port = split_hostport(pcfg.redis_listen_addr, 3081)
+    pub = pcfg.public_addr
+    settings.api_listen_addr = public_hostport(pub, pcfg.api_listen_addr, api_port)
+    settings.web_listen_addr = public_hostport(pub, pcfg.web_listen_addr, web_port)
+    settings.redis_listen_addr = public_hostport(pub, pcfg.redis_listen_addr, redis_port)
+    runner.app["public"] = public_hostport(pub, pcfg.listen_addr, public_port)
+    log.info("dbproxy service ready", extra={"host_id": creds.identity.name, "public_port": public_port,
+                                             "api_port": api_port, "web_port": web_port})
+    if ready:
+        ready({"service": "dbproxy", "public_port": public_port, "api_port": api_port, "web_port": web_port,
+               "host_id": creds.identity.name})
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        tmp.cleanup()
+        await public.stop(2.0)
+        await api.stop(5.0)
+        await auth.close()
