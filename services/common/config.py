@@ -10,12 +10,13 @@ in the file or in a variable, is an error that names it.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from services.common.durations import format_duration, parse_duration  # noqa: F401 (part of this module's API)
 
 ENV_PREFIX = "CACHEGATE_"
 # Variables with the prefix that are not config keys.
@@ -29,37 +30,8 @@ DEFAULT_REDIS_PORT = 3081
 DEFAULT_API_PORT = 3082
 DEFAULT_WEB_PORT = 3443
 
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
-
-
 class ConfigError(ValueError):
     """A config problem, with a one-line message that says what to fix."""
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from ``90``, ``"90s"``, ``"15m"``, ``"1h30m"``, ``"2d"``."""
-    if isinstance(value, (int, float)):
-        return float(value)
-    text = str(value).strip()
-    if text == "0":
-        return 0.0
-    m = _DURATION.match(text)
-    if not text or not m or not any(m.groups()):
-        raise ValueError(f"invalid duration {text!r}: use forms like 30s, 15m, 1h30m, 2d")
-    d, h, mi, s = (float(g) if g else 0.0 for g in m.groups())
-    return d * 86400 + h * 3600 + mi * 60 + s
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds == 0:
-        return "0s"
-    out = ""
-    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
-        n, seconds = divmod(seconds, size)
-        if n:
-            out += f"{n}{unit}"
-    return out
 
 
 class _Model(BaseModel):
@@ -115,8 +87,19 @@ class AuthServiceConfig(_Model):
     token_ttl: Duration = 1800.0
     # Lifetime of host certificates.
     host_cert_ttl: Duration = 30 * 86400.0
+    # User session certificates: TTL when the login asks for none (roles' max_session_ttl caps it).
+    session_ttl: Duration = Field(default=12 * 3600.0, gt=0)
+    # Lifetime of the one-time invite of `cgctl users add` / `users reset`.
+    invite_ttl: Duration = Field(default=3600.0, gt=0)
+    # Failed logins: this many failures for one user name within login_lockout lock that name
+    # out for login_lockout after the last failure; login_max_attempts_per_addr does the same
+    # per client address.
+    login_max_attempts: int = Field(default=5, ge=1)
+    login_max_attempts_per_addr: int = Field(default=20, ge=1)
+    login_lockout: Duration = Field(default=300.0, gt=0)
 
-    _ttl = field_validator("token_ttl", "host_cert_ttl", mode="before")(parse_duration)
+    _ttl = field_validator("token_ttl", "host_cert_ttl", "session_ttl", "invite_ttl", "login_lockout",
+                           mode="before")(parse_duration)
 
 
 class AzureEndpoints(_Model):
@@ -135,6 +118,19 @@ class AzureMatcherConfig(_Model):
     resource_groups: list[str] = Field(default_factory=lambda: ["*"])
     tags: dict[str, str | list[str]] = Field(default_factory=lambda: {"*": "*"})
 
+    @field_validator("types", "regions", "subscriptions", "resource_groups", mode="before")
+    @classmethod
+    def _one_or_list(cls, v: Any) -> Any:
+        # "*" or "eastus,westus" as well as a YAML list.
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()] or ["*"]
+        return v
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _tags(cls, v: Any) -> Any:
+        return {"*": "*"} if v in (None, "*", {}) else v
+
 
 class StaticDatabaseConfig(_Model):
     name: str
@@ -151,12 +147,41 @@ class DiscoveryServiceConfig(_Model):
     enabled: bool = False
     listen_addr: str = f"0.0.0.0:{DEFAULT_DISCOVERY_PORT}"
     public_addrs: list[str] = Field(default_factory=list)
+    # Seconds between discovery rounds (plus up to 10%, at most 30s, of random jitter).
     poll_interval: Duration = 60.0
+    # Hosts with the same group share (and reconcile) the same records: give hosts with
+    # different matchers different groups.
+    discovery_group: str = "default"
+    # Timeout of one Azure request.
+    azure_timeout: Duration = 30.0
     azure: list[AzureMatcherConfig] = Field(default_factory=list)
     azure_endpoints: AzureEndpoints = Field(default_factory=AzureEndpoints)
     static: list[StaticDatabaseConfig] = Field(default_factory=list)
 
-    _poll = field_validator("poll_interval", mode="before")(parse_duration)
+    _poll = field_validator("poll_interval", "azure_timeout", mode="before")(parse_duration)
+
+    @field_validator("poll_interval")
+    @classmethod
+    def _min_poll(cls, v: float) -> float:
+        if v < 1:
+            raise ValueError("poll_interval must be at least 1s")
+        return v
+
+    @field_validator("discovery_group")
+    @classmethod
+    def _group(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", v):
+            raise ValueError("discovery_group must be 1-64 letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("static")
+    @classmethod
+    def _unique_static(cls, v: list) -> list:
+        names = [d.name for d in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"static database names must be unique: {', '.join(dup)}")
+        return v
 
 
 class LimitsConfig(_Model):

@@ -145,8 +145,10 @@ class CertAuthority:
         server: bool = False,
         not_after: dt.datetime | None = None,
     ) -> x509.Certificate:
+        """Sign a certificate valid for ``ttl`` from now (``not_after`` fixes the end)."""
         start = now() - dt.timedelta(minutes=1)
         end = not_after or (start + dt.timedelta(minutes=1) + ttl)
+        start = min(start, end - ttl)
         end = min(end, self.cert.not_valid_after_utc)
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
         if server:

@@ -1,0 +1,31 @@
+# The two commands of the README. Each does its own set-up first
+# (Debian packages, .venv, Python packages); a second run is quick.
+SHELL := /bin/bash
+VENV := .venv/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup dev test test-quick protos protos-check bench clean
+
+setup:
+	@scripts/setup.sh
+
+## make dev: the whole cluster on this machine, ready for `cgate db connect`
+dev: setup
+	$(VENV)/cachegate dev
+
+## make test: the full suite, as CI runs it
+test: setup protos-check
+	$(VENV)/python -m pytest $(PYTEST_ARGS)
+
+## make test-quick: the unit tests only (no real processes)
+test-quick: setup
+	$(VENV)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+protos: setup
+	scripts/gen_protos.sh
+
+protos-check: setup
+	scripts/gen_protos.sh --check
+
+clean:
+	rm -rf .venv .pytest_cache
