@@ -13,13 +13,18 @@ from cachegate.auth.v1 import (
     role_service_pb2, role_service_pb2_grpc, token_service_pb2, token_service_pb2_grpc,
     user_service_pb2, user_service_pb2_grpc,
 )
+from services.auth.auditsvc import AuditServicer
 from services.auth.backend import open_backend
+from services.auth.databases import DatabaseServicer
+from services.auth.locks import LockServicer
+from services.auth.roles import AdminPolicy, RoleServicer
+from services.auth.users import UserServicer
 from services.auth.state import AuthState, TokenError
 from services.common import authz
 from services.common.authz import ADMIN, ANY, HOST_DBPROXY, HOST_DISCOVERY, PUBLIC, USER, CertVerifier, Policy, rule
 from services.common.config import Config
 from services.common.grpcserver import GrpcServer, ServiceBinding
-from services.common.grpcutil import from_dur, paginate, unimplemented
+from services.common.grpcutil import from_dur, paginate
 from services.common.telemetry import server_interceptors, setup_tracing
 from services.common.version import VERSION
 
@@ -152,16 +157,12 @@ def bindings(state: AuthState) -> list[ServiceBinding]:
     return [
         ServiceBinding(cluster_service_pb2_grpc.add_ClusterServiceServicer_to_server, ClusterServicer(state), CLUSTER),
         ServiceBinding(token_service_pb2_grpc.add_TokenServiceServicer_to_server, TokenServicer(state), TOKENS),
-        ServiceBinding(user_service_pb2_grpc.add_UserServiceServicer_to_server,
-                       unimplemented(user_service_pb2_grpc.UserServiceServicer, "UserService")(), USERS),
-        ServiceBinding(role_service_pb2_grpc.add_RoleServiceServicer_to_server,
-                       unimplemented(role_service_pb2_grpc.RoleServiceServicer, "RoleService")(), ROLES),
-        ServiceBinding(lock_service_pb2_grpc.add_LockServiceServicer_to_server,
-                       unimplemented(lock_service_pb2_grpc.LockServiceServicer, "LockService")(), LOCKS),
+        ServiceBinding(user_service_pb2_grpc.add_UserServiceServicer_to_server, UserServicer(state), USERS),
+        ServiceBinding(role_service_pb2_grpc.add_RoleServiceServicer_to_server, RoleServicer(state), ROLES),
+        ServiceBinding(lock_service_pb2_grpc.add_LockServiceServicer_to_server, LockServicer(state), LOCKS),
         ServiceBinding(database_service_pb2_grpc.add_DatabaseServiceServicer_to_server,
-                       unimplemented(database_service_pb2_grpc.DatabaseServiceServicer, "DatabaseService")(), DATABASES),
-        ServiceBinding(audit_service_pb2_grpc.add_AuditServiceServicer_to_server,
-                       unimplemented(audit_service_pb2_grpc.AuditServiceServicer, "AuditService")(), AUDIT),
+                       DatabaseServicer(state), DATABASES),
+        ServiceBinding(audit_service_pb2_grpc.add_AuditServiceServicer_to_server, AuditServicer(state), AUDIT),
     ]
 
 
@@ -175,8 +176,10 @@ async def run_auth(cfg: Config, stop: asyncio.Event, ready=None) -> None:
     await state.init()
     admin_path = state.write_admin_identity()
     verifier = CertVerifier(state.host_ca.cert, state.user_ca.cert)
+    admin = AdminPolicy(backend)
+    await admin.start()
     mesh = GrpcServer("auth", bindings(state), MESH_POLICY, state.creds.server_credentials(True),
-                      lambda: verifier, extra_interceptors=server_interceptors(tracing))
+                      lambda: verifier, admin_check=admin.check, extra_interceptors=server_interceptors(tracing))
     join = GrpcServer("auth-join", [ServiceBinding(cluster_service_pb2_grpc.add_ClusterServiceServicer_to_server,
                                                    ClusterServicer(state), CLUSTER)],
                       JOIN_POLICY, state.creds.server_credentials(False), lambda: verifier,
@@ -201,6 +204,7 @@ async def run_auth(cfg: Config, stop: asyncio.Event, ready=None) -> None:
         renewer.cancel()
         await join.stop(2.0)
         await mesh.stop(5.0)
+        admin.stop()
         await backend.close()
 
 

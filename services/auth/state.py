@@ -104,11 +104,13 @@ class AuthState:
         return self.host_ca.sign(public_key, host_id, ident, dt.timedelta(seconds=self.acfg.host_cert_ttl),
                                  dns_names=list(dict.fromkeys(dns)), ips=list(dict.fromkeys(ips)), server=True)
 
-    def sign_user(self, public_key, ident: types_pb2.Identity, ttl: dt.timedelta):
+    def sign_user(self, public_key, ident: types_pb2.Identity, ttl: dt.timedelta,
+                  not_after: dt.datetime | None = None):
+        """A user certificate valid for ``ttl``; ``not_after`` (optional) fixes its exact end."""
         ident.kind = types_pb2.IDENTITY_KIND_USER
         ident.cluster_name = self.cluster_name
         ident.issued_at.CopyFrom(ts(time.time()))
-        return self.user_ca.sign(public_key, ident.name, ident, ttl)
+        return self.user_ca.sign(public_key, ident.name, ident, ttl, not_after=not_after)
 
     def write_admin_identity(self) -> Path:
         """The local administrator's identity (editor role), readable by its owner only."""

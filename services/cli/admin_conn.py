@@ -3,7 +3,8 @@
 In order: the --auth-server/--identity flags (or CACHEGATE_AUTH_SERVER /
 CACHEGATE_IDENTITY), a config file (-c, CACHEGATE_CONFIG or
 /etc/cachegate.yaml) whose auth_service has written its admin identity, and
-finally the local dev cluster that `cachegate dev` started.
+the session of `cgate login` (a user with the editor role) when only the auth
+server is given, and finally the local dev cluster that `cachegate dev` started.
 """
 
 from __future__ import annotations
@@ -26,6 +27,17 @@ class AdminConn:
     source: str
 
 
+def _profile_creds() -> Creds | None:
+    """The current `cgate login` session, for a user with an administrative role (editor)."""
+    from services.cli.profile import current_profile
+
+    try:
+        prof = current_profile().require_session()
+    except CLIError:
+        return None
+    return Creds(key_pem=prof.key_pem, cert_pem=prof.cert_pem or b"", host_ca_pem=prof.host_ca_pem)
+
+
 def resolve(auth_server: str | None, identity: str | None, config: str | None) -> AdminConn:
     auth_server = auth_server or os.environ.get("CACHEGATE_AUTH_SERVER")
     identity = identity or os.environ.get("CACHEGATE_IDENTITY")
@@ -41,6 +53,10 @@ def resolve(auth_server: str | None, identity: str | None, config: str | None) -
             host, port = split_hostport(cfg.auth_service.listen_addr if cfg.auth_service.enabled else cfg.auth_server, 3025)
             auth_server = join_hostport("127.0.0.1" if host in ("0.0.0.0", "::", "") else host, port)
         identity = identity or str(cfg.service_dir("auth") / "admin-identity.pem")
+    if auth_server and not identity:
+        prof = _profile_creds()
+        if prof is not None:
+            return AdminConn(auth_server, prof, "cgate profile")
     if not (auth_server and identity):
         dev = read_json(dev_dir() / "cluster.json")
         auth_server = auth_server or dev.get("auth_server")

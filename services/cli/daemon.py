@@ -26,6 +26,12 @@ from services.common.version import VERSION
 app = typer.Typer(help="Run Cachegate services.", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False)
 
+from services.cli import dbconfigure  # noqa: E402
+
+db_app = typer.Typer(help="Database hosts: configuration and Azure roles.", no_args_is_help=True)
+db_app.add_typer(dbconfigure.app, name="configure")
+app.add_typer(db_app, name="db")
+
 SERVICES = ("auth", "discovery", "dbproxy")
 log = logging.getLogger("cachegate")
 

@@ -26,7 +26,8 @@ from services.common.pki import CertAuthority, cert_from_pem
 
 log = logging.getLogger("cachegate.authz")
 
-FORWARDED_CERT_MD = "cachegate-forwarded-cert"
+# Binary metadata ("-bin"): a PEM certificate has newlines, which text metadata may not carry.
+FORWARDED_CERT_MD = "cachegate-forwarded-cert-bin"
 # The end client's address, as seen by the dbproxy that forwarded the call.
 CLIENT_ADDR_MD = "cachegate-client-addr"
 

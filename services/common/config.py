@@ -10,6 +10,7 @@ in the file or in a variable, is an error that names it.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 

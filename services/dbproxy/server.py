@@ -88,7 +88,7 @@ class ProxyServicer(proxy_service_pb2_grpc.ProxyServiceServicer):
         if forward_cert and caller.cert is not None:
             from services.common.pki import cert_to_pem
 
-            md.append((authz.FORWARDED_CERT_MD, cert_to_pem(caller.cert).decode()))
+            md.append((authz.FORWARDED_CERT_MD, cert_to_pem(caller.cert)))
         try:
             return await call(request, metadata=md, timeout=30)
         except grpc.aio.AioRpcError as exc:

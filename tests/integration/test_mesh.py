@@ -89,9 +89,15 @@ def test_grpcurl_lists_describes_and_checks_health_on_every_server(full, tmp_pat
 
 def test_rpcs_not_built_yet_answer_unimplemented(full, tmp_path):
     crt, key, ca = split_identity(full.admin_identity, tmp_path / "admin")
-    res = grpcurl("-cacert", ca, "-cert", crt, "-key", key, full.auth_addr, "cachegate.auth.v1.UserService/ListUsers")
+    api = f"127.0.0.1:{full.procs['dbproxy'].info['api_port']}"
+    res = grpcurl("-cacert", ca, "-cert", crt, "-key", key, api,
+                  "cachegate.dbproxy.v1.SessionService/ListSessions")
     assert res.returncode != 0
     assert "Unimplemented" in res.stdout + res.stderr
+
+    # An admin RPC that is built answers for the admin.
+    res = grpcurl("-cacert", ca, "-cert", crt, "-key", key, full.auth_addr, "cachegate.auth.v1.UserService/ListUsers")
+    assert res.returncode == 0, res.stderr
 
 
 def test_calls_without_client_certificate_are_refused(full, tmp_path):

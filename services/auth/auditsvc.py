@@ -1,0 +1,43 @@
+"""AuditService: batches from dbproxy and discovery in, searches out."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from cachegate.auth.v1 import audit_service_pb2, audit_service_pb2_grpc
+
+from services.auth.audit import AuditError
+from services.auth.state import AuthState
+from services.common import authz
+from services.common.grpcutil import from_ts
+
+log = logging.getLogger("cachegate.auth.audit")
+
+
+class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
+    def __init__(self, state: AuthState):
+        self.state = state
+
+    async def EmitAuditEvents(self, request, context):
+        caller = authz.current_caller()
+        try:
+            stored = await self.state.audit.ingest(request.events)
+        except AuditError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # noqa: BLE001 - storage failure: the sender keeps the batch and retries
+            log.error("could not store audit events", extra={"from": caller.name, "events": len(request.events),
+                                                             "error": type(exc).__name__})
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "auth could not store the audit events right now: keep them and send them again")
+        return audit_service_pb2.EmitAuditEventsResponse(stored=stored)
+
+    async def SearchAuditEvents(self, request, context):
+        since = from_ts(request.since) if request.HasField("since") else None
+        until = from_ts(request.until) if request.HasField("until") else None
+        try:
+            page, nxt = await self.state.audit.search(since, until, list(request.types), request.user.strip(),
+                                                      request.page_size, request.page_token)
+        except AuditError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return audit_service_pb2.SearchAuditEventsResponse(events=page, next_page_token=nxt)

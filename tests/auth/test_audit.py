@@ -1,0 +1,122 @@
+"""AuditService: batches from other services, and search."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+import pytest
+from cachegate.auth.v1 import audit_service_pb2 as au
+from cachegate.types.v1 import types_pb2
+from google.protobuf import struct_pb2
+
+from services.auth.backend import SQLiteBackend
+from services.common.grpcutil import from_ts, ts
+
+
+def event(type_="db.session.query", actor="alice", when=None, id_="", **fields) -> types_pb2.AuditEvent:
+    st = struct_pb2.Struct()
+    st.update(fields)
+    ev = types_pb2.AuditEvent(id=id_, type=type_, actor=actor, source_addr="198.51.100.9", success=True, fields=st)
+    if when is not None:
+        ev.time.CopyFrom(ts(when))
+    return ev
+
+
+async def search(env, **kw) -> au.SearchAuditEventsResponse:
+    env.as_admin()
+    return await env.call(env.audit.SearchAuditEvents, au.SearchAuditEventsRequest(**kw))
+
+
+async def test_batch_is_stored_as_given_with_server_checked_ids(env):
+    env.as_proxy()
+    given = str(uuid.uuid4())
+    t0 = time.time() - 60
+    resp = await env.call(env.audit.EmitAuditEvents, au.EmitAuditEventsRequest(events=[
+        event(id_=given, when=t0, command="GET", db="redis1"),
+        event(type_="db.session.start", actor="bob"),
+    ]))
+    assert resp.stored == 2
+    found = (await search(env, types=["db.session.*"])).events
+    assert len(found) == 2
+    first = found[0]
+    assert first.id == given and from_ts(first.time) == pytest.approx(t0, abs=0.001)
+    assert first.actor == "alice" and first.source_addr == "198.51.100.9" and first.fields["command"] == "GET"
+    assert first.code == "T5001I" and first.cluster_name == "unit"
+    second = found[1]
+    assert uuid.UUID(second.id) and from_ts(second.time) > t0  # id and time set by the server
+    # a retried batch (same ids) is stored once
+    env.as_proxy()
+    await env.call(env.audit.EmitAuditEvents, au.EmitAuditEventsRequest(events=[
+        event(id_=given, when=t0, command="GET")]))
+    assert len((await search(env, types=["db.session.query"])).events) == 1
+
+
+async def test_bad_batches_are_refused_whole(env):
+    env.as_proxy()
+    for bad, expect in [
+        (event(id_="not-a-uuid"), "is not a UUID"),
+        (event(type_="user.login"), "recorded by auth itself"),
+        (event(type_="lock.delete"), "recorded by auth itself"),
+        (event(type_="Bad Type"), "invalid event type"),
+        (event(type_=""), "invalid event type"),
+    ]:
+        err = await env.fails(env.audit.EmitAuditEvents, au.EmitAuditEventsRequest(events=[event(), bad]))
+        assert err.code == grpc.StatusCode.INVALID_ARGUMENT and expect in err.details, (bad, err.details)
+    assert (await search(env)).events == []  # nothing of a refused batch was stored
+
+
+class BrokenBackend(SQLiteBackend):
+    async def append_audit(self, *a, **kw):
+        raise OSError("disk full")
+
+
+async def test_storage_failure_is_an_error_not_a_silent_drop(env, tmp_path):
+    env.state.audit.backend = BrokenBackend(tmp_path / "broken.db")
+    env.as_proxy()
+    err = await env.fails(env.audit.EmitAuditEvents, au.EmitAuditEventsRequest(events=[event()]))
+    assert err.code == grpc.StatusCode.UNAVAILABLE
+    assert "could not store the audit events" in err.details and "send them again" in err.details
+
+
+async def test_search_filters_and_pages(env):
+    env.as_proxy()
+    base = time.time() - 1000
+    evs = [event(type_="db.session.start" if i % 3 == 0 else "db.session.query",
+                 actor="alice" if i % 2 == 0 else "bob", when=base + i, n=i) for i in range(10)]
+    await env.call(env.audit.EmitAuditEvents, au.EmitAuditEventsRequest(events=evs))
+
+    got, token = [], ""
+    while True:
+        page = await search(env, types=["db.*"], page_size=3, page_token=token)
+        assert len(page.events) <= 3
+        got += [int(e.fields["n"]) for e in page.events]
+        token = page.next_page_token
+        if not token:
+            break
+    assert got == list(range(10))  # oldest first, nothing lost or repeated across pages
+
+    assert [int(e.fields["n"]) for e in (await search(env, user="bob", types=["db.*"])).events] == [1, 3, 5, 7, 9]
+    starts = (await search(env, types=["db.session.start"])).events
+    assert [int(e.fields["n"]) for e in starts] == [0, 3, 6, 9]
+    window = await search(env, since=ts(base + 2), until=ts(base + 4.5), types=["db.*"])
+    assert [int(e.fields["n"]) for e in window.events] == [2, 3, 4]
+
+    err = await env.fails(env.audit.SearchAuditEvents, au.SearchAuditEventsRequest(page_token="garbage!"))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in err.details
+    err = await env.fails(env.audit.SearchAuditEvents, au.SearchAuditEventsRequest(since=ts(base + 5), until=ts(base)))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "until is before since" in err.details
+
+
+async def test_auth_events_carry_time_actor_source_and_unique_id(env):
+    env.as_admin("10.9.9.9")
+    from cachegate.auth.v1 import user_service_pb2 as us
+
+    await env.call(env.users.CreateUser, us.CreateUserRequest(user=types_pb2.User(name="alice", roles=["access"])))
+    await env.call(env.users.CreateUser, us.CreateUserRequest(user=types_pb2.User(name="bob", roles=["access"])))
+    evs = (await search(env, types=["user.create"])).events
+    assert len(evs) == 2 and len({e.id for e in evs}) == 2
+    for e in evs:
+        assert e.actor == "cachegate-admin" and e.source_addr == "10.9.9.9" and e.code == "T2001I"
+        assert abs(from_ts(e.time) - time.time()) < 30
