@@ -45,13 +45,14 @@ class Proc:
     log: Path
     popen: subprocess.Popen | None = None
     info: dict = field(default_factory=dict)
+    extra_env: dict = field(default_factory=dict)
 
     def start(self, timeout: float = 60, extra_args: list[str] | None = None, expect_fail: bool = False) -> "Proc":
         self.ready_file.unlink(missing_ok=True)
         logf = open(self.log, "ab")  # noqa: SIM115
         cmd = [sys.executable, "-m", "services.cli.daemon", "start", "-c", str(self.config),
                "--ready-file", str(self.ready_file), *(extra_args or [])]
-        self.popen = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO, env=env())
+        self.popen = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO, env=env(**self.extra_env))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.ready_file.exists():
@@ -138,8 +139,11 @@ class Cluster:
             cfg["data_dir"] = str(data_dir)
         return cfg
 
-    def start_joiner(self, service: str, token: str, tag: str | None = None, **kw) -> Proc:
-        return self.proc(service, self.joiner_config(service, token, **kw), tag).start()
+    def start_joiner(self, service: str, token: str, tag: str | None = None, extra_env: dict | None = None,
+                     **kw) -> Proc:
+        p = self.proc(service, self.joiner_config(service, token, **kw), tag)
+        p.extra_env = extra_env or {}
+        return p.start()
 
     def cgctl(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
         return run_cli("cgctl", "--auth-server", self.auth_addr, "-i", self.admin_identity, *args,

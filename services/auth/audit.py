@@ -40,6 +40,7 @@ CODES = {
     "db.session.start": "T5000I",
     "db.session.query": "T5001I",
     "db.session.end": "T5002I",
+    "db.session.terminate": "T5003I",
     "db.put": "T6000I",
     "db.delete": "T6001I",
 }

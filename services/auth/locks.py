@@ -21,6 +21,7 @@ from services.auth.state import AuthState
 from services.auth.watch import Subscription, WatchOverflow
 from services.common import authz
 from services.common.grpcutil import from_dur, paginate, ts
+from services.common.locks import locked_message  # noqa: F401 (used by users.py)
 
 PREFIX = "locks/"
 MAX_MESSAGE_LEN = 1024
@@ -59,13 +60,6 @@ class LockDoc:
 
     def target(self) -> str:
         return f'user "{self.user}"' if self.user else f'role "{self.role}"'
-
-
-def locked_message(lock: LockDoc, user: str) -> str:
-    """What a locked user is told (login and certificate requests)."""
-    why = lock.message or "no reason given"
-    who = f'user "{user}" is locked' if lock.user else f'user "{user}" is locked (role "{lock.role}" is locked)'
-    return f"{who}: {why}; ask an administrator to remove the lock"
 
 
 class LockStore:

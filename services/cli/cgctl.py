@@ -33,6 +33,8 @@ users_app = typer.Typer(help="Users: add, list, update, remove, reset.", no_args
 app.add_typer(users_app, name="users")
 audit_app = typer.Typer(help="The audit log.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+sessions_app = typer.Typer(help="Live database sessions on a dbproxy.", no_args_is_help=True)
+app.add_typer(sessions_app, name="sessions")
 
 _opts: dict = {}
 
@@ -479,6 +481,77 @@ async def audit_search(
              json.dumps(d["fields"], separators=(",", ":"), sort_keys=True)[:120]] for d in data])
 
     emit(data, fmt, text)
+
+
+# --------------------------------------------------------------------------------------------
+# sessions (on a dbproxy's API port)
+
+
+def proxy_api(addr: Optional[str]) -> str:
+    import os
+
+    addr = addr or os.environ.get("CACHEGATE_PROXY_API") or read_json(dev_dir() / "cluster.json").get("proxy_api")
+    if not addr:
+        fail("which dbproxy? pass --proxy-api=HOST:PORT (its api_listen_addr, port 3082 by default)")
+    return addr
+
+
+def sessions_stub(addr: str):
+    from cachegate.dbproxy.v1 import proxy_service_pb2_grpc
+    from services.common.creds import secure_channel
+
+    conn = resolve(_opts.get("auth_server"), _opts.get("identity"), _opts.get("config"))
+    channel = secure_channel(addr, conn.creds.channel_credentials(), "dbproxy")
+    return channel, proxy_service_pb2_grpc.SessionServiceStub(channel)
+
+
+@sessions_app.command("ls")
+@run
+async def sessions_ls(
+    proxy: Optional[str] = typer.Option(None, "--proxy-api", help="dbproxy API address (HOST:3082)."),
+    fmt: Format = typer.Option(Format.text, "--format"),
+):
+    """Live RESP sessions: who, which database, how long, how much."""
+    from cachegate.dbproxy.v1 import proxy_service_pb2
+
+    addr = proxy_api(proxy)
+    channel, stub = sessions_stub(addr)
+    out, page = [], ""
+    async with channel:
+        while True:
+            try:
+                resp = await stub.ListSessions(proxy_service_pb2.ListSessionsRequest(page_token=page), timeout=15)
+            except grpc.aio.AioRpcError as exc:
+                raise CLIError(grpc_message(exc, addr, "dbproxy")) from None
+            out.extend(resp.sessions)
+            page = resp.next_page_token
+            if not page:
+                break
+    data = [{"id": s.id, "user": s.user, "database": s.database, "db_user": s.db_user, "db_name": s.db_name,
+             "client": s.client_addr, "started": when(s.start_time), "commands": s.commands,
+             "bytes_in": s.bytes_in, "bytes_out": s.bytes_out} for s in out]
+    emit(data, fmt, lambda: table(["ID", "User", "Database", "DB User", "DB Name", "Client", "Started", "Commands"], [
+        [d["id"], d["user"], d["database"], d["db_user"], d["db_name"], d["client"], d["started"], d["commands"]]
+        for d in data]))
+
+
+@sessions_app.command("kill")
+@run
+async def sessions_kill(
+    session_id: str = typer.Argument(..., help="Session id from `cgctl sessions ls`."),
+    proxy: Optional[str] = typer.Option(None, "--proxy-api", help="dbproxy API address (HOST:3082)."),
+):
+    """End a live session now (the client is told why; the end is audited)."""
+    from cachegate.dbproxy.v1 import proxy_service_pb2
+
+    addr = proxy_api(proxy)
+    channel, stub = sessions_stub(addr)
+    async with channel:
+        try:
+            await stub.TerminateSession(proxy_service_pb2.TerminateSessionRequest(id=session_id), timeout=15)
+        except grpc.aio.AioRpcError as exc:
+            raise CLIError(grpc_message(exc, addr, "dbproxy")) from None
+    out_console.print(f"Session {session_id} has been ended.", markup=False)
 
 
 def main() -> None:

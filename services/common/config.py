@@ -17,10 +17,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from services.common.durations import format_duration, parse_duration  # noqa: F401 (part of this module's API)
+from services.common.durations import format_duration, parse_duration, parse_size  # noqa: F401 (part of this module's API)
 
 ENV_PREFIX = "CACHEGATE_"
 # Variables with the prefix that are not config keys.
+# Passwords of admin-defined databases (secret: env:CACHEGATE_DB_NAME), read by dbproxy.
+ENV_DB_SECRET_PREFIX = "CACHEGATE_DB_"
 ENV_NOT_CONFIG = {"CACHEGATE_CONFIG", "CACHEGATE_HOME", "CACHEGATE_IDENTITY", "CACHEGATE_AUTH_SERVER", "CACHEGATE_PROXY"}
 
 DEFAULT_AUTH_PORT = 3025
@@ -186,14 +188,27 @@ class DiscoveryServiceConfig(_Model):
 
 
 class LimitsConfig(_Model):
-    max_bulk_len: int = 512 * 1024 * 1024
-    max_array_len: int = 1024 * 1024
-    max_inline_len: int = 64 * 1024
-    handshake_timeout: Duration = 10.0
-    upstream_connect_timeout: Duration = 10.0
-    max_sessions_per_user: int = 100
+    """Limits of the RESP listener. Unset keys take dbproxy's safe defaults
+    (services/dbproxy/limits.py); sizes take 64MiB-style values, durations 10s-style."""
 
-    _d = field_validator("handshake_timeout", "upstream_connect_timeout", mode="before")(parse_duration)
+    max_bulk_len: int | str | None = None
+    max_array_len: int | None = None
+    max_inline_len: int | str | None = None
+    max_request: int | str | None = None
+    tls_handshake_timeout: Duration | None = None
+    upstream_connect_timeout: Duration | None = None
+    sessions_per_user: int | None = None
+    max_reply_line: int | str | None = None
+    audit_arg_max: int | None = None
+    audit_max_args: int | None = None
+
+    _d = field_validator("tls_handshake_timeout", "upstream_connect_timeout", mode="before")(
+        lambda v: None if v is None else parse_duration(v))
+    _s = field_validator("max_bulk_len", "max_inline_len", "max_request", "max_reply_line", mode="before")(
+        lambda v: None if v is None else parse_size(v))
+
+    def set_values(self) -> dict:
+        return self.model_dump(exclude_none=True)
 
 
 class DbProxyServiceConfig(_Model):
@@ -213,6 +228,11 @@ class DbProxyServiceConfig(_Model):
     public_addr: str = ""
     public_addrs: list[str] = Field(default_factory=list)
     azure_endpoints: AzureEndpoints = Field(default_factory=AzureEndpoints)
+    # Extra CA bundles trusted for TLS to databases, beside the system CAs (Azure) and a
+    # database's own CA (static databases).
+    database_ca_files: list[str] = Field(default_factory=list)
+    # Where audit events wait while auth cannot be reached (default: data_dir/dbproxy/audit-spool).
+    audit_spool_dir: str = ""
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
 
@@ -281,7 +301,7 @@ def _set_path(data: dict, path: list[str], value: Any, var: str) -> None:
 
 def apply_env(data: dict, environ: dict[str, str]) -> dict:
     for var, raw in sorted(environ.items()):
-        if not var.startswith(ENV_PREFIX) or var in ENV_NOT_CONFIG:
+        if not var.startswith(ENV_PREFIX) or var in ENV_NOT_CONFIG or var.startswith(ENV_DB_SECRET_PREFIX):
             continue
         path = [p.lower() for p in var[len(ENV_PREFIX):].split("__") if p]
         try:

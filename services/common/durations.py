@@ -1,9 +1,11 @@
-"""Durations as people write them in config, roles and flags: 30s, 15m, 8h, 1h30m, 2d, 500ms."""
+"""Durations and sizes as people write them in config, roles and flags: 30s, 15m, 8h, 1h30m,
+2d, 500ms; 64MiB, 512KiB, 1048576."""
 
 from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)")
@@ -51,3 +53,23 @@ def format_duration(seconds: float) -> str:
         if count:
             out.append(f"{count}{unit}")
     return "".join(out)
+
+
+_MiB = 1024 * 1024
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|k|mb|mib|m|gb|gib|g)?\s*$", re.I)
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": _MiB, "mb": _MiB, "mib": _MiB,
+          "g": 1024 * _MiB, "gb": 1024 * _MiB, "gib": 1024 * _MiB}
+
+
+def parse_size(value: Any) -> int:
+    """``"64MiB"`` -> 67108864; ints pass through. ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid size {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"invalid size {value!r}: it must be positive")
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"invalid size {value!r}: use a number of bytes or KiB/MiB/GiB, like 64MiB")
+    return int(m.group(1)) * _UNITS[(m.group(2) or "").lower()]

@@ -2,7 +2,8 @@
 
 Ports: the public gRPC API (server TLS: cluster info, login, invites, proxy
 settings), the authenticated gRPC API (mutual TLS with a session certificate),
-the HTTPS web port (``/v1/webapi/find``) and, later, the RESP listener.
+the HTTPS web port (``/v1/webapi/find``) and the RESP listener (TLS with database
+certificates; see dataplane.py).
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from services.common.config import (
 )
 from services.common.creds import Creds
 from services.common.grpcserver import GrpcServer, ServiceBinding
-from services.common.grpcutil import unimplemented
+from services.common.grpcutil import paginate
 from services.common.join import ensure_joined, local_addresses
 from services.common.pki import cert_from_pem
 from services.common.telemetry import server_interceptors, setup_tracing
 from services.common.version import VERSION
+from services.dbproxy.dataplane import DataPlane, SessionServicer
 
 log = logging.getLogger("cachegate.dbproxy")
 
@@ -70,9 +72,11 @@ def _relay_status(exc: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
 
 
 class ProxyServicer(proxy_service_pb2_grpc.ProxyServiceServicer):
-    def __init__(self, auth: AuthClient, settings: proxy_service_pb2.GetProxySettingsResponse):
+    def __init__(self, auth: AuthClient, settings: proxy_service_pb2.GetProxySettingsResponse,
+                 plane: DataPlane | None = None):
         self.auth = auth
         self.settings = settings
+        self.plane = plane
         self._info: tuple[float, cluster_service_pb2.GetClusterInfoResponse] | None = None
 
     async def cluster_info(self) -> cluster_service_pb2.GetClusterInfoResponse:
@@ -115,7 +119,18 @@ class ProxyServicer(proxy_service_pb2_grpc.ProxyServiceServicer):
         return await self._forward(context, self.auth.users.GenerateDatabaseCert, request, forward_cert=True)
 
     async def ListDatabases(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ProxyService.ListDatabases is not available in this version yet")
+        caller = authz.current_caller()
+        if self.plane is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this proxy serves no databases")
+        if not self.plane.cache.ready["databases"].is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "the proxy has not loaded the database list from auth yet; try again in a moment")
+        dbs = self.plane.allowed_databases(caller.identity, dict(request.label_selector))
+        try:
+            page, nxt = paginate(dbs, lambda a: a.database.name, request.page_size, request.page_token)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return proxy_service_pb2.ListDatabasesResponse(databases=page, next_page_token=nxt)
 
 
 def public_hostport(public_addr: str, listen_addr: str, port: int) -> str:
@@ -179,16 +194,17 @@ async def run_dbproxy(cfg: Config, stop: asyncio.Event, ready=None) -> None:
     verifier = CertVerifier(cert_from_pem(creds.host_ca_pem), cert_from_pem(creds.user_ca_pem))
     auth = AuthClient(cfg.auth_server, creds, tracing)
     settings = proxy_service_pb2.GetProxySettingsResponse()
-    servicer = ProxyServicer(auth, settings)
+    plane = DataPlane(pcfg, creds, auth, verifier, folder, creds.identity.cluster_name)
+    servicer = ProxyServicer(auth, settings, plane)
     interceptors = server_interceptors(tracing)
     public = GrpcServer("dbproxy-public", [ServiceBinding(
         proxy_service_pb2_grpc.add_ProxyServiceServicer_to_server, servicer, PROXY)],
         PUBLIC_POLICY, creds.server_credentials(False), lambda: verifier, extra_interceptors=interceptors)
     api = GrpcServer("dbproxy-api", [
         ServiceBinding(proxy_service_pb2_grpc.add_ProxyServiceServicer_to_server, servicer, PROXY),
-        ServiceBinding(proxy_service_pb2_grpc.add_SessionServiceServicer_to_server,
-                       unimplemented(proxy_service_pb2_grpc.SessionServiceServicer, "SessionService")(), SESSIONS),
-    ], API_POLICY, creds.server_credentials(True), lambda: verifier, extra_interceptors=interceptors)
+        ServiceBinding(proxy_service_pb2_grpc.add_SessionServiceServicer_to_server, SessionServicer(plane), SESSIONS),
+    ], API_POLICY, creds.server_credentials(True), lambda: verifier, extra_interceptors=interceptors,
+        admin_check=lambda ident, res, verb: bool(plane.cache.roleset(ident).check_admin(res, verb)))
     public_port = await public.start(pcfg.listen_addr)
     api_port = await api.start(pcfg.api_listen_addr)
     whost, wport = split_hostport(pcfg.web_listen_addr, 3443)
@@ -198,20 +214,21 @@ async def run_dbproxy(cfg: Config, stop: asyncio.Event, ready=None) -> None:
     site = web.TCPSite(runner, whost, wport, ssl_context=web_ssl_context(pcfg, creds, Path(tmp.name)))
     await site.start()
     web_port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 (port 0 in tests)
-    _, redis_port = split_hostport(pcfg.redis_listen_addr, 3081)
+    redis_port = await plane.start()
     pub = pcfg.public_addr
     settings.api_listen_addr = public_hostport(pub, pcfg.api_listen_addr, api_port)
     settings.web_listen_addr = public_hostport(pub, pcfg.web_listen_addr, web_port)
     settings.redis_listen_addr = public_hostport(pub, pcfg.redis_listen_addr, redis_port)
     runner.app["public"] = public_hostport(pub, pcfg.listen_addr, public_port)
     log.info("dbproxy service ready", extra={"host_id": creds.identity.name, "public_port": public_port,
-                                             "api_port": api_port, "web_port": web_port})
+                                             "api_port": api_port, "web_port": web_port, "redis_port": redis_port})
     if ready:
         ready({"service": "dbproxy", "public_port": public_port, "api_port": api_port, "web_port": web_port,
-               "host_id": creds.identity.name})
+               "redis_port": redis_port, "host_id": creds.identity.name})
     try:
         await stop.wait()
     finally:
+        await plane.stop()
         await runner.cleanup()
         tmp.cleanup()
         await public.stop(2.0)

@@ -52,7 +52,7 @@ def test_environment_override_of_an_unknown_key_names_the_variable(tmp_path):
 
 def test_bad_duration_says_how_to_write_one(tmp_path):
     with pytest.raises(ConfigError, match="30s, 15m"):
-        load_config(write(tmp_path, "dbproxy_service:\n  limits:\n    handshake_timeout: soon\n"), environ={})
+        load_config(write(tmp_path, "dbproxy_service:\n  limits:\n    tls_handshake_timeout: soon\n"), environ={})
 
 
 def test_missing_file_and_bad_yaml_are_one_line_errors(tmp_path):

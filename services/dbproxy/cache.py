@@ -1,0 +1,156 @@
+"""dbproxy's view of auth's registry: databases, roles and locks.
+
+Each is followed with auth's Watch RPC (current state first, then changes).
+When the stream breaks, the last known state stays in use while the watcher
+reconnects with backoff, so dbproxy keeps serving while auth is away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Callable
+
+import grpc
+
+from cachegate.auth.v1 import database_service_pb2, lock_service_pb2, role_service_pb2
+from cachegate.types.v1 import types_pb2
+from services.common import rbac
+from services.common.authclient import AuthClient
+from services.common.grpcutil import from_ts
+from services.common.roleproto import role_from_proto
+
+log = logging.getLogger("cachegate.dbproxy.cache")
+
+PUT, DELETE, INIT_DONE = (types_pb2.WATCH_EVENT_TYPE_PUT, types_pb2.WATCH_EVENT_TYPE_DELETE,
+                          types_pb2.WATCH_EVENT_TYPE_INIT_DONE)
+
+
+class ClusterCache:
+    def __init__(self, auth: AuthClient, on_lock: Callable[[types_pb2.Lock], None] | None = None):
+        self.auth = auth
+        self.databases: dict[str, types_pb2.Database] = {}
+        self.roles: dict[str, rbac.Role] = dict(rbac.BUILTIN_ROLES)
+        self.locks: dict[str, types_pb2.Lock] = {}
+        self.on_lock = on_lock
+        self.ready = {"databases": asyncio.Event(), "roles": asyncio.Event(), "locks": asyncio.Event()}
+        self.connected = {"databases": False, "roles": False, "locks": False}
+        self._tasks: list[asyncio.Task] = []
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._follow("databases", self.auth.databases.WatchDatabases,
+                                             database_service_pb2.WatchDatabasesRequest(), self._on_database)),
+            asyncio.create_task(self._follow("roles", self.auth.roles.WatchRoles,
+                                             role_service_pb2.WatchRolesRequest(), self._on_role)),
+            asyncio.create_task(self._follow("locks", self.auth.locks.WatchLocks,
+                                             lock_service_pb2.WatchLocksRequest(), self._on_lock)),
+        ]
+
+    async def wait_ready(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in self.ready.values())), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _follow(self, what: str, method, request, apply: Callable) -> None:
+        backoff = 0.5
+        while True:
+            fresh: dict | None = None
+            try:
+                call = method(request)
+                fresh = {}
+                async for event in call:
+                    if event.type == INIT_DONE:
+                        # Swap in the complete current state at once: nothing is dropped
+                        # between the break and the reconnect.
+                        apply(None, fresh, replace=True)
+                        fresh = None
+                        self.connected[what] = True
+                        self.ready[what].set()
+                        backoff = 0.5
+                        log.info("following auth's %s", what)
+                        continue
+                    if fresh is not None:
+                        apply(event, fresh)
+                    else:
+                        apply(event, None)
+                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "stream ended")
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                if self.connected[what]:
+                    log.warning("lost auth's %s stream; serving the last known state while reconnecting",
+                                what, extra={"error": exc.code().name})
+                self.connected[what] = False
+            except Exception:  # noqa: BLE001 - a bad record must not stop the watcher
+                log.exception("watching auth's %s failed; retrying", what)
+                self.connected[what] = False
+            await asyncio.sleep(backoff + random.uniform(0, backoff / 2))
+            backoff = min(backoff * 2, 15.0)
+
+    # --- appliers: event=None with replace=True installs ``fresh`` as the whole state ---------
+    def _on_database(self, event, fresh: dict | None, replace: bool = False) -> None:
+        if replace:
+            self.databases = fresh or {}
+            return
+        target = fresh if fresh is not None else self.databases
+        if event.type == PUT:
+            target[event.database.name] = event.database
+        elif event.type == DELETE:
+            target.pop(event.database.name, None)
+
+    def _on_role(self, event, fresh: dict | None, replace: bool = False) -> None:
+        if replace:
+            self.roles = dict(rbac.BUILTIN_ROLES) | (fresh or {})
+            return
+        target = fresh if fresh is not None else self.roles
+        if event.type == PUT:
+            try:
+                target[event.role.name] = role_from_proto(event.role)
+            except rbac.RoleError as exc:
+                log.error("ignoring a role auth sent that does not validate", extra={"role": event.role.name,
+                                                                                      "error": str(exc)})
+        elif event.type == DELETE and not rbac.is_builtin(event.role.name):
+            target.pop(event.role.name, None)
+
+    def _on_lock(self, event, fresh: dict | None, replace: bool = False) -> None:
+        if replace:
+            self.locks = fresh or {}
+            if self.on_lock:
+                for lk in self.locks.values():
+                    self.on_lock(lk)
+            return
+        target = fresh if fresh is not None else self.locks
+        if event.type == PUT:
+            target[event.lock.id] = event.lock
+            if fresh is None and self.on_lock:
+                self.on_lock(event.lock)
+        elif event.type == DELETE:
+            target.pop(event.lock.id, None)
+
+    # --- questions --------------------------------------------------------------------------------
+    def roleset(self, identity: types_pb2.Identity) -> rbac.RoleSet:
+        roles = [self.roles[n] for n in identity.roles if n in self.roles]
+        traits = {"db_users": list(identity.db_users), "db_names": list(identity.db_names)}
+        return rbac.RoleSet(roles, traits)
+
+    def lock_for(self, user: str, roles) -> types_pb2.Lock | None:
+        now = time.time()
+        for lk in self.locks.values():
+            exp = from_ts(lk.expire_time)
+            if exp is not None and exp <= now:
+                continue
+            if (lk.user and lk.user == user) or (lk.role and lk.role in roles):
+                return lk
+        return None
+

@@ -1,0 +1,187 @@
+"""The RESP data plane of dbproxy, wired to the cluster.
+
+``authorize`` turns a verified database certificate into a session: the
+identity and its route come from the certificate only; the database, the
+roles and the locks come from auth's registry (followed by
+:class:`~services.dbproxy.cache.ClusterCache`); every check happens before
+any upstream connection, and a refusal is one line the client prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from pathlib import Path
+
+import grpc
+
+from cachegate.auth.v1 import audit_service_pb2
+from cachegate.dbproxy.v1 import proxy_service_pb2, proxy_service_pb2_grpc
+from cachegate.types.v1 import types_pb2
+from services.common import authz
+from services.common.authclient import AuthClient
+from services.common.authz import CertVerifier
+from services.common.config import DbProxyServiceConfig, split_hostport
+from services.common.creds import Creds
+from services.common.grpcutil import dur, paginate, ts
+from services.common.locks import locked_message
+from services.dbproxy.auditspool import AuditSpool
+from services.dbproxy.cache import ClusterCache
+from services.dbproxy.keys import AzureKeyCache, credentials_for
+from services.dbproxy.limits import ProxyLimits
+from services.dbproxy.listener import Refused, RespListener, server_ssl_context
+from services.dbproxy.session import SessionContext
+from services.dbproxy.upstream import UpstreamTarget
+
+log = logging.getLogger("cachegate.dbproxy")
+
+
+class DataPlane:
+    def __init__(self, pcfg: DbProxyServiceConfig, creds: Creds, auth: AuthClient, verifier: CertVerifier,
+                 folder: Path, cluster_name: str = ""):
+        self.pcfg = pcfg
+        self.creds = creds
+        self.verifier = verifier
+        self.limits = ProxyLimits.from_mapping(pcfg.limits.set_values())
+        self.cache = ClusterCache(auth, on_lock=self._on_lock)
+        self.azure_keys = AzureKeyCache(pcfg.azure_endpoints)
+        spool_dir = Path(pcfg.audit_spool_dir) if pcfg.audit_spool_dir else folder / "audit-spool"
+
+        async def send(events):
+            await auth.audit.EmitAuditEvents(audit_service_pb2.EmitAuditEventsRequest(events=events), timeout=10)
+
+        self.audit = AuditSpool(send, spool_dir, cluster_name=cluster_name)
+        self._system_ssl = self._db_context(None)
+        self.listener = RespListener(
+            self.authorize, self.audit,
+            ssl_context=server_ssl_context(creds.cert_pem + creds.host_ca_pem, creds.key_pem, creds.user_ca_pem),
+            limits=self.limits, host=split_hostport(pcfg.redis_listen_addr, 3081)[0] or "0.0.0.0",
+            port=split_hostport(pcfg.redis_listen_addr, 3081)[1])
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> int:
+        await self.audit.start()
+        self.cache.start()
+        if not await self.cache.wait_ready(15):
+            log.warning("auth's registry is not loaded yet; sessions are refused until it is")
+        return await self.listener.start()
+
+    async def stop(self) -> None:
+        await self.listener.close(5.0)
+        await self.cache.stop()
+        await self.audit.close()
+        await self.azure_keys.close()
+
+    # --- TLS to databases -------------------------------------------------------------------------
+    def _db_context(self, ca_pem: str | None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cadata=ca_pem) if ca_pem else ssl.create_default_context()
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        for path in self.pcfg.database_ca_files:
+            ctx.load_verify_locations(cafile=path)
+        return ctx
+
+    def target_for(self, db: types_pb2.Database) -> UpstreamTarget:
+        host, port = split_hostport(db.uri, 6380 if db.tls else 6379)
+        ssl_ctx = None
+        if db.tls:
+            ssl_ctx = self._db_context(db.ca_cert_pem) if db.ca_cert_pem else self._system_ssl
+        return UpstreamTarget(db.name, host, port, ssl_ctx)
+
+    # --- sessions -------------------------------------------------------------------------------
+    async def authorize(self, cert, peer) -> SessionContext:
+        ident = self.verifier.identity(cert)  # ValueError -> shown to the client
+        if ident.kind != types_pb2.IDENTITY_KIND_USER:
+            raise Refused("only user database certificates may open sessions")
+        route = ident.route
+        if not route.service_name:
+            raise Refused("this certificate names no database: run `cgate db login DATABASE` and use its certificate")
+        if not self.cache.connected["databases"] and not self.cache.ready["databases"].is_set():
+            raise Refused("the proxy has not loaded the database list from auth yet; try again in a moment")
+        db = self.cache.databases.get(route.service_name)
+        if db is None:
+            raise LookupError(f'database "{route.service_name}" is not registered: see `cgate db ls`')
+        lock = self.cache.lock_for(ident.name, ident.roles)
+        if lock is not None:
+            raise PermissionError(locked_message(lock, ident.name))
+        roles = self.cache.roleset(ident)
+        labels = dict(db.labels)
+        decision = roles.check_database(db.name, labels, route.db_user or None,
+                                        route.db_name if route.db_name else None)
+        if not decision:
+            raise PermissionError(decision.reason)
+        user, role_names = ident.name, list(ident.roles)
+
+        def lock_check() -> str | None:
+            lk = self.cache.lock_for(user, role_names)
+            return locked_message(lk, user) if lk is not None else None
+
+        return SessionContext(
+            user=user, database=db.name, db_user=route.db_user, db_name=route.db_name, roles=roles,
+            db_labels=labels, target=self.target_for(db), credentials=credentials_for(db, self.azure_keys),
+            lock_check=lock_check, extra_audit_fields={"db_uri": db.uri})
+
+    def _on_lock(self, lock: types_pb2.Lock) -> None:
+        def hit(s) -> bool:
+            return (bool(lock.user) and s.user == lock.user) or (bool(lock.role) and lock.role in s.role_names)
+
+        n = self.listener.terminate(hit, locked_message(lock, lock.user or "you"))
+        if n:
+            log.info("ended sessions for a lock", extra={"lock_id": lock.id, "sessions": n})
+
+    # --- API -------------------------------------------------------------------------------------
+    def allowed_databases(self, ident: types_pb2.Identity, selector: dict) -> list[proxy_service_pb2.AllowedDatabase]:
+        roles = self.cache.roleset(ident)
+        out = []
+        for name in sorted(self.cache.databases):
+            db = self.cache.databases[name]
+            labels = dict(db.labels)
+            if any(labels.get(k) != v for k, v in selector.items()):
+                continue
+            if not roles.can_see_database(name, labels):
+                continue
+            users_ok, users_no = roles.allowed_db_users(name, labels)
+            names_ok, names_no = roles.allowed_db_names(name, labels)
+            public = types_pb2.Database()
+            public.CopyFrom(db)
+            public.ClearField("secret_ref")  # where the proxy reads a secret is not the user's business
+            out.append(proxy_service_pb2.AllowedDatabase(
+                database=public, allowed_db_users=users_ok, denied_db_users=users_no,
+                allowed_db_names=names_ok, denied_db_names=names_no))
+        return out
+
+
+class SessionServicer(proxy_service_pb2_grpc.SessionServiceServicer):
+    def __init__(self, plane: DataPlane):
+        self.plane = plane
+
+    def _sessions(self):
+        import time
+
+        now = time.monotonic()
+        out = []
+        for s in self.plane.listener.sessions:
+            ctx = s.ctx
+            msg = proxy_service_pb2.Session(
+                id=ctx.session_id, user=ctx.user, database=ctx.database, db_user=ctx.db_user,
+                db_name=ctx.db_name or "0", client_addr=ctx.source_addr, commands=s.commands,
+                bytes_in=s.bytes_in, bytes_out=s.bytes_out, start_time=ts(s.started),
+                idle=dur(max(0.0, now - getattr(s, "_last_activity", now))))
+            out.append(msg)
+        return sorted(out, key=lambda m: m.id)
+
+    async def ListSessions(self, request, context):
+        try:
+            page, nxt = paginate(self._sessions(), lambda m: m.id, request.page_size, request.page_token)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return proxy_service_pb2.ListSessionsResponse(sessions=page, next_page_token=nxt)
+
+    async def TerminateSession(self, request, context):
+        caller = authz.current_caller()
+        n = self.plane.listener.terminate(lambda s: s.ctx.session_id == request.id,
+                                          f"an administrator ({caller.name}) ended it")
+        if not n:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no live session {request.id!r}: see `cgctl sessions ls`")
+        self.plane.audit.emit("db.session.terminate", caller.name, source_addr=caller.source_addr(),
+                              fields={"session_id": request.id})
+        return proxy_service_pb2.TerminateSessionResponse()

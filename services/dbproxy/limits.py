@@ -1,0 +1,84 @@
+"""Limits of the RESP data plane, with safe defaults, read from config.
+
+Config (all optional; sizes take ``KiB``/``MiB``/``GiB`` or plain bytes, durations
+``30s``/``1m``/plain seconds)::
+
+    resp_limits:
+      max_bulk_len: 64MiB          # largest argument a client may send
+      max_array_len: 1048576       # most arguments in one command
+      max_inline_len: 64KiB        # longest inline command line
+      max_request: 64MiB           # largest command held in memory
+      tls_handshake_timeout: 10s
+      sessions_per_user: 32
+      upstream_connect_timeout: 10s
+      max_reply_line: 1MiB         # longest reply header line from the database
+      audit_arg_max: 256           # audit keeps this many bytes of each argument
+      audit_max_args: 64           # ... and this many arguments
+      read_chunk: 64KiB
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from services.common.durations import parse_duration, parse_size
+from services.dbproxy.resp import Limits as RespLimits
+
+__all__ = ["ProxyLimits", "parse_size"]
+
+_MiB = 1024 * 1024
+
+_SIZES = {"max_bulk_len", "max_inline_len", "max_request", "max_reply_line", "read_chunk"}
+_DURATIONS = {"tls_handshake_timeout", "upstream_connect_timeout", "refusal_linger"}
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyLimits:
+    max_bulk_len: int = 64 * _MiB
+    max_array_len: int = 1024 * 1024
+    max_inline_len: int = 64 * 1024
+    max_request: int = 64 * _MiB
+    tls_handshake_timeout: float = 10.0
+    sessions_per_user: int = 32
+    upstream_connect_timeout: float = 10.0
+    max_reply_line: int = _MiB
+    audit_arg_max: int = 256
+    audit_max_args: int = 64
+    read_chunk: int = 64 * 1024
+    # How long a refused connection is kept open to read the client's first command, so
+    # the error is its reply rather than lost to a reset.
+    refusal_linger: float = 1.0
+
+    @property
+    def resp(self) -> RespLimits:
+        return RespLimits(
+            max_bulk_len=self.max_bulk_len,
+            max_array_len=self.max_array_len,
+            max_inline_len=self.max_inline_len,
+            max_buffer=max(self.max_request, 1024),
+        )
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None) -> ProxyLimits:
+        """Build from a config mapping; unknown keys and bad values raise ValueError."""
+        if not data:
+            return cls()
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in data.items():
+            if key not in known:
+                raise ValueError(f"unknown RESP limit {key!r} (known: {', '.join(sorted(known))})")
+            if key in _SIZES:
+                v: Any = parse_size(raw)
+            elif key in _DURATIONS:
+                v = parse_duration(raw)
+            else:
+                if isinstance(raw, bool) or not isinstance(raw, (int, str)) or not str(raw).isdigit():
+                    raise ValueError(f"invalid value {raw!r} for {key}: use a whole number")
+                v = int(raw)
+            if v <= 0 and key != "refusal_linger":
+                raise ValueError(f"invalid value {raw!r} for {key}: it must be positive")
+            values[key] = v
+        return replace(cls(), **values)

@@ -1,0 +1,224 @@
+"""The RESP listener: TLS 1.2+ with user certificates, then one :class:`Session` each.
+
+The TLS layer verifies the client certificate's chain against the user CA but
+not its validity period (OpenSSL's ``X509_V_FLAG_NO_CHECK_TIME``), and a client
+may connect without a certificate: both are then refused *after* the handshake
+with a RESP error the client prints (``(error) ERR your certificate expired
+...``), not a bare TLS alert. A certificate from another CA still fails the
+handshake (it proves nothing).
+
+After the handshake the injected ``authorize(cert, peer_addr)`` coroutine builds
+the :class:`SessionContext` (identity, route, roles, upstream) or raises to refuse
+(:class:`Refused`, ``PermissionError``, ``ValueError`` or ``LookupError``: their
+message goes to the client; any other exception is logged and the client gets a
+generic message). Sessions per user are bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import socket
+import ssl
+import tempfile
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from cryptography import x509
+
+from services.dbproxy.limits import ProxyLimits
+from services.dbproxy.session import AuditSink, Session, SessionContext, refuse
+
+__all__ = ["Refused", "RespListener", "server_ssl_context"]
+
+log = logging.getLogger("cachegate.dbproxy.resp")
+
+# OpenSSL X509_V_FLAG_NO_CHECK_TIME: verify the chain, not the dates (checked after).
+_NO_CHECK_TIME = 0x200000
+
+Authorize = Callable[[x509.Certificate, Any], Awaitable[SessionContext]]
+
+
+class Refused(Exception):
+    """Raised by ``authorize`` to refuse a connection; ``str()`` is shown to the client."""
+
+
+def server_ssl_context(cert_pem: bytes, key_pem: bytes, client_ca_pem: bytes) -> ssl.SSLContext:
+    """TLS 1.2+ server context; client certificates from ``client_ca_pem`` (chain only)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    with tempfile.TemporaryDirectory() as tmp:
+        cert_path = os.path.join(tmp, "cert.pem")
+        key_path = os.path.join(tmp, "key.pem")
+        with open(cert_path, "wb") as f:
+            f.write(cert_pem)
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key_pem)
+        ctx.load_cert_chain(cert_path, key_path)
+    ctx.load_verify_locations(cadata=client_ca_pem.decode() if isinstance(client_ca_pem, bytes) else client_ca_pem)
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.verify_flags = ctx.verify_flags | _NO_CHECK_TIME
+    return ctx
+
+
+_PASSED_THROUGH = (Refused, PermissionError, ValueError, LookupError)
+
+
+class RespListener:
+    """``authorize``: async (cert, peer_addr) -> SessionContext, raising to refuse.
+    ``audit``: the sink (an :class:`~services.dbproxy.auditspool.AuditSpool`).
+    Either ``ssl_context`` or (``cert_pem``, ``key_pem``, ``client_ca_pem``)."""
+
+    def __init__(
+        self,
+        authorize: Authorize,
+        audit: AuditSink,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        cert_pem: bytes | None = None,
+        key_pem: bytes | None = None,
+        client_ca_pem: bytes | None = None,
+        limits: ProxyLimits | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        authorize_timeout: float = 10.0,
+    ) -> None:
+        if ssl_context is None:
+            if not (cert_pem and key_pem and client_ca_pem):
+                raise ValueError("give ssl_context, or cert_pem, key_pem and client_ca_pem")
+            ssl_context = server_ssl_context(cert_pem, key_pem, client_ca_pem)
+        self.ssl_context = ssl_context
+        self.authorize = authorize
+        self.audit = audit
+        self.limits = limits or ProxyLimits()
+        self.host = host
+        self.port = port
+        self.authorize_timeout = authorize_timeout
+        self.sessions: set[Session] = set()
+        self._handlers: set[asyncio.Task] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        """Listen; returns the bound port."""
+        self._server = await asyncio.start_server(
+            self._on_client, self.host, self.port, ssl=self.ssl_context,
+            ssl_handshake_timeout=self.limits.tls_handshake_timeout,
+            limit=max(self.limits.read_chunk * 2, 1 << 16), reuse_address=True,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting; end live sessions (they are audited) within ``grace``."""
+        if self._server is not None:
+            self._server.close()
+        for s in list(self.sessions):
+            s.terminate("the proxy is shutting down")
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=grace)
+        for t in list(self._handlers):
+            t.cancel()
+
+    def sessions_of(self, user: str) -> list[Session]:
+        return [s for s in self.sessions if s.user == user]
+
+    def terminate(self, predicate: Callable[[Session], bool], reason: str) -> int:
+        """End every live session for which ``predicate`` is true (a lock on a user or
+        a role); returns how many."""
+        hit = [s for s in self.sessions if predicate(s)]
+        for s in hit:
+            s.terminate(reason)
+        return len(hit)
+
+    # -- per connection ------------------------------------------------------------------------
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            await self._serve(reader, writer)
+        except Exception:  # noqa: BLE001 - one connection must never take the listener down
+            log.exception("RESP connection handler failed")
+            writer.close()
+        finally:
+            self._handlers.discard(task)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        source = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer or "")
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        linger = self.limits.refusal_linger
+        sslobj = writer.get_extra_info("ssl_object")
+        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+        if not der:
+            self._audit_refusal("", source, "no client certificate")
+            await refuse(reader, writer, "a client certificate is required: run `cgate db login DATABASE` "
+                         "and connect with redis-cli --tls --cert CERT --key KEY --cacert CA", linger)
+            return
+        cert = x509.load_der_x509_certificate(der)
+        actor = _common_name(cert)
+        now = dt.datetime.now(dt.timezone.utc)
+        if cert.not_valid_after_utc <= now:
+            when = cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%S UTC")
+            self._audit_refusal(actor, source, "certificate expired")
+            await refuse(reader, writer, f"your certificate expired at {when}; run `cgate db login` "
+                         "for the database and connect again", linger)
+            return
+        if cert.not_valid_before_utc > now + dt.timedelta(minutes=5):
+            self._audit_refusal(actor, source, "certificate not yet valid")
+            await refuse(reader, writer, "your certificate is not valid yet; check this machine's clock", linger)
+            return
+        try:
+            ctx = await asyncio.wait_for(self.authorize(cert, peer), self.authorize_timeout)
+        except _PASSED_THROUGH as exc:
+            message = (str(exc).splitlines() or ["access denied"])[0]
+            self._audit_refusal(actor, source, message)
+            await refuse(reader, writer, message, linger)
+            return
+        except TimeoutError:
+            self._audit_refusal(actor, source, "authorization timed out")
+            await refuse(reader, writer, "the proxy could not authorize this session in time; try again", linger)
+            return
+        except Exception:  # noqa: BLE001 - the client gets a generic message, the log the details
+            log.exception("authorize failed for %s", actor)
+            self._audit_refusal(actor, source, "internal error")
+            await refuse(reader, writer, "the proxy could not authorize this session (internal error; "
+                         "see the proxy log)", linger)
+            return
+        if not ctx.source_addr:
+            ctx.source_addr = source
+        if ctx.expires_at is None:
+            ctx.expires_at = cert.not_valid_after_utc.timestamp()
+        limit = self.limits.sessions_per_user
+        if len(self.sessions_of(ctx.user)) >= limit:
+            self._audit_refusal(ctx.user, source, "too many sessions")
+            await refuse(reader, writer, f"too many sessions for user {ctx.user} (limit {limit}); "
+                         "close some and try again", linger)
+            return
+        session = Session(ctx, reader, writer, self.audit, self.limits)
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+
+    def _audit_refusal(self, actor: str, source: str, error: str) -> None:
+        self.audit.emit("db.session.start", actor, source_addr=source, success=False, error=error,
+                        fields={"reason": "refused"})
+
+
+def _common_name(cert: x509.Certificate) -> str:
+    try:
+        attrs = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        return str(attrs[0].value) if attrs else ""
+    except Exception:  # noqa: BLE001
+        return ""

@@ -1,0 +1,941 @@
+"""One RESP session: a verified client stream relayed to the database.
+
+:class:`Session` takes an accepted (TLS-terminated) client stream and a
+:class:`SessionContext` (who, which database, roles, upstream target and
+credentials, audit sink), checks expiry, locks and RBAC, connects upstream (the
+proxy AUTHs and SELECTs), then relays in two tasks, one per direction:
+
+* client -> database: :class:`~services.dbproxy.resp.CommandParser` frames the
+  commands (least work: argv split, raw bytes kept); each is checked against
+  the role (:meth:`DatabaseAccess.check_command` with the ACL categories of
+  :mod:`.commands`), audited, and its raw bytes forwarded unchanged. A denied
+  command gets a local error reply and the session goes on.
+* database -> client: :class:`~services.dbproxy.resp.ReplyFramer` only finds
+  frame boundaries; reply bytes are forwarded as they came (whole chunks on the
+  hot path). A queue of expected replies (run-length counted) tells where a
+  local reply (a denied command, the proxy's answer to AUTH) goes in the
+  stream, and which replies the proxy swallows (its own AUTH after RESET).
+
+Protocol state followed: RESP2/RESP3 (HELLO), Pub/Sub in RESP2 (message frames
+are out of band, subscription counts decide reply counts), MULTI/EXEC (a denied
+command aborts the transaction like a queueing error), SELECT (checked against
+``db_names``), MONITOR, RESET (the proxy authenticates again), QUIT.
+
+A watchdog ends the session when the certificate expires (role option
+``disconnect_expired_cert``), within a second of ``lock_check`` reporting a
+lock or :meth:`Session.terminate`, and after ``client_idle_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from services.common.rbac import DatabaseAccess, Decision, RoleSet
+from services.dbproxy import commands as cmdtable
+from services.dbproxy.commands import audit_args, lookup, referenced_dbs
+from services.dbproxy.limits import ProxyLimits
+from services.dbproxy.resp import (
+    Command,
+    CommandParser,
+    ProtocolError,
+    ReplyFramer,
+    encode_command,
+    encode_error,
+)
+from services.dbproxy.upstream import (
+    CredentialProvider,
+    Upstream,
+    UpstreamError,
+    UpstreamTarget,
+    connect_upstream,
+)
+
+__all__ = ["AuditSink", "Session", "SessionContext", "refuse"]
+
+log = logging.getLogger("cachegate.dbproxy.session")
+
+
+class AuditSink(Protocol):
+    def emit(
+        self,
+        type_: str,
+        actor: str,
+        *,
+        source_addr: str = "",
+        success: bool = True,
+        error: str = "",
+        fields: dict[str, Any] | None = None,
+        when: float | None = None,
+        base: dict[str, Any] | None = None,
+    ) -> None: ...
+
+
+@dataclass
+class SessionContext:
+    """Everything a session needs; built by the listener's ``authorize`` callback.
+
+    ``db_name`` is the logical database of the certificate's route ("" = 0).
+    ``expires_at`` is the certificate's NotAfter (epoch seconds). ``lock_check`` is
+    polled every second: it returns a reason (one line) when a lock now applies
+    to the user or one of their roles, else None. ``disconnect_expired_cert`` and
+    ``client_idle_timeout`` default to the roles' options.
+    """
+
+    user: str
+    database: str
+    db_user: str
+    db_name: str
+    roles: RoleSet
+    db_labels: Mapping[str, str]
+    target: UpstreamTarget
+    credentials: CredentialProvider
+    expires_at: float | None = None
+    source_addr: str = ""
+    lock_check: Callable[[], str | None] | None = None
+    disconnect_expired_cert: bool | None = None
+    client_idle_timeout: float | None = None
+    session_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    extra_audit_fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def logical_db(self) -> int:
+        text = (self.db_name or "0").strip()
+        return int(text) if text.isdigit() else -1
+
+
+async def refuse(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, message: str, linger: float = 1.0
+) -> None:
+    """Answer with ``-ERR message`` and close, after reading the client's first
+    command (up to ``linger`` seconds) so the error arrives as its reply."""
+    try:
+        writer.write(encode_error(message))
+        await asyncio.wait_for(writer.drain(), linger)
+        try:
+            await asyncio.wait_for(reader.read(65536), linger)
+        except (TimeoutError, ConnectionError):
+            pass
+    except (ConnectionError, TimeoutError, OSError):
+        pass
+    finally:
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), 1.0)
+        except Exception:  # noqa: BLE001 - closing anyway
+            pass
+
+
+# --------------------------------------------------------------------------------------------
+# Reply bookkeeping
+
+
+class _Entry:
+    """Replies expected from upstream, in order. ``plain`` entries are run-length merged.
+    ``local``: bytes written to the client when this entry completes (after its frames,
+    or at once when ``n`` is 0). ``swallow``: its frames are not forwarded. ``hook``:
+    called as ``hook(kind, done)`` for each of its reply frames."""
+
+    __slots__ = ("n", "plain", "local", "swallow", "hook", "push")
+
+    def __init__(self, n: int, plain: bool = True, local: bytes | None = None,
+                 swallow: bool = False, hook: Callable[[str, bool], None] | None = None,
+                 push: bool = False) -> None:
+        self.n = n
+        self.plain = plain
+        self.local = local
+        self.swallow = swallow
+        self.hook = hook
+        self.push = push  # RESP3 (un)subscribe: counts its confirmation push frames
+
+
+_OOB_KINDS = frozenset((">", "|"))
+_PUBSUB_MESSAGES = frozenset((b"message", b"pmessage", b"smessage"))
+_CONFIRMATIONS = frozenset((b"subscribe", b"psubscribe", b"ssubscribe",
+                            b"unsubscribe", b"punsubscribe", b"sunsubscribe"))
+_EXECABORT = encode_error("EXECABORT Transaction discarded because of previous errors.")
+_OK = b"+OK\r\n"
+_MAX_HELD = 1 << 20
+
+_SUBSCRIBE = {"SUBSCRIBE": 0, "PSUBSCRIBE": 1, "SSUBSCRIBE": 2}
+_UNSUBSCRIBE = {"UNSUBSCRIBE": 0, "PUNSUBSCRIBE": 1, "SUNSUBSCRIBE": 2}
+
+
+class _End(Exception):
+    """Ends the session: ``reason`` for the audit, ``message`` for the client (or None)."""
+
+    def __init__(self, reason: str, message: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.message = message
+
+
+class Session:
+    """Run with :meth:`run`; :meth:`terminate` ends it from outside (locks, admin)."""
+
+    def __init__(
+        self,
+        ctx: SessionContext,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        audit: AuditSink,
+        limits: ProxyLimits | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.limits = limits = limits or ProxyLimits()
+        self._creader = reader
+        self._cwriter = writer
+        self._audit = audit
+        self._up: Upstream | None = None
+        self.started = time.time()
+        self.commands = 0
+        self.bytes_in = 0  # client -> proxy
+        self.bytes_out = 0  # proxy -> client
+        self.end_reason = ""
+        self._stop: asyncio.Future | None = None
+        self._pending_stop: _End | None = None
+        self._last_activity = time.monotonic()
+        # Command side state.
+        self._parser = CommandParser(limits.resp)
+        self._proto = 2
+        self._in_multi = False
+        self._multi_bad = False
+        self._subs: tuple[set[bytes], set[bytes], set[bytes]] = (set(), set(), set())
+        self._monitor_cmd = False
+        self._closing = False
+        self._logical_db = max(ctx.logical_db, 0)
+        # A route without a logical database connects to 0 without checking db_names
+        # (users without db_names traits can connect); SELECT is always checked.
+        self._initial_db: int | None = ctx.logical_db if (ctx.db_name or "").strip() else None
+        self._access_cache: dict[int | None, DatabaseAccess] = {}
+        self._access = self._access_for(self._initial_db)
+        # Reply side state.
+        self._framer = ReplyFramer(max_line=limits.max_reply_line)
+        self._q: deque[_Entry] = deque()
+        self._held = b""
+        self._sub2 = False  # RESP2 subscribed mode: message arrays are out of band
+        self._monitor = False
+        self._drained: asyncio.Event | None = None
+        # Audit.
+        self._afields = {
+            "session_id": ctx.session_id,
+            "db_service": ctx.database,
+            "db_user": ctx.db_user,
+            **ctx.extra_audit_fields,
+        }
+
+    # -- public ------------------------------------------------------------------------------
+
+    @property
+    def user(self) -> str:
+        return self.ctx.user
+
+    @property
+    def role_names(self) -> list[str]:
+        return self.ctx.roles.role_names
+
+    def terminate(self, reason: str) -> None:
+        """End the session now; ``reason`` (one line) is told to the client and audited."""
+        end = _End(reason, f"Cachegate ended this session: {reason}")
+        if self._stop is None:
+            self._pending_stop = end
+        elif not self._stop.done():
+            self._stop.set_result(end)
+
+    async def run(self) -> None:
+        """The whole session; returns when it is over (never raises for I/O errors)."""
+        loop = asyncio.get_running_loop()
+        self._stop = loop.create_future()
+        if self._pending_stop is not None:
+            self._stop.set_result(self._pending_stop)
+        ctx = self.ctx
+        refusal = self._precheck()
+        if refusal is None and self._pending_stop is not None:
+            refusal = self._pending_stop.reason
+        if refusal is not None:
+            self._audit_start(False, refusal)
+            await refuse(self._creader, self._cwriter, refusal, self.limits.refusal_linger)
+            return
+        try:
+            self._up = await connect_upstream(
+                ctx.target, ctx.credentials, self._logical_db,
+                timeout=self.limits.upstream_connect_timeout,
+            )
+        except UpstreamError as exc:
+            self._audit_start(False, str(exc), reason=exc.reason)
+            await refuse(self._creader, self._cwriter, str(exc), self.limits.refusal_linger)
+            return
+        self._audit_start(True, "")
+        try:
+            await self._relay()
+        finally:
+            self._up.close()
+            self._cwriter.close()
+            self._audit_end()
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def _precheck(self) -> str | None:
+        ctx = self.ctx
+        if ctx.expires_at is not None and ctx.expires_at <= time.time():
+            when = dt.datetime.fromtimestamp(ctx.expires_at, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+            return f"your certificate expired at {when}; run `cgate db login {ctx.database}` and connect again"
+        if ctx.lock_check is not None:
+            locked = ctx.lock_check()
+            if locked:
+                return locked
+        if ctx.logical_db < 0:
+            return f'logical database "{ctx.db_name}" is not a number'
+        decision = self._access.decision
+        if not decision:
+            return decision.reason
+        return None
+
+    def _access_for(self, logical_db: int | None) -> DatabaseAccess:
+        acc = self._access_cache.get(logical_db)
+        if acc is None:
+            ctx = self.ctx
+            acc = ctx.roles.for_database(ctx.database, ctx.db_labels, ctx.db_user, logical_db)
+            if len(self._access_cache) > 64:
+                self._access_cache.clear()
+            self._access_cache[logical_db] = acc
+        return acc
+
+    # -- audit -------------------------------------------------------------------------------
+
+    def _audit_start(self, success: bool, error: str, reason: str = "") -> None:
+        ctx = self.ctx
+        fields = dict(self._afields, db_name=ctx.db_name or "0",
+                      roles=list(ctx.roles.role_names), db_host=ctx.target.address)
+        if reason:
+            fields["reason"] = reason
+        self._audit.emit("db.session.start", ctx.user, source_addr=ctx.source_addr,
+                         success=success, error=error, fields=fields)
+
+    def _audit_end(self) -> None:
+        ctx = self.ctx
+        self._audit.emit(
+            "db.session.end", ctx.user, source_addr=ctx.source_addr,
+            fields=dict(self._afields, db_name=str(self._logical_db),
+                        duration_ms=round((time.time() - self.started) * 1000),
+                        commands=self.commands, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+                        reason=self.end_reason),
+        )
+
+    def _audit_query(self, cmd: Command, name: str, decision: Decision | None, error: str = "") -> None:
+        allowed = decision is None or decision.allowed
+        lim = self.limits
+        self._audit.emit(
+            "db.session.query", self.ctx.user, source_addr=self.ctx.source_addr,
+            success=allowed and not error, error=error or ("" if allowed else decision.reason),
+            fields={"db_name": str(self._logical_db), "command": name,
+                    "args": audit_args(cmd.name, cmd.argv, max_arg=lim.audit_arg_max,
+                                       max_args=lim.audit_max_args)},
+            base=self._afields,
+        )
+
+    # -- relay -------------------------------------------------------------------------------
+
+    async def _relay(self) -> None:
+        assert self._up is not None and self._stop is not None
+        self._drained = asyncio.Event()
+        tasks = [
+            asyncio.create_task(self._client_to_upstream(), name="c2u"),
+            asyncio.create_task(self._upstream_to_client(), name="u2c"),
+            asyncio.create_task(self._watchdog(), name="watchdog"),
+        ]
+        end: _End
+        try:
+            done, _ = await asyncio.wait([*tasks, self._stop], return_when=asyncio.FIRST_COMPLETED)
+            first = next(iter(done))
+            if first is self._stop:
+                end = first.result()
+            else:
+                exc = first.exception()
+                if isinstance(exc, _End):
+                    end = exc
+                elif exc is not None:
+                    if isinstance(exc, (ConnectionError, OSError, TimeoutError)):
+                        end = _End(f"connection error: {type(exc).__name__}")
+                    else:
+                        log.error("session %s failed", self.ctx.session_id, exc_info=exc)
+                        end = _End("internal error", "Cachegate ended this session: internal error")
+                else:
+                    end = _End("closed")
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.end_reason = end.reason
+        if end.message and not self._framer.in_frame and not self._held:
+            try:
+                self._cwriter.write(encode_error(end.message))
+                await asyncio.wait_for(self._cwriter.drain(), 1.0)
+            except (ConnectionError, TimeoutError, OSError):
+                pass
+
+    async def _watchdog(self) -> None:
+        ctx = self.ctx
+        expiry = ctx.disconnect_expired_cert
+        if expiry is None:
+            expiry = ctx.roles.disconnect_expired_cert
+        expires_at = ctx.expires_at if expiry else None
+        idle = ctx.client_idle_timeout if ctx.client_idle_timeout is not None else ctx.roles.client_idle_timeout
+        while True:
+            now = time.time()
+            wait = 1.0
+            if expires_at is not None:
+                if now >= expires_at:
+                    raise _End("certificate expired",
+                               f"your certificate expired; run `cgate db login {ctx.database}` and connect again")
+                wait = min(wait, expires_at - now)
+            if idle:
+                quiet = time.monotonic() - self._last_activity
+                if quiet >= idle:
+                    raise _End("idle timeout", f"Cachegate ended this session: idle for {idle:g}s")
+                wait = min(wait, idle - quiet)
+            if ctx.lock_check is not None:
+                locked = ctx.lock_check()
+                if locked:
+                    raise _End(f"locked: {locked}", f"Cachegate ended this session: {locked}")
+            await asyncio.sleep(max(wait, 0.01))
+
+    # -- client -> upstream ------------------------------------------------------------------
+
+    async def _client_to_upstream(self) -> None:
+        assert self._up is not None
+        read = self._creader.read
+        chunk = self.limits.read_chunk
+        uwriter = self._up.writer
+        parse = self._parser.feed
+        while True:
+            data = await read(chunk)
+            if not data:
+                raise _End("client closed")
+            self.bytes_in += len(data)
+            self._last_activity = time.monotonic()
+            try:
+                cmds = parse(data)
+            except ProtocolError as err:
+                out = self._handle(err.commands) if err.commands else []
+                self._audit.emit("db.session.query", self.ctx.user, source_addr=self.ctx.source_addr,
+                                 success=False, error=f"protocol error: {err}",
+                                 fields=dict(self._afields, db_name=str(self._logical_db), command=""))
+                self._local(err.reply())
+                if out:
+                    uwriter.write(b"".join(out))
+                await self._finish_replies()
+                raise _End(f"protocol error: {err}") from None
+            if cmds:
+                out = self._handle(cmds)
+                if out:
+                    uwriter.write(out[0] if len(out) == 1 else b"".join(out))
+                    await uwriter.drain()
+                if self._closing:
+                    await self._finish_replies()
+                    raise _End("client quit")
+
+    async def _finish_replies(self, timeout: float = 2.0) -> None:
+        """Wait (bounded) until every expected reply reached the client."""
+        assert self._drained is not None
+        if not self._q and not self._framer.in_frame:
+            await self._flush_client()
+            return
+        self._drained.clear()
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout)
+        except TimeoutError:
+            pass
+        await self._flush_client()
+
+    async def _flush_client(self) -> None:
+        try:
+            await asyncio.wait_for(self._cwriter.drain(), 2.0)
+        except (TimeoutError, ConnectionError, OSError):
+            pass
+
+    def _local(self, data: bytes) -> None:
+        """A reply the proxy gives itself, in its place in the reply stream."""
+        if not self._q and not self._framer.in_frame and not self._held:
+            self._cwriter.write(data)
+            self.bytes_out += len(data)
+        else:
+            self._q.append(_Entry(0, False, data))
+
+    def _expect(self, n: int, *, local: bytes | None = None, swallow: bool = False,
+                hook: Callable[[str, bool], None] | None = None, push: bool = False) -> None:
+        if n <= 0 and local is None:
+            return
+        self._q.append(_Entry(n, False, local, swallow, hook, push))
+
+    def _deny(self, cmd: Command, name: str, reason: str) -> None:
+        self._audit_query(cmd, name, Decision(False, reason))
+        if self._in_multi:
+            self._multi_bad = True
+        self._local(encode_error(reason))
+
+    def _handle(self, cmds: list[Command]) -> list[bytes]:
+        """Check, audit and route each command; returns the bytes for upstream."""
+        out: list[bytes] = []
+        append = out.append
+        q = self._q
+        check = self._access.check_command
+        special = _SPECIAL
+        self.commands += len(cmds)
+        for cmd in cmds:
+            name = cmd.name
+            handler = special.get(name)
+            if handler is not None or self._monitor_cmd:
+                if self._monitor_cmd and name != "QUIT":
+                    handler = _Handlers.other_in_monitor
+                handler(self, cmd, out)
+                check = self._access.check_command  # SELECT/RESET may have changed it
+                continue
+            info = lookup(name, cmd.argv)
+            decision = check(info.name, info.categories)
+            if not decision.allowed:
+                self._deny(cmd, info.name, decision.reason)
+                continue
+            self._audit_query(cmd, info.name, None)
+            append(cmd.raw)
+            if q:
+                last = q[-1]
+                if last.plain:
+                    last.n += 1
+                    continue
+            q.append(_Entry(1))
+        return out
+
+    # -- upstream -> client ------------------------------------------------------------------
+
+    async def _upstream_to_client(self) -> None:
+        assert self._up is not None and self._drained is not None
+        read = self._up.reader.read
+        cwrite = self._cwriter.write
+        drain = self._cwriter.drain
+        chunk_size = self.limits.read_chunk
+        feed = self._framer.feed
+        q = self._q
+        while True:
+            data = await read(chunk_size)
+            if not data:
+                raise _End("database closed the connection",
+                           "the database closed the connection")
+            self._last_activity = time.monotonic()
+            try:
+                frames = feed(data)
+            except ProtocolError as err:
+                log.warning("session %s: bad reply from the database: %s", self.ctx.session_id, err)
+                raise _End(f"bad reply from the database: {err}") from None
+            # Hot path: every complete reply belongs to the plain entry at the head.
+            if not self._held and not self._monitor and q and q[0].plain:
+                head = q[0]
+                sub2 = self._sub2
+                replies = 0
+                for f in frames:
+                    k = f.kind
+                    if k == ">" or k == "|" or (sub2 and k == "*" and f.tag in _PUBSUB_MESSAGES):
+                        continue
+                    replies += 1
+                if head.n > replies:
+                    head.n -= replies
+                    cwrite(data)
+                    self.bytes_out += len(data)
+                    await drain()
+                    continue
+            out = self._route(data, frames)
+            if out:
+                payload = out[0] if len(out) == 1 else b"".join(out)
+                cwrite(payload)
+                self.bytes_out += len(payload)
+            if not q and not self._framer.in_frame:
+                self._drained.set()
+            await drain()
+
+    def _route(self, data: bytes, frames: list) -> list[bytes]:
+        """The general case: place local replies, drop swallowed frames, run hooks."""
+        q = self._q
+        out: list[bytes] = []
+        pos = 0  # data[pos:] not yet placed in out
+        held = self._held
+        for f in frames:
+            end = f.end
+            k = f.kind
+            if k == ">":
+                oob = not (q and q[0].push and f.tag in _CONFIRMATIONS) or self._monitor
+            else:
+                oob = (self._monitor or k == "|"
+                       or (self._sub2 and k == "*" and f.tag in _PUBSUB_MESSAGES))
+            if oob or not q or q[0].n == 0:
+                if held:
+                    out.append(held)
+                    held = b""
+            else:
+                e = q[0]
+                start = end - f.raw_len
+                if e.swallow:
+                    if start > pos:
+                        out.append(data[pos:start])
+                    held = b""
+                    pos = end
+                elif held:
+                    out.append(held)
+                    held = b""
+                e.n -= 1
+                if e.hook is not None:
+                    e.hook(k, e.n == 0)
+                if e.n == 0:
+                    q.popleft()
+                    if e.local is not None:
+                        if end > pos:
+                            out.append(data[pos:end])
+                        pos = end
+                        out.append(e.local)
+            # Local replies now at the head go right after this frame.
+            while q and q[0].n == 0:
+                e = q.popleft()
+                if end > pos:
+                    out.append(data[pos:end])
+                pos = end
+                if e.local is not None:
+                    out.append(e.local)
+        tail = data[pos:]
+        if tail:
+            if q and q[0].swallow and not self._monitor:
+                held += tail
+                if len(held) > _MAX_HELD:
+                    raise _End("bad reply from the database: oversized internal reply")
+            else:
+                if held:
+                    out.append(held)
+                    held = b""
+                out.append(tail)
+        self._held = held
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Commands with protocol meaning
+
+
+def _parse_int(arg: bytes) -> int | None:
+    if arg.isdigit() and len(arg) < 12:
+        return int(arg)
+    return None
+
+
+class _Handlers:
+    """Each takes (session, command, out) and either appends the command's bytes to
+    ``out`` with the reply expectation, or answers locally."""
+
+    @staticmethod
+    def _rbac(s: Session, cmd: Command) -> tuple[str, bool]:
+        info = lookup(cmd.name, cmd.argv)
+        decision = s._access.check_command(info.name, info.categories)
+        if not decision.allowed:
+            s._deny(cmd, info.name, decision.reason)
+            return info.name, False
+        return info.name, True
+
+    @staticmethod
+    def _forward(s: Session, cmd: Command, name: str, out: list[bytes], n: int = 1, **kw: Any) -> None:
+        s._audit_query(cmd, name, None)
+        out.append(cmd.raw)
+        s._expect(n, **kw)
+
+    @staticmethod
+    def other_in_monitor(s: Session, cmd: Command, out: list[bytes]) -> None:
+        s._deny(cmd, cmd.name, "only QUIT is accepted after MONITOR")
+
+    @staticmethod
+    def auth(s: Session, cmd: Command, out: list[bytes]) -> None:
+        argv = cmd.argv
+        if len(argv) not in (2, 3):
+            s._audit_query(cmd, "AUTH", None, error="wrong number of arguments")
+            s._local(encode_error("ERR wrong number of arguments for 'auth' command"))
+            return
+        user = argv[1].decode("utf-8", "replace") if len(argv) == 3 else "default"
+        err = _own_user_error(s, user)
+        if err:
+            s._audit_query(cmd, "AUTH", Decision(False, err))
+            s._local(encode_error(err))
+            return
+        s._audit_query(cmd, "AUTH", None)
+        s._local(_OK)
+
+    @staticmethod
+    def hello(s: Session, cmd: Command, out: list[bytes]) -> None:
+        argv = cmd.argv
+        if len(argv) == 1:
+            _Handlers._forward(s, cmd, "HELLO", out)
+            return
+        ver = _parse_int(argv[1])
+        if ver not in (2, 3):
+            s._audit_query(cmd, "HELLO", None, error="unsupported protocol version")
+            s._local(encode_error("NOPROTO sorry, this protocol version is not supported."))
+            return
+        forward: list[bytes] = [b"HELLO", argv[1]]
+        i = 2
+        while i < len(argv):
+            opt = argv[i].upper()
+            if opt == b"AUTH" and i + 2 < len(argv):
+                err = _own_user_error(s, argv[i + 1].decode("utf-8", "replace"))
+                if err:
+                    s._audit_query(cmd, "HELLO", Decision(False, err))
+                    s._local(encode_error(err))
+                    return
+                i += 3
+            elif opt == b"SETNAME" and i + 1 < len(argv):
+                forward += [b"SETNAME", argv[i + 1]]
+                i += 2
+            else:
+                s._audit_query(cmd, "HELLO", None, error="syntax error")
+                s._local(encode_error(
+                    f"ERR Syntax error in HELLO option '{argv[i].decode('utf-8', 'replace')[:64]}'"))
+                return
+        before = s._proto
+        s._proto = ver
+
+        def hook(kind: str, done: bool) -> None:
+            if kind == "-":
+                s._proto = before
+            else:
+                s._framer.protocol = ver
+
+        s._audit_query(cmd, "HELLO", None)
+        out.append(encode_command(*forward))
+        s._expect(1, hook=hook)
+
+    @staticmethod
+    def select(s: Session, cmd: Command, out: list[bytes]) -> None:
+        name, ok = _Handlers._rbac(s, cmd)
+        if not ok:
+            return
+        if s._in_multi:
+            s._deny(cmd, name, "SELECT inside MULTI is not supported by Cachegate; SELECT before MULTI")
+            return
+        n = _parse_int(cmd.argv[1]) if len(cmd.argv) == 2 else None
+        if n is None:
+            _Handlers._forward(s, cmd, name, out)  # the server's own error
+            return
+        ctx = s.ctx
+        decision = ctx.roles.check_database(ctx.database, ctx.db_labels, ctx.db_user, n)
+        if not decision:
+            s._deny(cmd, name, decision.reason)
+            return
+        previous = (s._logical_db, s._access)
+        s._logical_db = n
+        s._access = s._access_for(n)
+
+        def hook(kind: str, done: bool) -> None:
+            if kind == "-" and s._logical_db == n:
+                s._logical_db, s._access = previous
+
+        _Handlers._forward(s, cmd, name, out, hook=hook)
+
+    @staticmethod
+    def other_db(s: Session, cmd: Command, out: list[bytes]) -> None:
+        """MOVE, SWAPDB, COPY ... DB n: the other logical databases must be allowed too."""
+        name, ok = _Handlers._rbac(s, cmd)
+        if not ok:
+            return
+        ctx = s.ctx
+        for arg in referenced_dbs(cmd.name, cmd.argv):
+            n = _parse_int(arg)
+            if n is None:
+                continue
+            decision = ctx.roles.check_database(ctx.database, ctx.db_labels, ctx.db_user, n)
+            if not decision:
+                s._deny(cmd, name, decision.reason)
+                return
+        _Handlers._forward(s, cmd, name, out)
+
+    @staticmethod
+    def multi(s: Session, cmd: Command, out: list[bytes]) -> None:
+        name, ok = _Handlers._rbac(s, cmd)
+        if ok:
+            if not s._in_multi:
+                s._in_multi, s._multi_bad = True, False
+            _Handlers._forward(s, cmd, name, out)
+
+    @staticmethod
+    def exec_(s: Session, cmd: Command, out: list[bytes]) -> None:
+        name, ok = _Handlers._rbac(s, cmd)
+        if not ok:
+            return
+        if s._in_multi and s._multi_bad:
+            s._in_multi = s._multi_bad = False
+            s._audit_query(cmd, name, None, error="transaction aborted: a command in it was denied")
+            out.append(encode_command("DISCARD"))
+            s._expect(1, swallow=True, local=_EXECABORT)
+            return
+        s._in_multi = s._multi_bad = False
+        _Handlers._forward(s, cmd, name, out)
+
+    @staticmethod
+    def discard(s: Session, cmd: Command, out: list[bytes]) -> None:
+        name, ok = _Handlers._rbac(s, cmd)
+        if ok:
+            s._in_multi = s._multi_bad = False
+            _Handlers._forward(s, cmd, name, out)
+
+    @staticmethod
+    def subscribe(s: Session, cmd: Command, out: list[bytes]) -> None:
+        name, ok = _Handlers._rbac(s, cmd)
+        if not ok:
+            return
+        if s._in_multi:
+            s._deny(cmd, name, f"{name} inside MULTI is not supported by Cachegate")
+            return
+        channels = cmd.argv[1:]
+        if not channels:
+            _Handlers._forward(s, cmd, name, out)  # arity error: one reply
+            return
+        s._subs[_SUBSCRIBE[name]].update(channels)
+        if s._proto >= 3:  # confirmations are push frames, one per channel
+            _Handlers._forward(s, cmd, name, out, n=len(channels), push=True)
+            return
+
+        def hook(kind: str, done: bool) -> None:
+            if kind != "-":
+                s._sub2 = True
+
+        _Handlers._forward(s, cmd, name, out, n=len(channels), hook=hook)
+
+    @staticmethod
+    def unsubscribe(s: Session, cmd: Command, out: list[bytes]) -> None:
+        name, ok = _Handlers._rbac(s, cmd)
+        if not ok:
+            return
+        if s._in_multi:
+            s._deny(cmd, name, f"{name} inside MULTI is not supported by Cachegate")
+            return
+        kind_set = s._subs[_UNSUBSCRIBE[name]]
+        channels = cmd.argv[1:]
+        if channels:
+            n = len(channels)
+            kind_set.difference_update(channels)
+        else:
+            n = max(1, len(kind_set))
+            kind_set.clear()
+        if s._proto >= 3:
+            _Handlers._forward(s, cmd, name, out, n=n, push=True)
+            return
+        remaining = sum(len(x) for x in s._subs)
+
+        def hook(kind: str, done: bool) -> None:
+            if done:
+                s._sub2 = remaining > 0
+
+        _Handlers._forward(s, cmd, name, out, n=n, hook=hook)
+
+    @staticmethod
+    def monitor(s: Session, cmd: Command, out: list[bytes]) -> None:
+        name, ok = _Handlers._rbac(s, cmd)
+        if not ok:
+            return
+        if s._in_multi:
+            s._deny(cmd, name, "MONITOR inside MULTI is not supported by Cachegate")
+            return
+        s._monitor_cmd = True
+
+        def hook(kind: str, done: bool) -> None:
+            if kind == "-":
+                s._monitor_cmd = False
+            else:
+                s._monitor = True
+
+        _Handlers._forward(s, cmd, name, out, hook=hook)
+
+    @staticmethod
+    def reset(s: Session, cmd: Command, out: list[bytes]) -> None:
+        if s._monitor_cmd:
+            s._deny(cmd, "RESET", "only QUIT is accepted after MONITOR")
+            return
+        name, ok = _Handlers._rbac(s, cmd)
+        if not ok:
+            return
+        initial = max(s.ctx.logical_db, 0)
+
+        def hook(kind: str, done: bool) -> None:
+            if kind != "-":
+                s._sub2 = False
+                s._framer.protocol = 2
+
+        s._proto = 2
+        s._in_multi = s._multi_bad = False
+        for x in s._subs:
+            x.clear()
+        s._logical_db = initial
+        s._access = s._access_for(s._initial_db)
+        _Handlers._forward(s, cmd, name, out, hook=hook)
+        # RESET logs the connection out: the proxy authenticates again, silently.
+        assert s._up is not None
+        if s._up.auth_command:
+            out.append(s._up.auth_command)
+            s._expect(1, swallow=True)
+        if initial:
+            out.append(encode_command("SELECT", str(initial)))
+            s._expect(1, swallow=True)
+
+    @staticmethod
+    def quit(s: Session, cmd: Command, out: list[bytes]) -> None:
+        s._audit_query(cmd, "QUIT", None)
+        s._local(_OK)
+        s._closing = True
+
+    @staticmethod
+    def client(s: Session, cmd: Command, out: list[bytes]) -> None:
+        name, ok = _Handlers._rbac(s, cmd)
+        if not ok:
+            return
+        if name == "CLIENT|REPLY":
+            s._deny(cmd, name, "CLIENT REPLY is not supported by Cachegate")
+            return
+        _Handlers._forward(s, cmd, name, out)
+
+    @staticmethod
+    def replication(s: Session, cmd: Command, out: list[bytes]) -> None:
+        s._deny(cmd, cmd.name, f"{cmd.name} (replication) is not supported by Cachegate")
+
+
+def _own_user_error(s: Session, user: str) -> str | None:
+    if user == s.ctx.db_user:
+        return None
+    return (f'ERR AUTH as db user "{user[:64]}" is not allowed: this Cachegate session is db user '
+            f'"{s.ctx.db_user}" (Cachegate authenticates for you; connect with --db-user to change)')
+
+
+_SPECIAL: dict[str, Callable[[Session, Command, list[bytes]], None]] = {
+    "AUTH": _Handlers.auth,
+    "HELLO": _Handlers.hello,
+    "SELECT": _Handlers.select,
+    "MOVE": _Handlers.other_db,
+    "SWAPDB": _Handlers.other_db,
+    "COPY": _Handlers.other_db,
+    "MULTI": _Handlers.multi,
+    "EXEC": _Handlers.exec_,
+    "DISCARD": _Handlers.discard,
+    "SUBSCRIBE": _Handlers.subscribe,
+    "PSUBSCRIBE": _Handlers.subscribe,
+    "SSUBSCRIBE": _Handlers.subscribe,
+    "UNSUBSCRIBE": _Handlers.unsubscribe,
+    "PUNSUBSCRIBE": _Handlers.unsubscribe,
+    "SUNSUBSCRIBE": _Handlers.unsubscribe,
+    "MONITOR": _Handlers.monitor,
+    "RESET": _Handlers.reset,
+    "QUIT": _Handlers.quit,
+    "CLIENT": _Handlers.client,
+    "SYNC": _Handlers.replication,
+    "PSYNC": _Handlers.replication,
+    "REPLCONF": _Handlers.replication,
+}
+
+assert cmdtable  # the table module is part of this package's contract

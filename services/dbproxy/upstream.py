@@ -1,0 +1,227 @@
+"""The proxy's own connection to the database: TLS, AUTH by the proxy, SELECT.
+
+The user never sees the database's secret: a :class:`CredentialProvider` gives
+the proxy ``(username or None, password)``; for Azure that is the access key
+from ``listKeys`` (cached by the provider). When Redis answers ``WRONGPASS`` or
+``NOAUTH`` (the key was rotated) the provider is asked once more with
+``force_refresh=True`` and AUTH is tried again.
+
+Every failure is an :class:`UpstreamError` whose message is one line for the
+user, without secrets; an unreachable database names host, port and the check to
+run (``nc -zv HOST PORT``), within ``timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import hiredis
+
+from services.dbproxy.resp import encode_command
+
+__all__ = [
+    "CredentialProvider",
+    "StaticCredentials",
+    "Upstream",
+    "UpstreamError",
+    "UpstreamTarget",
+    "connect_upstream",
+]
+
+
+class CredentialProvider(Protocol):
+    async def get(self, force_refresh: bool = False) -> tuple[str | None, str]:
+        """``(username or None, password)``; an empty password means no AUTH."""
+        ...
+
+
+@dataclass
+class StaticCredentials:
+    """A fixed secret (static databases, tests)."""
+
+    username: str | None
+    password: str = field(repr=False)
+
+    async def get(self, force_refresh: bool = False) -> tuple[str | None, str]:
+        return self.username, self.password
+
+
+@dataclass(frozen=True)
+class UpstreamTarget:
+    """Where the database is. ``ssl`` None means plaintext (only for local tests);
+    ``server_hostname`` defaults to ``host`` when TLS is used."""
+
+    name: str
+    host: str
+    port: int
+    ssl: ssl.SSLContext | None = None
+    server_hostname: str | None = None
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class UpstreamError(Exception):
+    """A user-facing one-line message; ``reason`` is a short code for the audit
+    (``unreachable``, ``tls``, ``credentials``, ``auth``, ``select``, ``protocol``)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+_AUTH_RETRY_CODES = (b"WRONGPASS", b"NOAUTH", b"ERR invalid password", b"ERR invalid username")
+
+
+@dataclass
+class Upstream:
+    """A connected, authenticated upstream. ``auth_command`` re-authenticates it (after
+    RESET): it is kept private and must never be logged or audited."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    target: UpstreamTarget
+    logical_db: int
+    auth_command: bytes = field(repr=False, default=b"")
+
+    def close(self) -> None:
+        try:
+            self.writer.close()
+        except Exception:  # noqa: BLE001 - best effort on any transport state
+            pass
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return "the host name does not resolve"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return type(exc).__name__
+
+
+async def _read_replies(reader: asyncio.StreamReader, count: int) -> list:
+    parser = hiredis.Reader(notEnoughData=Ellipsis)
+    out: list = []
+    while len(out) < count:
+        data = await reader.read(65536)
+        if not data:
+            raise UpstreamError("the database closed the connection during setup", "protocol")
+        parser.feed(data)
+        while len(out) < count:
+            item = parser.gets()
+            if item is Ellipsis:
+                break
+            out.append(item)
+    return out
+
+
+def _err_text(reply: object) -> str:
+    text = str(reply).splitlines()[0] if str(reply) else "error"
+    return text[:200]
+
+
+async def connect_upstream(
+    target: UpstreamTarget,
+    credentials: CredentialProvider,
+    logical_db: int = 0,
+    *,
+    timeout: float = 10.0,
+) -> Upstream:
+    """Connect, AUTH (retrying once with refreshed credentials), SELECT; all within
+    ``timeout`` seconds. Raises :class:`UpstreamError`."""
+    nc = f"nc -zv {target.host} {target.port}"
+    where = f'database "{target.name}" at {target.address}'
+    try:
+        async with asyncio.timeout(timeout):
+            try:
+                reader, writer = await asyncio.open_connection(
+                    target.host,
+                    target.port,
+                    ssl=target.ssl,
+                    server_hostname=(target.server_hostname or target.host) if target.ssl else None,
+                    limit=1 << 20,
+                )
+            except ssl.SSLError as exc:
+                raise UpstreamError(
+                    f"TLS handshake with {where} failed: {exc.reason or exc.__class__.__name__}; "
+                    "check the database's CA configuration",
+                    "tls",
+                ) from None
+            except OSError as exc:
+                raise UpstreamError(
+                    f"cannot reach {where} ({_why(exc)}); check that the proxy host can reach it: {nc}",
+                    "unreachable",
+                ) from None
+            try:
+                sock = writer.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                auth_cmd = await _authenticate(reader, writer, target, credentials)
+                if logical_db:
+                    writer.write(encode_command("SELECT", str(logical_db)))
+                    (reply,) = await _read_replies(reader, 1)
+                    if isinstance(reply, hiredis.ReplyError):
+                        raise UpstreamError(
+                            f"cannot select logical database {logical_db} on \"{target.name}\": "
+                            f"{_err_text(reply)}",
+                            "select",
+                        )
+            except BaseException:
+                writer.close()
+                raise
+    except TimeoutError:
+        raise UpstreamError(
+            f"cannot reach {where} (no answer within {timeout:g}s); "
+            f"check that the proxy host can reach it: {nc}",
+            "unreachable",
+        ) from None
+    except (ConnectionError, ssl.SSLError, OSError) as exc:
+        raise UpstreamError(
+            f"the connection to {where} failed during setup ({_why(exc)}); check it with: {nc}",
+            "unreachable",
+        ) from None
+    return Upstream(reader, writer, target, logical_db, auth_cmd)
+
+
+async def _authenticate(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    target: UpstreamTarget,
+    credentials: CredentialProvider,
+) -> bytes:
+    """AUTH with the provider's credentials; on WRONGPASS/NOAUTH refresh once."""
+    for attempt in (0, 1):
+        try:
+            username, password = await credentials.get(force_refresh=bool(attempt))
+        except UpstreamError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the provider's failure, reported in one line
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+            raise UpstreamError(
+                f'the proxy could not get credentials for database "{target.name}": {first}',
+                "credentials",
+            ) from None
+        if not password:
+            return b""
+        cmd = encode_command("AUTH", username, password) if username else encode_command("AUTH", password)
+        writer.write(cmd)
+        (reply,) = await _read_replies(reader, 1)
+        if not isinstance(reply, hiredis.ReplyError):
+            return cmd
+        text = str(reply)
+        if attempt == 0 and text.encode().startswith(_AUTH_RETRY_CODES):
+            continue
+        code = text.split(" ", 1)[0] if text else "ERR"
+        raise UpstreamError(
+            f'the proxy could not authenticate to database "{target.name}": the server answered '
+            f"{code}; check the credentials configured for it (or its access keys in Azure)",
+            "auth",
+        )
+    raise AssertionError("unreachable")  # pragma: no cover
