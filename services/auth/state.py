@@ -173,7 +173,8 @@ class AuthState:
             # Expired items are not returned; say so when we can tell.
             raise TokenError(f"the join token is not valid (unknown, deleted or expired): {again}")
         doc = json.loads(item.value)
-        if doc.get("used_at"):
+        used_roles = doc.get("used_roles", [])
+        if doc.get("used_at") or role in used_roles:
             raise TokenError(f"the join token was already used (tokens are single use): {again}")
         if doc["expires"] <= time.time():
             raise TokenError(f"the join token expired: {again}")
@@ -183,7 +184,12 @@ class AuthState:
             raise TokenError(f"the join token is for {have}, not {idmod.role_name(role)}: "
                              f"create one with `cgctl tokens add --type={want}`")
         if doc["single_use"]:
-            used = dict(doc, used_at=time.time())
+            # Single use per service role: a --type=db token joins one discovery and one
+            # dbproxy (the guide's database host runs both), each once.
+            used_roles = sorted(set(used_roles) | {role})
+            used = dict(doc, used_roles=used_roles)
+            if set(used_roles) >= set(doc["roles"]):
+                used["used_at"] = time.time()
             if not await self.backend.compare_and_swap(item.key, item.value, json.dumps(used).encode(),
                                                        expires=item.expires):
                 raise TokenError(f"the join token was already used (tokens are single use): {again}")

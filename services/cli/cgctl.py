@@ -68,12 +68,23 @@ def when(t) -> str:
 @app.command()
 @run
 async def status(fmt: Format = typer.Option(Format.text, "--format", help="text, json or yaml.")):
-    """Cluster name, version and CA pin."""
+    """Cluster name, version and CA pin; each discovery fetcher's last success, last error and finds."""
+    from cachegate.auth.v1 import database_service_pb2
+    from services.cli import cgctl_db
+
     async with connect() as c:
         info = await call(c, c.cluster.GetClusterInfo, cluster_service_pb2.GetClusterInfoRequest())
-    data = {"cluster": info.cluster_name, "version": info.server_version, "ca_pin": info.ca_pin}
-    emit(data, fmt, lambda: out_console.print(
-        f"Cluster  {info.cluster_name}\nVersion  {info.server_version}\nCA pin   {info.ca_pin}", markup=False))
+        hosts = await list_all(c.databases.ListFetcherStatuses, database_service_pb2.ListFetcherStatusesRequest,
+                               "hosts", c)
+    data = {"cluster": info.cluster_name, "version": info.server_version, "ca_pin": info.ca_pin,
+            "discovery": cgctl_db.fetcher_statuses_to_list(hosts)}
+
+    def text():
+        out_console.print(f"Cluster  {info.cluster_name}\nVersion  {info.server_version}\nCA pin   {info.ca_pin}\n",
+                          markup=False)
+        cgctl_db.print_fetcher_statuses(hosts, "text")
+
+    emit(data, fmt, text)
 
 
 @tokens_app.command("add")

@@ -29,6 +29,7 @@ from typing import Any, Iterable
 import yaml
 
 from cachegate.types.v1 import types_pb2
+from services.cli.common import table
 from services.common.grpcutil import from_ts
 
 KINDS = ("db", "database")
@@ -146,15 +147,6 @@ def _labels_text(labels: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
-def _write_table(columns: list[str], rows: list[list[str]]) -> None:
-    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
-
-    def line(cells):
-        return " ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-
-    sys.stdout.write("\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in rows]) + "\n")
-
-
 def print_dbs(dbs: Iterable[types_pb2.Database], fmt: str = "text", verbose: bool = False) -> None:
     """`cgctl get dbs`: a table (Name, Description, Origin, URI, Labels) or JSON/YAML documents."""
     dbs = sorted(dbs, key=lambda d: d.name)
@@ -174,7 +166,7 @@ def print_dbs(dbs: Iterable[types_pb2.Database], fmt: str = "text", verbose: boo
         rows.append(row)
     if verbose:
         columns.append("Azure Resource")
-    _write_table(columns, rows)
+    table(columns, rows)
 
 
 def fetcher_statuses_to_list(hosts: Iterable[Any]) -> list[dict]:
@@ -204,7 +196,7 @@ def print_fetcher_statuses(hosts: Iterable[Any], fmt: str = "text") -> None:
         sys.stdout.write("Discovery: no discovery host has reported yet\n")
         return
     sys.stdout.write("Discovery\n")
-    _write_table(["Host", "Fetcher", "Databases", "Last Success", "Last Error"], [
+    table(["Host", "Fetcher", "Databases", "Last Success", "Last Error"], [
         [d["host"], d["fetcher"], str(d["databases_found"]), d["last_success"],
          (d["last_error"].splitlines() or [""])[0]] for d in data])
     # The full message (DefaultAzureCredential's lines, what to check) once per distinct error.

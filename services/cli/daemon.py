@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import logging
+import os
+import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -13,10 +17,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import grpc
 import typer
 import yaml
 
 from services.cli.common import CLIError, dev_dir, err_console, out_console
+from services.cli.devenv import DEV_DB, DevAzure
 from services.common.config import ConfigError, load_config
 from services.common.creds import Creds, write_private
 from services.common.join import JoinError
@@ -122,7 +128,9 @@ async def _run_services(cfg, chosen: list[str], ready_file: Path | None) -> None
 
 # --- the local dev cluster ---------------------------------------------------------------
 
-DEV_PORTS = {"auth": 3025, "join": 3026, "discovery": 3027, "proxy": 3080, "redis": 3081, "api": 3082, "web": 3443}
+DEV_PORTS = {"auth": 3025, "join": 3026, "discovery": 3027, "proxy": 3080, "redis": 3081, "api": 3082, "web": 3443,
+             "azure": 3444, "redis_db": 6380}
+DEV_USER_ROLES = "access,editor"
 
 
 class DevCluster:
@@ -133,6 +141,8 @@ class DevCluster:
         self.data = home / "data"
         self.run_dir = home / "run"
         self.logs = home / "logs"
+        self.azure = DevAzure(home, self.logs, None if free_ports else DEV_PORTS)
+        self.extra_env: dict[str, dict] = {}
 
     def port(self, name: str) -> int:
         return 0 if self.free else DEV_PORTS[name]
@@ -151,7 +161,9 @@ class DevCluster:
         ready.unlink(missing_ok=True)
         logf = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (kept open for the child)
         cmd = [sys.executable, "-m", "services.cli.daemon", "start", "-c", str(config), "--ready-file", str(ready)]
-        self.procs[name] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        env = dict(os.environ, **self.extra_env.get(name, {}))
+        self.procs[name] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                                            env=env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if ready.exists():
@@ -172,6 +184,66 @@ class DevCluster:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
+        self.azure.stop()
+
+    def login_dev_user(self, info: dict) -> str:
+        """A user for this machine's account, logged in with cgate like anyone else (its password
+        is kept in the dev folder, 0600), so `cgate db connect` works right away."""
+        from cachegate.auth.v1 import user_service_pb2
+        from cachegate.types.v1 import types_pb2
+        from services.common.authclient import AuthClient
+
+        name = re.sub(r"[^a-z0-9._-]", "", getpass.getuser().lower()) or "developer"
+        if name in ("root", "cachegate-admin"):
+            name = "developer"
+        pw_file = self.home / "dev-user.password"
+        password = pw_file.read_text().strip() if pw_file.exists() else secrets.token_urlsafe(18)
+        write_private(pw_file, password.encode())
+        base = [sys.executable, "-m", "services.cli.cgate", "login", f"--proxy={info['proxy']}",
+                f"--ca-pin={info['ca_pin']}", "--password-stdin"]
+        attempt = subprocess.run(base + [f"--user={name}"], input=password + "\n", capture_output=True, text=True,
+                                 timeout=60)
+        if attempt.returncode == 0:
+            return name
+
+        async def invite() -> str:
+            async with AuthClient(info["auth_server"], Creds.from_identity_file(info["admin_identity"])) as c:
+                try:
+                    r = await c.users.CreateUser(user_service_pb2.CreateUserRequest(user=types_pb2.User(
+                        name=name, roles=DEV_USER_ROLES.split(","), db_users=["default"],
+                        db_names=[str(i) for i in range(16)])), timeout=15)
+                    return r.invite.token
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                        raise CLIError(f"could not create the dev user: {exc.details()}") from None
+                r = await c.users.ResetUser(user_service_pb2.ResetUserRequest(name=name), timeout=15)
+                return r.invite.token
+
+        token = asyncio.run(invite())
+        res = subprocess.run(base + [f"--invite={token}"], input=password + "\n", capture_output=True, text=True,
+                             timeout=60)
+        if res.returncode != 0:
+            raise CLIError(f"could not log the dev user in: {res.stderr.strip()}")
+        return name
+
+    def wait_for_database(self, admin_identity: str, auth_port: int, name: str, timeout: float) -> None:
+        """Discovery finds the stand-in's cache within a poll or two; wait so the guide works at once."""
+        from cachegate.auth.v1 import database_service_pb2
+        from services.common.authclient import AuthClient
+
+        async def go() -> bool:
+            async with AuthClient(f"127.0.0.1:{auth_port}", Creds.from_identity_file(admin_identity)) as c:
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline:
+                    try:
+                        await c.databases.GetDatabase(database_service_pb2.GetDatabaseRequest(name=name), timeout=5)
+                        return True
+                    except grpc.aio.AioRpcError:
+                        await asyncio.sleep(0.5)
+            return False
+
+        if not asyncio.run(go()):
+            raise CLIError(f"discovery did not publish {name} within {timeout:g}s; see {self.logs / 'discovery.log'}")
 
     def token_for(self, admin_identity: str, auth_port: int, type_: str) -> tuple[str, str]:
         from cachegate.auth.v1 import token_service_pb2
@@ -189,6 +261,9 @@ class DevCluster:
     def up(self) -> dict:
         for d in (self.data, self.run_dir, self.logs):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.azure.start()
+        azure_env = self.azure.env()
+        self.extra_env = {"discovery": azure_env, "dbproxy": azure_env}
         auth_cfg = dict(self.base(), auth_service={
             "enabled": True, "cluster_name": "cachegate-dev",
             "listen_addr": f"127.0.0.1:{self.port('auth')}", "join_listen_addr": f"127.0.0.1:{self.port('join')}"})
@@ -196,12 +271,13 @@ class DevCluster:
         auth_addr, join_addr = f"127.0.0.1:{auth['mesh_port']}", f"127.0.0.1:{auth['join_port']}"
         started = {"auth": auth}
         for name, type_, section in (("discovery", "discovery", {
-                "enabled": True, "listen_addr": f"127.0.0.1:{self.port('discovery')}"}),
+                "enabled": True, "listen_addr": f"127.0.0.1:{self.port('discovery')}",
+                **self.azure.discovery_section()}),
                 ("dbproxy", "proxy", {
                     "enabled": True, "listen_addr": f"127.0.0.1:{self.port('proxy')}",
                     "api_listen_addr": f"127.0.0.1:{self.port('api')}",
                     "redis_listen_addr": f"127.0.0.1:{self.port('redis')}",
-                    "web_listen_addr": f"127.0.0.1:{self.port('web')}"})):
+                    "web_listen_addr": f"127.0.0.1:{self.port('web')}", **self.azure.dbproxy_section()})):
             join = {"token": "", "ca_pin": auth["ca_pin"]}
             if Creds.load_dir(self.data / name) is None:
                 token, _ = self.token_for(auth["admin_identity"], auth["mesh_port"], type_)
@@ -218,8 +294,11 @@ class DevCluster:
             "proxy": f"127.0.0.1:{proxy['public_port']}", "proxy_api": f"127.0.0.1:{proxy['api_port']}",
             "web": f"127.0.0.1:{proxy['web_port']}", "discovery": f"127.0.0.1:{started['discovery']['port']}",
             "host_ca": str(self.data / "dbproxy" / "host_ca.pem"),
-            "pids": {n: p.pid for n, p in self.procs.items()},
+            "redis": f"127.0.0.1:{proxy['redis_port']}", "azure": self.azure.info.get("base_url", ""),
+            "pids": {n: p.pid for n, p in self.procs.items()} | {n: p.pid for n, p in self.azure.procs.items()},
         }
+        info["user"] = self.login_dev_user(info)
+        self.wait_for_database(auth["admin_identity"], auth["mesh_port"], DEV_DB, 60)
         write_private(self.home / "cluster.json", json.dumps(info, indent=2).encode())
         return info
 
@@ -253,10 +332,15 @@ def dev(
   CA pin     {info['ca_pin']}
   logs       {cluster.logs}/
 
+  Azure      {info['azure']}   (local stand-in: publishes {DEV_DB}, a TLS redis-server)
+  you        logged in as "{info['user']}" (roles {DEV_USER_ROLES})
+
 Next, in another terminal:
   . .venv/bin/activate
+  cgate status
+  cgate db ls
+  cgate db connect {DEV_DB}        # redis-cli through the proxy; no password typed
   cgctl status
-  cgctl tokens add --type=db
   curl -s --cacert {info['host_ca']} https://{info['web']}/v1/webapi/find
 
 Press Ctrl-C to stop the cluster.

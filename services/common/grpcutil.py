@@ -1,11 +1,10 @@
-"""Small helpers shared by the servicers: timestamps, durations, paging, UNIMPLEMENTED."""
+"""Small helpers shared by the servicers: timestamps, durations, paging."""
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
 
-import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
 DEFAULT_PAGE_SIZE = 100
@@ -68,15 +67,3 @@ def paginate(items: list, key, size: int, token: str) -> tuple[list, str]:
     page = items[:n]
     nxt = encode_page_token(key(page[-1])) if len(items) > n else ""
     return page, nxt
-
-
-def unimplemented(servicer_cls, what: str):
-    """A servicer whose every RPC answers UNIMPLEMENTED (never a made-up answer)."""
-
-    def make(name):
-        async def method(self, request, context):
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what}.{name} is not available in this version yet")
-        return method
-
-    attrs = {n: make(n) for n in dir(servicer_cls) if n[0].isupper()}
-    return type(f"Unimplemented{servicer_cls.__name__}", (servicer_cls,), attrs)

@@ -65,14 +65,14 @@ class AzureKeyCache:
 
     def _cred(self):
         if self._credential is None:
-            from services.discovery.azure import make_credential
+            from services.common.azure import make_credential
 
             self._credential = make_credential(self.endpoints.authority_host or None,
                                                self.endpoints.ca_file or None)
         return self._credential
 
     async def keys(self, resource_id: str, refresh: bool = False):
-        from services.discovery.azure import AzureDiscoveryError, fetch_redis_keys
+        from services.common.azure import AzureDiscoveryError, fetch_redis_keys
 
         lock = self._locks.setdefault(resource_id, asyncio.Lock())
         async with lock:

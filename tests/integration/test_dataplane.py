@@ -32,6 +32,13 @@ SECRET_ENV = "CACHEGATE_DB_ORDERS"
 def env(tmp_path_factory, certs, redis_server):  # noqa: F811
     root = tmp_path_factory.mktemp("dataplane")
     c = Cluster(root)
+    try:
+        yield from _setup(c, root, certs, redis_server)
+    finally:
+        c.stop()
+
+
+def _setup(c, root, certs, redis_server):  # noqa: F811
     c.start_auth()
     proxy = c.start_joiner("dbproxy", c.token("proxy"), extra_env={SECRET_ENV: REDIS_PASSWORD},
                            database_ca_files=[certs.path("server-ca.pem")])
@@ -68,7 +75,6 @@ spec:
 """)
     c.cgctl("create", "-f", str(role))
     yield c
-    c.stop()
 
 
 def login_user(c, name: str, *flags: str) -> Path:

@@ -33,6 +33,18 @@ async def test_token_is_single_use(auth):
     assert json.loads(auth.cgctl("tokens", "ls", "--format=json").stdout) == []
 
 
+async def test_a_db_token_joins_one_discovery_and_one_dbproxy(auth):
+    token = auth.token("db")
+    await join(auth.join_addr, token, auth.ca_pin, DISCOVERY, ["127.0.0.1"])
+    with pytest.raises(JoinError, match="already used"):
+        await join(auth.join_addr, token, auth.ca_pin, DISCOVERY, ["127.0.0.1"])
+    assert len(json.loads(auth.cgctl("tokens", "ls", "--format=json").stdout)) == 1  # dbproxy may still join
+    await join(auth.join_addr, token, auth.ca_pin, DBPROXY, ["127.0.0.1"])
+    with pytest.raises(JoinError, match="already used"):
+        await join(auth.join_addr, token, auth.ca_pin, DBPROXY, ["127.0.0.1"])
+    assert json.loads(auth.cgctl("tokens", "ls", "--format=json").stdout) == []
+
+
 async def test_reusable_token_works_until_it_expires(auth):
     token = auth.token("db", "--reusable", "--ttl=3s")
     a = await join(auth.join_addr, token, auth.ca_pin, DISCOVERY, ["127.0.0.1"])

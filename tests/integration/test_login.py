@@ -31,12 +31,14 @@ def env(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("login")
     c = Cluster(root)
-    c.start_auth(login_max_attempts=3, login_lockout="8s")
-    proxy = c.start_joiner("dbproxy", c.token("proxy"))
-    c.proxy = f"127.0.0.1:{proxy.info['public_port']}"
-    c.home = root / "home"
-    yield c
-    c.stop()
+    try:
+        c.start_auth(login_max_attempts=3, login_lockout="8s")
+        proxy = c.start_joiner("dbproxy", c.token("proxy"))
+        c.proxy = f"127.0.0.1:{proxy.info['public_port']}"
+        c.home = root / "home"
+        yield c
+    finally:
+        c.stop()
 
 
 def cgate(c, *args, input=None, check=True):
