@@ -12,6 +12,7 @@ import typer
 
 from cachegate.auth.v1 import cluster_service_pb2, user_service_pb2
 from cachegate.dbproxy.v1 import proxy_service_pb2, proxy_service_pb2_grpc
+from services.cli import cgate_db
 from services.cli.common import CLIError, Format, emit, err_console, fail, grpc_message, out_console, run
 from services.cli.profile import (
     Profile, all_profiles, current_profile, fmt_time, normalize_proxy, open_profile, set_current,
@@ -277,6 +278,10 @@ def logout(
     for p in profiles:
         p.remove()
         out_console.print(f"Logged out {p.meta.get('user', '')} from {p.proxy}.", markup=False)
+
+
+app.add_typer(cgate_db.db_app, name="db")
+app.add_typer(cgate_db.proxy_app, name="proxy")
 
 
 def main() -> None:

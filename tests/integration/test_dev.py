@@ -14,6 +14,33 @@ from tests.helpers import REPO, env, run_cli, tool
 pytestmark = pytest.mark.slow
 
 
+def rotate_key(home) -> None:
+    import secrets
+    import ssl
+    import urllib.request
+
+    azure = home / "dev" / "azure"
+    old = json.loads((azure / "secrets.json").read_text())["primary"]
+    info = json.loads((azure / "standin.json").read_text())
+    new = secrets.token_urlsafe(32)
+    port = info_redis_port(home)
+    out = subprocess.run(["redis-cli", "--tls", "--cacert", str(azure / "redis-ca.pem"), "-h", "127.0.0.1", "-p",
+                          str(port), "--no-auth-warning", "-a", old, "CONFIG", "SET", "requirepass", new],
+                         capture_output=True, text=True, timeout=15)
+    assert out.stdout.strip() == "OK", out
+    ctx = ssl.create_default_context(cafile=info["ca_file"])
+    req = urllib.request.Request(info["base_url"].rstrip("/") + "/_standin/keys", method="POST",
+                                 data=json.dumps({"resource": "my-azure-redis", "primary": new}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, context=ctx, timeout=15) as resp:
+        assert resp.status == 200
+
+
+def info_redis_port(home) -> int:
+    conf = (home / "dev" / "azure" / "redis.conf").read_text()
+    return int(next(line.split()[1] for line in conf.splitlines() if line.startswith("tls-port")))
+
+
 def test_cachegate_dev_starts_a_joined_cluster_that_cgctl_and_curl_reach(tmp_path):
     home = tmp_path / "home"
     e = env(CACHEGATE_HOME=home)
@@ -47,6 +74,25 @@ def test_cachegate_dev_starts_a_joined_cluster_that_cgctl_and_curl_reach(tmp_pat
         # Discovery and dbproxy joined with real tokens and kept their host certificates.
         for name in ("discovery", "dbproxy"):
             assert (home / "dev" / "data" / name / "host.crt").exists()
+
+        # Discovery found the stand-in's cache with the real Azure SDK, and says so.
+        st = json.loads(run_cli("cgctl", "status", "--format=json", extra_env={"CACHEGATE_HOME": str(home)}).stdout)
+        assert any(f["databases_found"] >= 1 and not f["last_error"] for f in st["discovery"]), st
+
+        # The guide's step 5: the dev user is logged in; PING through the proxy, no AUTH typed.
+        user_env = {"CACHEGATE_HOME": str(home)}
+        ls = run_cli("cgate", "db", "ls", extra_env=user_env)
+        assert "my-azure-redis" in ls.stdout and "cgate db connect my-azure-redis" in ls.stdout
+        res = run_cli("cgate", "db", "connect", "my-azure-redis", input="PING\nSET guide ok\nGET guide\n",
+                      extra_env=user_env)
+        assert res.stdout.split() == ["PONG", "OK", "ok"], res
+
+        # Key rotation: Redis gets a new password and Azure a new primary key; the proxy's
+        # cached key fails once with WRONGPASS, it fetches the keys again, and the next
+        # session works without anyone typing anything.
+        rotate_key(home)
+        res = run_cli("cgate", "db", "connect", "my-azure-redis", input="GET guide\n", extra_env=user_env)
+        assert res.stdout.strip() == "ok", res
     finally:
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=30)
