@@ -55,11 +55,9 @@ ARM_AUDIENCES = {"https://management.azure.com", "https://management.core.window
 KNOWN_RESOURCES = ARM_AUDIENCES | {"https://redis.azure.com"}
 SUBSCRIPTIONS_API_VERSION = "2022-12-01"
 
-ACTION_REDIS_READ = "Microsoft.Cache/redis/read"
-ACTION_REDIS_KEYS = "Microsoft.Cache/redis/listKeys/action"
-ACTION_ENTERPRISE_READ = "Microsoft.Cache/redisEnterprise/read"
-ACTION_DATABASES_READ = "Microsoft.Cache/redisEnterprise/databases/read"
-ACTION_DATABASES_KEYS = "Microsoft.Cache/redisEnterprise/databases/listKeys/action"
+from services.common.azure import (  # noqa: E402 (the actions Azure checks, by the names Azure uses)
+    ACTION_DATABASES_KEYS, ACTION_DATABASES_READ, ACTION_ENTERPRISE_READ, ACTION_REDIS_KEYS, ACTION_REDIS_READ,
+)
 
 
 @dataclass

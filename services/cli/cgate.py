@@ -13,12 +13,13 @@ import typer
 from cachegate.auth.v1 import cluster_service_pb2, user_service_pb2
 from cachegate.dbproxy.v1 import proxy_service_pb2, proxy_service_pb2_grpc
 from services.cli import cgate_db
-from services.cli.common import CLIError, Format, emit, err_console, fail, grpc_message, out_console, run
+from services.cli.common import (
+    CLIError, Format, duration_flag, emit, err_console, fail, grpc_message, out_console, run,
+)
 from services.cli.profile import (
     Profile, all_profiles, current_profile, fmt_time, normalize_proxy, open_profile, set_current,
 )
 from services.common.config import split_hostport
-from services.common.durations import parse_duration
 from services.common.grpcutil import dur
 from services.common.pki import (
     CertAuthority, cert_to_pem, fetch_unverified_chain, key_to_pem, make_csr, new_key, normalize_pin, spki_pin,
@@ -157,12 +158,7 @@ async def login(
         except CLIError:
             fail("no proxy: pass --proxy=HOST:PORT (the dbproxy public address, port 3080 by default)")
     proxy = normalize_proxy(proxy)
-    seconds = 0.0
-    if ttl:
-        try:
-            seconds = parse_duration(ttl)
-        except ValueError as exc:
-            fail(f"--ttl: {exc}")
+    seconds = duration_flag(ttl)
     existing = open_profile(proxy)
     known = existing.host_ca_pem if existing is not None and (existing.folder / "cas.pem").exists() else None
     ca_pem = await asyncio.to_thread(_proxy_ca, proxy, ca_pin, known, not password_stdin and sys.stdin.isatty())

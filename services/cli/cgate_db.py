@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives import serialization
 from services.cli.common import (
     CLIError,
     Format,
+    duration_flag,
     emit,
     err_console,
     fail,
@@ -57,7 +58,6 @@ from services.cli.common import (
 from services.cli.profile import Profile, current_profile, fmt_time
 from services.common.config import split_hostport
 from services.common.creds import internal_name, write_private
-from services.common.durations import parse_duration
 from services.common.grpcutil import dur
 from services.common.pki import cert_from_pem, key_from_pem, make_csr
 
@@ -476,12 +476,7 @@ async def db_login(
     proxy: str | None = PROXY_OPT,
 ):
     """Get a certificate for a database (saved in your profile)."""
-    seconds = 0.0
-    if ttl:
-        try:
-            seconds = parse_duration(ttl)
-        except ValueError as exc:
-            fail(f"--ttl: {exc}")
+    seconds = duration_flag(ttl)
     prof = current_profile(proxy).require_session()
     lg = await obtain_login(prof, name, db_user, db_name, seconds)
     q = shlex.quote(name)

@@ -16,8 +16,11 @@ from cachegate.auth.v1 import (
 )
 from cachegate.types.v1 import types_pb2
 from services.cli.admin_conn import resolve
-from services.cli.common import dev_dir, read_json
-from services.cli.common import CLIError, Format, emit, err_console, fail, grpc_message, out_console, run, table
+
+from services.cli.common import (
+    CLIError, Format, dev_dir, duration_flag, emit, err_console, fail, grpc_message, out_console, read_json, run,
+    table,
+)
 from services.common import identity as idmod
 from services.common.authclient import AuthClient
 from services.common import rbac
@@ -101,10 +104,7 @@ async def tokens_add(
         if t.strip() not in idmod.TOKEN_TYPES:
             fail(f"unknown token type {t!r}: use --type=db, discovery or proxy")
         roles += idmod.TOKEN_TYPES[t.strip()]
-    try:
-        seconds = parse_duration(ttl)
-    except ValueError as exc:
-        fail(f"--ttl: {exc}")
+    seconds = duration_flag(ttl)
     async with connect() as c:
         resp = await call(c, c.tokens.CreateToken, token_service_pb2.CreateTokenRequest(
             roles=sorted(set(roles)), ttl=dur(seconds), reusable=reusable))
@@ -416,10 +416,7 @@ async def lock(
         fail("pass exactly one of --user or --role")
     req = lock_service_pb2.CreateLockRequest(user=user or "", role=role or "", message=message)
     if ttl:
-        try:
-            req.ttl.CopyFrom(dur(parse_duration(ttl)))
-        except ValueError as exc:
-            fail(f"--ttl: {exc}")
+        req.ttl.CopyFrom(dur(duration_flag(ttl)))
     async with connect() as c:
         resp = await call(c, c.locks.CreateLock, req)
     d = lock_dict(resp.lock)

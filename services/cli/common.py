@@ -42,6 +42,18 @@ def fail(message: str) -> None:
     raise CLIError(message)
 
 
+def duration_flag(value: str | None, flag: str = "--ttl") -> float:
+    """Seconds from a flag like --ttl=8h (0 when not given); a bad value is a one-line error."""
+    if not value:
+        return 0.0
+    from services.common.durations import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise CLIError(f"{flag}: {exc}") from None
+
+
 def grpc_message(exc: grpc.aio.AioRpcError, target: str, what: str) -> str:
     code = exc.code()
     details = exc.details() or code.name

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import yaml
 
-from cachegate.types.v1 import types_pb2
 from services.azure_standin import dev as standin_dev
 from services.cli.common import CLIError
 from services.common import pki
@@ -78,8 +77,7 @@ class DevAzure:
             return ca_file
         ca = pki.CertAuthority.create("Cachegate dev Redis CA", "cachegate-dev")
         key = pki.new_key()
-        ident = types_pb2.Identity(kind=types_pb2.IDENTITY_KIND_HOST, name="redis")
-        cert = ca.sign(key.public_key(), "localhost", ident, dt.timedelta(days=365), ips=["127.0.0.1", "::1"],
+        cert = ca.sign(key.public_key(), "localhost", None, dt.timedelta(days=365), ips=["127.0.0.1", "::1"],
                        dns_names=["localhost"], server=True)
         write_private(self.dir / "redis.key", pki.key_to_pem(key))
         write_private(self.dir / "redis.crt", pki.cert_to_pem(cert))

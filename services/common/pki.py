@@ -166,10 +166,10 @@ class CertAuthority:
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
             )
-            .add_extension(
-                x509.UnrecognizedExtension(IDENTITY_OID, encode_identity(identity)), critical=False
-            )
         )
+        if identity is not None:  # None: a plain server certificate (dev Redis, the Azure stand-in)
+            builder = builder.add_extension(
+                x509.UnrecognizedExtension(IDENTITY_OID, encode_identity(identity)), critical=False)
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in (dns_names or [])]
         for ip in ips or []:
             sans.append(x509.IPAddress(ipaddress.ip_address(ip)))
