@@ -213,7 +213,8 @@ def test_audit_search_finds_each_event_and_no_secret_leaks(env):
     types = {(e["type"], e["success"]) for e in events}
     for want in [("user.create", True), ("user.invite.redeem", True), ("user.login", True),
                  ("user.login", False), ("user.update", True), ("user.reset", True), ("lock.create", True),
-                 ("lock.delete", True), ("user.delete", True), ("join.token.create", True), ("join", True)]:
+                 ("lock.delete", True), ("user.delete", True), ("join.token.create", True), ("join", True),
+                 ("role.put", True), ("role.delete", True)]:
         assert want in types, want
     for e in events:
         assert e["id"] and e["time"] and e["code"], e
