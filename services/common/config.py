@@ -55,6 +55,8 @@ class TelemetryConfig(_Model):
     # Traces of gRPC calls and sessions: off (default, nearly free), console or otlp.
     traces: Literal["off", "console", "otlp"] = "off"
     metrics: Literal["off", "console", "otlp", "prometheus"] = "off"
+    # metrics: prometheus serves /metrics here (host:port).
+    prometheus_listen_addr: str = "127.0.0.1:9464"
     otlp_endpoint: str = "localhost:4317"
     otlp_insecure: bool = True
     # Fraction of traces kept (1.0 = all).

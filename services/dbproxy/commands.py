@@ -25,9 +25,13 @@ from services.dbproxy._command_table import COMMANDS, REDIS_VERSION, SUBCOMMANDS
 __all__ = [
     "REDACTED",
     "REDIS_VERSION",
+    "KNOWN_NAMES",
+    "SECRET_COMMANDS",
+    "SUBCOMMAND_PARENTS",
     "CommandInfo",
     "arity_ok",
     "audit_args",
+    "audit_text",
     "lookup",
     "referenced_dbs",
 ]
@@ -57,6 +61,10 @@ _SUBS: dict[str, dict[str, CommandInfo]] = {
     parent: {sub: _info(parent + "|" + sub, e) for sub, e in subs.items()}
     for parent, subs in SUBCOMMANDS.items()
 }
+# Commands whose RBAC name depends on their second argument (``CLIENT|KILL``).
+SUBCOMMAND_PARENTS = frozenset(_SUBS)
+# Every RBAC name the table knows (``GET``, ``CLIENT|KILL``).
+KNOWN_NAMES = frozenset(_TABLE) | frozenset(i.name for subs in _SUBS.values() for i in subs.values())
 _UNKNOWN: dict[str, CommandInfo] = {}
 _UNKNOWN_MAX = 1024
 
@@ -122,10 +130,14 @@ def _secret_positions(name: str, argv: list[bytes]) -> set[int] | tuple[int, ...
     return ()
 
 
-_SECRET_COMMANDS = frozenset({"AUTH", "HELLO", "MIGRATE", "CONFIG", "ACL"})
+# Commands whose arguments may hold secrets (the only ones :func:`audit_args` inspects).
+SECRET_COMMANDS = frozenset({"AUTH", "HELLO", "MIGRATE", "CONFIG", "ACL"})
+_SECRET_COMMANDS = SECRET_COMMANDS
 
 
-def _text(arg: bytes, max_arg: int) -> str:
+def audit_text(arg: bytes, max_arg: int) -> str:
+    """One argument as the audit log keeps it: UTF-8 (invalid bytes escaped), cut to
+    ``max_arg`` bytes with its length kept."""
     if len(arg) > max_arg:
         return arg[:max_arg].decode("utf-8", "backslashreplace") + f"...({len(arg)} bytes)"
     return arg.decode("utf-8", "backslashreplace")
@@ -137,9 +149,9 @@ def audit_args(name: str, argv: list[bytes], *, max_arg: int = 256, max_args: in
     n = len(argv)
     shown = argv if n <= max_args else argv[:max_args]
     if secret:
-        out = [REDACTED if i in secret else _text(a, max_arg) for i, a in enumerate(shown)]
+        out = [REDACTED if i in secret else audit_text(a, max_arg) for i, a in enumerate(shown)]
     else:
-        out = [_text(a, max_arg) for a in shown]
+        out = [audit_text(a, max_arg) for a in shown]
     if n > max_args:
         out.append(f"...({n - max_args} more arguments)")
     return out

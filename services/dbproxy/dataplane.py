@@ -25,7 +25,7 @@ from services.common.config import DbProxyServiceConfig, split_hostport
 from services.common.creds import Creds
 from services.common.grpcutil import dur, paginate, ts
 from services.common.locks import locked_message
-from services.dbproxy.auditspool import AuditSpool
+from services.dbproxy.auditspool import AuditRejected, AuditSpool
 from services.dbproxy.cache import ClusterCache
 from services.dbproxy.keys import AzureKeyCache, credentials_for
 from services.dbproxy.limits import ProxyLimits
@@ -47,10 +47,21 @@ class DataPlane:
         self.azure_keys = AzureKeyCache(pcfg.azure_endpoints)
         spool_dir = Path(pcfg.audit_spool_dir) if pcfg.audit_spool_dir else folder / "audit-spool"
 
-        async def send(events):
-            await auth.audit.EmitAuditEvents(audit_service_pb2.EmitAuditEventsRequest(events=events), timeout=10)
+        # Batches go to auth already serialized (the spool writes the wire format itself:
+        # no protobuf object per event on the hot path).
+        emit_raw = auth.channel.unary_unary(
+            "/cachegate.auth.v1.AuditService/EmitAuditEvents", request_serializer=None,
+            response_deserializer=audit_service_pb2.EmitAuditEventsResponse.FromString)
 
-        self.audit = AuditSpool(send, spool_dir, cluster_name=cluster_name)
+        async def send(request_bytes: bytes):
+            try:
+                await emit_raw(request_bytes, timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
+                    raise AuditRejected(exc.details() or exc.code().name) from None
+                raise
+
+        self.audit = AuditSpool(send, spool_dir, cluster_name=cluster_name, encoded=True)
         self._system_ssl = self._db_context(None)
         self.listener = RespListener(
             self.authorize, self.audit,

@@ -27,8 +27,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cryptography import x509
+from opentelemetry import trace
 
+from services.dbproxy import metrics as dbmetrics
 from services.dbproxy.limits import ProxyLimits
+from services.dbproxy.metrics import ProxyMetrics
 from services.dbproxy.session import AuditSink, Session, SessionContext, refuse
 
 __all__ = ["Refused", "RespListener", "server_ssl_context"]
@@ -85,6 +88,7 @@ class RespListener:
         host: str = "127.0.0.1",
         port: int = 0,
         authorize_timeout: float = 10.0,
+        metrics: ProxyMetrics | None = None,
     ) -> None:
         if ssl_context is None:
             if not (cert_pem and key_pem and client_ca_pem):
@@ -97,6 +101,8 @@ class RespListener:
         self.host = host
         self.port = port
         self.authorize_timeout = authorize_timeout
+        # The process's instruments (services.common.telemetry.setup_metrics) unless given.
+        self.metrics = metrics if metrics is not None else dbmetrics.default()
         self.sessions: set[Session] = set()
         self._handlers: set[asyncio.Task] = set()
         self._server: asyncio.Server | None = None
@@ -156,60 +162,85 @@ class RespListener:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        linger = self.limits.refusal_linger
-        sslobj = writer.get_extra_info("ssl_object")
-        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
-        if not der:
-            self._audit_refusal("", source, "no client certificate")
-            await refuse(reader, writer, "a client certificate is required: run `cgate db login DATABASE` "
-                         "and connect with redis-cli --tls --cert CERT --key KEY --cacert CA", linger)
+        tracer = self.metrics.tracer
+        # One span for the start of the session (certificate, authorization, RBAC,
+        # credentials, upstream connect); the Session ends it once relaying begins.
+        span = tracer.start_span("dbproxy session start", attributes={"client.address": source})
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                session = await self._start(reader, writer, source, peer, span, tracer)
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.end()
+            raise
+        if session is None:
+            span.end()
             return
-        cert = x509.load_der_x509_certificate(der)
-        actor = _common_name(cert)
-        now = dt.datetime.now(dt.timezone.utc)
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+
+    async def _start(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: str, peer: Any,
+                     span: trace.Span, tracer: trace.Tracer) -> Session | None:
+        """Check the certificate and authorize; the Session to run, or None after a refusal."""
+        linger = self.limits.refusal_linger
+
+        async def refused(code: str, actor: str, audit_error: str, message: str) -> None:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, code))
+            self.metrics.session_refused(code)
+            self._audit_refusal(actor, source, audit_error)
+            await refuse(reader, writer, message, linger)
+
+        with tracer.start_as_current_span("certificate check"):
+            sslobj = writer.get_extra_info("ssl_object")
+            der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+            cert = x509.load_der_x509_certificate(der) if der else None
+            actor = _common_name(cert) if cert is not None else ""
+            now = dt.datetime.now(dt.timezone.utc)
+        if cert is None:
+            await refused("no_certificate", "", "no client certificate",
+                          "a client certificate is required: run `cgate db login DATABASE` "
+                          "and connect with redis-cli --tls --cert CERT --key KEY --cacert CA")
+            return None
+        span.set_attribute("cachegate.user", actor)
         if cert.not_valid_after_utc <= now:
             when = cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%S UTC")
-            self._audit_refusal(actor, source, "certificate expired")
-            await refuse(reader, writer, f"your certificate expired at {when}; run `cgate db login` "
-                         "for the database and connect again", linger)
-            return
+            await refused("certificate_expired", actor, "certificate expired",
+                          f"your certificate expired at {when}; run `cgate db login` "
+                          "for the database and connect again")
+            return None
         if cert.not_valid_before_utc > now + dt.timedelta(minutes=5):
-            self._audit_refusal(actor, source, "certificate not yet valid")
-            await refuse(reader, writer, "your certificate is not valid yet; check this machine's clock", linger)
-            return
+            await refused("certificate_not_yet_valid", actor, "certificate not yet valid",
+                          "your certificate is not valid yet; check this machine's clock")
+            return None
         try:
-            ctx = await asyncio.wait_for(self.authorize(cert, peer), self.authorize_timeout)
+            with tracer.start_as_current_span("authorize"):
+                ctx = await asyncio.wait_for(self.authorize(cert, peer), self.authorize_timeout)
         except _PASSED_THROUGH as exc:
             message = (str(exc).splitlines() or ["access denied"])[0]
-            self._audit_refusal(actor, source, message)
-            await refuse(reader, writer, message, linger)
-            return
+            await refused("denied", actor, message, message)
+            return None
         except TimeoutError:
-            self._audit_refusal(actor, source, "authorization timed out")
-            await refuse(reader, writer, "the proxy could not authorize this session in time; try again", linger)
-            return
+            await refused("authorize_timeout", actor, "authorization timed out",
+                          "the proxy could not authorize this session in time; try again")
+            return None
         except Exception:  # noqa: BLE001 - the client gets a generic message, the log the details
             log.exception("authorize failed for %s", actor)
-            self._audit_refusal(actor, source, "internal error")
-            await refuse(reader, writer, "the proxy could not authorize this session (internal error; "
-                         "see the proxy log)", linger)
-            return
+            await refused("internal_error", actor, "internal error",
+                          "the proxy could not authorize this session (internal error; see the proxy log)")
+            return None
         if not ctx.source_addr:
             ctx.source_addr = source
         if ctx.expires_at is None:
             ctx.expires_at = cert.not_valid_after_utc.timestamp()
         limit = self.limits.sessions_per_user
         if len(self.sessions_of(ctx.user)) >= limit:
-            self._audit_refusal(ctx.user, source, "too many sessions")
-            await refuse(reader, writer, f"too many sessions for user {ctx.user} (limit {limit}); "
-                         "close some and try again", linger)
-            return
-        session = Session(ctx, reader, writer, self.audit, self.limits)
-        self.sessions.add(session)
-        try:
-            await session.run()
-        finally:
-            self.sessions.discard(session)
+            await refused("too_many_sessions", ctx.user, "too many sessions",
+                          f"too many sessions for user {ctx.user} (limit {limit}); close some and try again")
+            return None
+        return Session(ctx, reader, writer, self.audit, self.limits, metrics=self.metrics, start_span=span)
 
     def _audit_refusal(self, actor: str, source: str, error: str) -> None:
         self.audit.emit("db.session.start", actor, source_addr=source, success=False, error=error,

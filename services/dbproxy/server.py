@@ -9,6 +9,7 @@ certificates; see dataplane.py).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import ssl
@@ -33,7 +34,7 @@ from services.common.grpcserver import GrpcServer, ServiceBinding
 from services.common.grpcutil import paginate
 from services.common.join import ensure_joined, local_addresses
 from services.common.pki import cert_from_pem
-from services.common.telemetry import server_interceptors, setup_tracing
+from services.common.telemetry import server_interceptors, setup_metrics, setup_tracing
 from services.common.version import VERSION
 from services.dbproxy.dataplane import DataPlane, SessionServicer
 
@@ -186,6 +187,7 @@ def web_ssl_context(cfg, creds: Creds, tmpdir: Path) -> ssl.SSLContext:
 
 async def run_dbproxy(cfg: Config, stop: asyncio.Event, ready=None) -> None:
     tracing = setup_tracing("dbproxy", cfg.telemetry)
+    setup_metrics("dbproxy", cfg.telemetry)
     pcfg = cfg.dbproxy_service
     folder = cfg.service_dir("dbproxy")
     addrs = local_addresses(pcfg.listen_addr, pcfg.public_addr, *pcfg.public_addrs)
@@ -220,6 +222,10 @@ async def run_dbproxy(cfg: Config, stop: asyncio.Event, ready=None) -> None:
     settings.web_listen_addr = public_hostport(pub, pcfg.web_listen_addr, web_port)
     settings.redis_listen_addr = public_hostport(pub, pcfg.redis_listen_addr, redis_port)
     runner.app["public"] = public_hostport(pub, pcfg.listen_addr, public_port)
+    # Long-lived objects made so far (modules, config, caches) leave the collector's view,
+    # and young collections run less often: the RESP hot path allocates many short-lived objects.
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     log.info("dbproxy service ready", extra={"host_id": creds.identity.name, "public_port": public_port,
                                              "api_port": api_port, "web_port": web_port, "redis_port": redis_port})
     if ready:

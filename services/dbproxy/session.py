@@ -38,10 +38,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from opentelemetry import trace
+
 from services.common.rbac import DatabaseAccess, Decision, RoleSet
 from services.dbproxy import commands as cmdtable
-from services.dbproxy.commands import audit_args, lookup, referenced_dbs
+from services.dbproxy import metrics as dbmetrics
+from services.dbproxy.commands import KNOWN_NAMES, audit_args, lookup, referenced_dbs
 from services.dbproxy.limits import ProxyLimits
+from services.dbproxy.metrics import ProxyMetrics
 from services.dbproxy.resp import (
     Command,
     CommandParser,
@@ -76,6 +80,34 @@ class AuditSink(Protocol):
         when: float | None = None,
         base: dict[str, Any] | None = None,
     ) -> None: ...
+
+
+class _Queries(Protocol):
+    """A session's ``db.session.query`` events (:class:`~.auditspool.QueryStream`)."""
+
+    def commands(self, when: float, logical_db: int, cmds: list[Command]) -> None: ...
+
+    def query(self, when: float, logical_db: int, cmd: Command, name: str, error: str = "") -> None: ...
+
+
+class _EmitQueries:
+    """Query events through :meth:`AuditSink.emit`, for sinks without ``query_stream``."""
+
+    def __init__(self, audit: AuditSink, actor: str, source_addr: str, base: dict[str, Any],
+                 max_arg: int, max_args: int) -> None:
+        self._audit, self._actor, self._source, self._base = audit, actor, source_addr, base
+        self._max_arg, self._max_args = max_arg, max_args
+
+    def commands(self, when: float, logical_db: int, cmds: list[Command]) -> None:
+        for cmd in cmds:
+            self.query(when, logical_db, cmd, lookup(cmd.name, cmd.argv).name)
+
+    def query(self, when: float, logical_db: int, cmd: Command, name: str, error: str = "") -> None:
+        self._audit.emit(
+            "db.session.query", self._actor, source_addr=self._source, success=not error, error=error,
+            fields={"db_name": str(logical_db), "command": name,
+                    "args": audit_args(cmd.name, cmd.argv, max_arg=self._max_arg, max_args=self._max_args)},
+            when=when, base=self._base)
 
 
 @dataclass
@@ -187,6 +219,9 @@ class Session:
         writer: asyncio.StreamWriter,
         audit: AuditSink,
         limits: ProxyLimits | None = None,
+        *,
+        metrics: ProxyMetrics | None = None,
+        start_span: trace.Span | None = None,
     ) -> None:
         self.ctx = ctx
         self.limits = limits = limits or ProxyLimits()
@@ -230,6 +265,22 @@ class Session:
             "db_user": ctx.db_user,
             **ctx.extra_audit_fields,
         }
+        # Metrics: counted here, added in bulk by _flush_metrics.
+        self._metrics = metrics = metrics or dbmetrics.DISABLED
+        self._m_on = metrics.enabled
+        self._m_allowed: dict[str, int] = {}
+        self._m_denied: dict[str, int] = {}
+        self._m_bytes = (0, 0)  # bytes_in, bytes_out already added
+        self._probe = 0.0  # perf_counter() when the measured round trip began (0: none)
+        self._probe_next = 0.0
+        self._start_span = start_span
+        stream = getattr(audit, "query_stream", None)
+        if stream is not None:
+            self._aq: _Queries = stream(ctx.user, ctx.source_addr, self._afields,
+                                        max_arg=limits.audit_arg_max, max_args=limits.audit_max_args)
+        else:
+            self._aq = _EmitQueries(audit, ctx.user, ctx.source_addr, self._afields,
+                                    limits.audit_arg_max, limits.audit_max_args)
 
     # -- public ------------------------------------------------------------------------------
 
@@ -256,46 +307,69 @@ class Session:
         if self._pending_stop is not None:
             self._stop.set_result(self._pending_stop)
         ctx = self.ctx
-        refusal = self._precheck()
-        if refusal is None and self._pending_stop is not None:
-            refusal = self._pending_stop.reason
-        if refusal is not None:
-            self._audit_start(False, refusal)
-            await refuse(self._creader, self._cwriter, refusal, self.limits.refusal_linger)
-            return
+        m = self._metrics
+        tracer = m.tracer
+        span = self._start_span or tracer.start_span("dbproxy session start")
+        span.set_attributes({"cachegate.user": ctx.user, "cachegate.database": ctx.database,
+                             "cachegate.db_user": ctx.db_user, "cachegate.session_id": ctx.session_id})
         try:
-            self._up = await connect_upstream(
-                ctx.target, ctx.credentials, self._logical_db,
-                timeout=self.limits.upstream_connect_timeout,
-            )
-        except UpstreamError as exc:
-            self._audit_start(False, str(exc), reason=exc.reason)
-            await refuse(self._creader, self._cwriter, str(exc), self.limits.refusal_linger)
-            return
+            with trace.use_span(span, end_on_exit=False):
+                with tracer.start_as_current_span("rbac"):
+                    refusal = self._precheck()
+                if refusal is None and self._pending_stop is not None:
+                    refusal = ("locked", self._pending_stop.reason)
+                if refusal is not None:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, refusal[0]))
+                    m.session_refused(refusal[0])
+                    self._audit_start(False, refusal[1])
+                    await refuse(self._creader, self._cwriter, refusal[1], self.limits.refusal_linger)
+                    return
+                try:
+                    self._up = await connect_upstream(
+                        ctx.target, ctx.credentials, self._logical_db,
+                        timeout=self.limits.upstream_connect_timeout, tracer=tracer,
+                        on_auth_refused=(lambda: m.upstream_auth_failure(ctx.database, "auth"))
+                        if m.enabled else None,
+                    )
+                except UpstreamError as exc:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, f"upstream {exc.reason}"))
+                    m.session_refused(f"upstream_{exc.reason}")
+                    if exc.reason == "credentials":
+                        m.upstream_auth_failure(ctx.database, "credentials")
+                    self._audit_start(False, str(exc), reason=exc.reason)
+                    await refuse(self._creader, self._cwriter, str(exc), self.limits.refusal_linger)
+                    return
+        finally:
+            span.end()
         self._audit_start(True, "")
+        m.session_started(ctx.database)
         try:
             await self._relay()
         finally:
             self._up.close()
             self._cwriter.close()
             self._audit_end()
+            m.session_ended(ctx.database)
+            self._flush_metrics()
 
     # -- checks ------------------------------------------------------------------------------
 
-    def _precheck(self) -> str | None:
+    def _precheck(self) -> tuple[str, str] | None:
+        """None, or (reason code for the metrics, message for the client and the audit)."""
         ctx = self.ctx
         if ctx.expires_at is not None and ctx.expires_at <= time.time():
             when = dt.datetime.fromtimestamp(ctx.expires_at, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-            return f"your certificate expired at {when}; run `cgate db login {ctx.database}` and connect again"
+            return ("certificate_expired",
+                    f"your certificate expired at {when}; run `cgate db login {ctx.database}` and connect again")
         if ctx.lock_check is not None:
             locked = ctx.lock_check()
             if locked:
-                return locked
+                return "locked", locked
         if ctx.logical_db < 0:
-            return f'logical database "{ctx.db_name}" is not a number'
+            return "invalid_db_name", f'logical database "{ctx.db_name}" is not a number'
         decision = self._access.decision
         if not decision:
-            return decision.reason
+            return "denied", decision.reason
         return None
 
     def _access_for(self, logical_db: int | None) -> DatabaseAccess:
@@ -330,16 +404,25 @@ class Session:
         )
 
     def _audit_query(self, cmd: Command, name: str, decision: Decision | None, error: str = "") -> None:
-        allowed = decision is None or decision.allowed
-        lim = self.limits
-        self._audit.emit(
-            "db.session.query", self.ctx.user, source_addr=self.ctx.source_addr,
-            success=allowed and not error, error=error or ("" if allowed else decision.reason),
-            fields={"db_name": str(self._logical_db), "command": name,
-                    "args": audit_args(cmd.name, cmd.argv, max_arg=lim.audit_arg_max,
-                                       max_args=lim.audit_max_args)},
-            base=self._afields,
-        )
+        denied = decision is not None and not decision.allowed
+        if denied and not error:
+            error = decision.reason
+        self._aq.query(time.time(), self._logical_db, cmd, name, error)
+        if self._m_on:
+            counts = self._m_denied if denied else self._m_allowed
+            counts[name] = counts.get(name, 0) + 1
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    def _flush_metrics(self) -> None:
+        """Add what this session counted since the last call (every second, and at the end)."""
+        if not self._m_on:
+            return
+        allowed, denied = _known(self._m_allowed), _known(self._m_denied)
+        self._m_allowed, self._m_denied = {}, {}
+        done_in, done_out = self._m_bytes
+        self._m_bytes = (self.bytes_in, self.bytes_out)
+        self._metrics.add_traffic(allowed, denied, self.bytes_in - done_in, self.bytes_out - done_out)
 
     # -- relay -------------------------------------------------------------------------------
 
@@ -388,6 +471,7 @@ class Session:
             expiry = ctx.roles.disconnect_expired_cert
         expires_at = ctx.expires_at if expiry else None
         idle = ctx.client_idle_timeout if ctx.client_idle_timeout is not None else ctx.roles.client_idle_timeout
+        next_flush = 0.0
         while True:
             now = time.time()
             wait = 1.0
@@ -405,6 +489,9 @@ class Session:
                 locked = ctx.lock_check()
                 if locked:
                     raise _End(f"locked: {locked}", f"Cachegate ended this session: {locked}")
+            if self._m_on and now >= next_flush:
+                self._flush_metrics()
+                next_flush = now + 1.0
             await asyncio.sleep(max(wait, 0.01))
 
     # -- client -> upstream ------------------------------------------------------------------
@@ -434,9 +521,14 @@ class Session:
                 await self._finish_replies()
                 raise _End(f"protocol error: {err}") from None
             if cmds:
+                idle = not self._q
                 out = self._handle(cmds)
                 if out:
                     uwriter.write(out[0] if len(out) == 1 else b"".join(out))
+                    if idle and self._m_on and not self._probe:
+                        now = time.perf_counter()
+                        if now >= self._probe_next:
+                            self._probe = now
                     await uwriter.drain()
                 if self._closing:
                     await self._finish_replies()
@@ -482,17 +574,28 @@ class Session:
         self._local(encode_error(reason))
 
     def _handle(self, cmds: list[Command]) -> list[bytes]:
-        """Check, audit and route each command; returns the bytes for upstream."""
+        """Check, audit and route each command; returns the bytes for upstream.
+
+        Allowed plain commands are audited together (one queue entry for the run of
+        them); a command with protocol meaning or a denial first queues the run so far,
+        so the audit keeps the order and each event its logical database."""
         out: list[bytes] = []
         append = out.append
         q = self._q
         check = self._access.check_command
         special = _SPECIAL
+        audited: list[Command] = []
+        now = time.time()
+        m_on = self._m_on
+        m_allowed = self._m_allowed
         self.commands += len(cmds)
         for cmd in cmds:
             name = cmd.name
             handler = special.get(name)
             if handler is not None or self._monitor_cmd:
+                if audited:
+                    self._aq.commands(now, self._logical_db, audited)
+                    audited = []
                 if self._monitor_cmd and name != "QUIT":
                     handler = _Handlers.other_in_monitor
                 handler(self, cmd, out)
@@ -501,16 +604,23 @@ class Session:
             info = lookup(name, cmd.argv)
             decision = check(info.name, info.categories)
             if not decision.allowed:
+                if audited:
+                    self._aq.commands(now, self._logical_db, audited)
+                    audited = []
                 self._deny(cmd, info.name, decision.reason)
                 continue
-            self._audit_query(cmd, info.name, None)
+            audited.append(cmd)
             append(cmd.raw)
+            if m_on:
+                m_allowed[info.name] = m_allowed.get(info.name, 0) + 1
             if q:
                 last = q[-1]
                 if last.plain:
                     last.n += 1
                     continue
             q.append(_Entry(1))
+        if audited:
+            self._aq.commands(now, self._logical_db, audited)
         return out
 
     # -- upstream -> client ------------------------------------------------------------------
@@ -557,6 +667,11 @@ class Session:
                 self.bytes_out += len(payload)
             if not q and not self._framer.in_frame:
                 self._drained.set()
+                if self._probe:
+                    now = time.perf_counter()
+                    self._metrics.record_latency(now - self._probe, self.ctx.database)
+                    self._probe = 0.0
+                    self._probe_next = now + dbmetrics.LATENCY_SAMPLE_INTERVAL
             await drain()
 
     def _route(self, data: bytes, frames: list) -> list[bytes]:
@@ -904,6 +1019,15 @@ class _Handlers:
     @staticmethod
     def replication(s: Session, cmd: Command, out: list[bytes]) -> None:
         s._deny(cmd, cmd.name, f"{cmd.name} (replication) is not supported by Cachegate")
+
+
+def _known(counts: dict[str, int]) -> dict[str, int]:
+    """Command counts with the names the table does not know folded into ``OTHER``."""
+    out: dict[str, int] = {}
+    for name, n in counts.items():
+        key = name if name in KNOWN_NAMES else "OTHER"
+        out[key] = out.get(key, 0) + n
+    return out
 
 
 def _own_user_error(s: Session, user: str) -> str | None:

@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import hiredis
+from opentelemetry import trace
 
 from services.dbproxy.resp import encode_command
 
@@ -133,21 +135,30 @@ async def connect_upstream(
     logical_db: int = 0,
     *,
     timeout: float = 10.0,
+    on_auth_refused: Callable[[], None] | None = None,
+    tracer: trace.Tracer | None = None,
 ) -> Upstream:
     """Connect, AUTH (retrying once with refreshed credentials), SELECT; all within
-    ``timeout`` seconds. Raises :class:`UpstreamError`."""
+    ``timeout`` seconds. Raises :class:`UpstreamError`. ``on_auth_refused`` is called
+    each time the database refuses the proxy's AUTH (a rotated key that the retry heals
+    included). Traced with ``tracer`` (default: the process's) as spans ``upstream
+    connect``, ``credentials``, ``upstream auth``."""
     nc = f"nc -zv {target.host} {target.port}"
     where = f'database "{target.name}" at {target.address}'
+    tracer = tracer or trace.get_tracer("cachegate.dbproxy")
     try:
         async with asyncio.timeout(timeout):
             try:
-                reader, writer = await asyncio.open_connection(
-                    target.host,
-                    target.port,
-                    ssl=target.ssl,
-                    server_hostname=(target.server_hostname or target.host) if target.ssl else None,
-                    limit=1 << 20,
-                )
+                with tracer.start_as_current_span("upstream connect", attributes={
+                        "db.system": "redis", "server.address": target.host, "server.port": target.port,
+                        "db.tls": target.ssl is not None}):
+                    reader, writer = await asyncio.open_connection(
+                        target.host,
+                        target.port,
+                        ssl=target.ssl,
+                        server_hostname=(target.server_hostname or target.host) if target.ssl else None,
+                        limit=1 << 20,
+                    )
             except ssl.SSLError as exc:
                 raise UpstreamError(
                     f"TLS handshake with {where} failed: {exc.reason or exc.__class__.__name__}; "
@@ -163,7 +174,7 @@ async def connect_upstream(
                 sock = writer.get_extra_info("socket")
                 if sock is not None:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                auth_cmd = await _authenticate(reader, writer, target, credentials)
+                auth_cmd = await _authenticate(reader, writer, target, credentials, tracer, on_auth_refused)
                 if logical_db:
                     writer.write(encode_command("SELECT", str(logical_db)))
                     (reply,) = await _read_replies(reader, 1)
@@ -195,11 +206,14 @@ async def _authenticate(
     writer: asyncio.StreamWriter,
     target: UpstreamTarget,
     credentials: CredentialProvider,
+    tracer: trace.Tracer,
+    on_auth_refused: Callable[[], None] | None,
 ) -> bytes:
     """AUTH with the provider's credentials; on WRONGPASS/NOAUTH refresh once."""
     for attempt in (0, 1):
         try:
-            username, password = await credentials.get(force_refresh=bool(attempt))
+            with tracer.start_as_current_span("credentials", attributes={"refresh": bool(attempt)}):
+                username, password = await credentials.get(force_refresh=bool(attempt))
         except UpstreamError:
             raise
         except Exception as exc:  # noqa: BLE001 - the provider's failure, reported in one line
@@ -211,11 +225,15 @@ async def _authenticate(
         if not password:
             return b""
         cmd = encode_command("AUTH", username, password) if username else encode_command("AUTH", password)
-        writer.write(cmd)
-        (reply,) = await _read_replies(reader, 1)
-        if not isinstance(reply, hiredis.ReplyError):
-            return cmd
-        text = str(reply)
+        with tracer.start_as_current_span("upstream auth") as span:
+            writer.write(cmd)
+            (reply,) = await _read_replies(reader, 1)
+            if not isinstance(reply, hiredis.ReplyError):
+                return cmd
+            text = str(reply)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, text.split(" ", 1)[0] if text else "ERR"))
+        if on_auth_refused is not None:
+            on_auth_refused()
         if attempt == 0 and text.encode().startswith(_AUTH_RETRY_CODES):
             continue
         code = text.split(" ", 1)[0] if text else "ERR"

@@ -100,3 +100,28 @@ async def test_unwritable_spool_is_logged_not_silent(tmp_path, caplog):
     await spool.flush(5)
     assert spool.lost == 1
     assert "AUDIT EVENTS LOST" in caplog.text
+
+
+async def test_a_batch_the_receiver_rejects_is_set_aside_and_later_events_flow(tmp_path, caplog):
+    from services.dbproxy.auditspool import AuditRejected
+
+    sink = FlakySink()
+
+    async def send(batch):
+        if any(e.fields["n"] < 5 for e in batch):  # the receiver refuses these, every time
+            raise AuditRejected("event type not allowed")
+        await sink.send(batch)
+
+    spool = AuditSpool(send, tmp_path, batch_size=10, flush_interval=0.02, retry_interval=0.05)
+    await spool.start()
+    for i in range(5):
+        spool.emit("db.session.query", "a", fields={"n": i})
+    await _until(lambda: spool.rejected == 5)
+    for i in range(5, 8):
+        spool.emit("db.session.query", "a", fields={"n": i})
+    await _until(lambda: len(sink.events) == 3)
+    assert [e.fields["n"] for e in sink.events] == [5, 6, 7]
+    aside = list(tmp_path.glob("*.rejected"))
+    assert aside and sum(len(read_spool_file(f)) for f in aside) == 5  # kept, not dropped
+    assert "AUDIT EVENTS REJECTED" in caplog.text and spool.lost == 0
+    await spool.close()

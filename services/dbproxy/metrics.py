@@ -1,0 +1,164 @@
+"""The RESP data plane's metrics (OpenTelemetry), and the tracer of session starts.
+
+Instruments (exported by :func:`services.common.telemetry.setup_metrics` to
+Prometheus, OTLP or the console; with Prometheus, dots become underscores and
+counters get ``_total``):
+
+========================================= ============= ===================================
+``cachegate.dbproxy.sessions.active``     updown count  live sessions {database}
+``cachegate.dbproxy.sessions.started``    counter       sessions relayed {database}
+``cachegate.dbproxy.sessions.refused``    counter       refused connections {reason}
+``cachegate.dbproxy.commands``            counter       commands {command, result}
+``cachegate.dbproxy.bytes``               counter (By)  {direction: client_to_db|db_to_client}
+``cachegate.dbproxy.command.duration``    histogram (s) round trips, sampled {database}
+``cachegate.dbproxy.upstream.auth_failures`` counter    AUTH refused by the database or no
+                                                        credentials {database, reason}
+========================================= ============= ===================================
+
+Cheap on the hot path: sessions count commands and bytes themselves and add them in
+bulk (every second and at the end); the latency of at most one round trip in flight
+per session is measured, and at most every ``LATENCY_SAMPLE_INTERVAL`` seconds
+(a round trip: from the moment commands are sent with none outstanding to the
+moment every reply reached the client; for a pipeline that is its whole). With
+metrics off, :data:`DISABLED` is used and sessions skip all of it (``enabled`` is
+False). ``command`` is the RBAC name (``GET``, ``CLIENT|KILL``); commands the
+proxy's table does not know count as ``OTHER`` (bounded cardinality).
+``result`` is ``allowed`` or ``denied``.
+
+Refusal reasons: ``no_certificate``, ``certificate_expired``,
+``certificate_not_yet_valid``, ``denied`` (authorization refused), ``authorize_timeout``,
+``internal_error``, ``too_many_sessions``, ``locked``, ``invalid_db_name``, and
+``upstream_<reason>`` when the database cannot be reached or refuses the proxy
+(``upstream_unreachable``, ``upstream_tls``, ``upstream_credentials``, ``upstream_auth``,
+``upstream_select``, ``upstream_protocol``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["DISABLED", "LATENCY_SAMPLE_INTERVAL", "ProxyMetrics", "default"]
+
+LATENCY_SAMPLE_INTERVAL = 0.02
+
+_SCOPE = "cachegate.dbproxy"
+# Latency buckets (seconds): 50 us .. 10 s.
+_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+            0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+class ProxyMetrics:
+    """The instruments, from ``meter`` (an OpenTelemetry Meter); ``meter=None`` is the
+    disabled set whose methods do nothing. ``tracer``: for the spans of session starts
+    (default: the process's, a no-op one unless tracing is set up)."""
+
+    def __init__(self, meter: Any | None = None, tracer: Any | None = None) -> None:
+        self.enabled = meter is not None
+        self._tracer = tracer
+        self._attrs: dict[tuple, dict[str, str]] = {}
+        if meter is None:
+            return
+        self.active = meter.create_up_down_counter(
+            "cachegate.dbproxy.sessions.active", unit="{session}", description="Live RESP sessions")
+        self.started = meter.create_counter(
+            "cachegate.dbproxy.sessions.started", unit="{session}",
+            description="RESP sessions started (connected to the database)")
+        self.refused = meter.create_counter(
+            "cachegate.dbproxy.sessions.refused", unit="{session}",
+            description="RESP connections refused, by reason")
+        self.commands = meter.create_counter(
+            "cachegate.dbproxy.commands", unit="{command}", description="Commands, by name and result")
+        self.bytes = meter.create_counter(
+            "cachegate.dbproxy.bytes", unit="By", description="Bytes relayed, by direction")
+        try:
+            self.latency = meter.create_histogram(
+                "cachegate.dbproxy.command.duration", unit="s",
+                description="Round-trip time of commands through the proxy (sampled)",
+                explicit_bucket_boundaries_advisory=list(_BUCKETS))
+        except TypeError:  # an SDK without bucket advice
+            self.latency = meter.create_histogram(
+                "cachegate.dbproxy.command.duration", unit="s",
+                description="Round-trip time of commands through the proxy (sampled)")
+        self.auth_failures = meter.create_counter(
+            "cachegate.dbproxy.upstream.auth_failures", unit="{failure}",
+            description="Upstream AUTH refused by the database, or credentials not available")
+
+    @property
+    def tracer(self) -> Any:
+        if self._tracer is None:
+            from opentelemetry import trace
+
+            return trace.get_tracer(_SCOPE)
+        return self._tracer
+
+    def _a(self, **kv: str) -> dict[str, str]:
+        key = tuple(kv.items())
+        a = self._attrs.get(key)
+        if a is None:
+            a = dict(kv)
+            if len(self._attrs) < 10_000:
+                self._attrs[key] = a
+        return a
+
+    # -- sessions --------------------------------------------------------------------------------
+
+    def session_started(self, database: str) -> None:
+        if self.enabled:
+            a = self._a(database=database)
+            self.started.add(1, a)
+            self.active.add(1, a)
+
+    def session_ended(self, database: str) -> None:
+        if self.enabled:
+            self.active.add(-1, self._a(database=database))
+
+    def session_refused(self, reason: str) -> None:
+        if self.enabled:
+            self.refused.add(1, self._a(reason=reason))
+
+    def upstream_auth_failure(self, database: str, reason: str) -> None:
+        if self.enabled:
+            self.auth_failures.add(1, self._a(database=database, reason=reason))
+
+    # -- traffic (in bulk) ----------------------------------------------------------------------
+
+    def add_traffic(self, allowed: Mapping[str, int], denied: Mapping[str, int], bytes_in: int,
+                    bytes_out: int) -> None:
+        """Add a session's counts since its last call."""
+        if not self.enabled:
+            return
+        add = self.commands.add
+        for name, n in allowed.items():
+            add(n, self._a(command=name, result="allowed"))
+        for name, n in denied.items():
+            add(n, self._a(command=name, result="denied"))
+        if bytes_in:
+            self.bytes.add(bytes_in, self._a(direction="client_to_db"))
+        if bytes_out:
+            self.bytes.add(bytes_out, self._a(direction="db_to_client"))
+
+    def record_latency(self, seconds: float, database: str) -> None:
+        if self.enabled:
+            self.latency.record(seconds, self._a(database=database))
+
+
+DISABLED = ProxyMetrics(None)
+
+
+def default() -> ProxyMetrics:
+    """The process's instruments when :func:`~services.common.telemetry.setup_metrics`
+    turned metrics on, else :data:`DISABLED`."""
+    from services.common import telemetry
+
+    if not telemetry.metrics_enabled():
+        return DISABLED
+    global _DEFAULT
+    if _DEFAULT is None:
+        from opentelemetry import metrics
+
+        _DEFAULT = ProxyMetrics(metrics.get_meter(_SCOPE))
+    return _DEFAULT
+
+
+_DEFAULT: ProxyMetrics | None = None
