@@ -131,8 +131,10 @@ class SQLiteBackend(Backend):
         hi = prefix + "\uffff"
         lo = max(prefix, after)
         op = ">" if after and after >= prefix else ">="
-        sql = f"SELECT key, value, expires FROM items WHERE key {op} ? AND key < ? ORDER BY key"
-        args: list = [lo, hi]
+        # Expired items are left out in the query, so that a page of ``limit`` is full.
+        sql = (f"SELECT key, value, expires FROM items WHERE key {op} ? AND key < ? "
+               "AND (expires IS NULL OR expires > ?) ORDER BY key")
+        args: list = [lo, hi, time.time()]
         if limit:
             sql += " LIMIT ?"
             args.append(limit)
@@ -163,9 +165,9 @@ class SQLiteBackend(Backend):
         if types:
             parts = []
             for t in types:
-                if t.endswith("*"):
-                    parts.append("type LIKE ?")
-                    args.append(t[:-1].replace("%", r"\%") + "%")
+                if t.endswith("*"):  # an exact, case-sensitive prefix (LIKE would not be)
+                    parts.append("substr(type, 1, ?) = ?")
+                    args += [len(t) - 1, t[:-1]]
                 else:
                     parts.append("type = ?")
                     args.append(t)
