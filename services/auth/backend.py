@@ -24,7 +24,7 @@ class Item:
 
 @dataclass
 class Change:
-    kind: str  # "put" | "delete"
+    kind: str  # "put" | "delete" | "reset" (changes may have been missed: start over)
     key: str
     value: bytes | None
 
@@ -51,6 +51,12 @@ class Backend:
         entry = (prefix, callback)
         self._watchers.append(entry)
         return lambda: self._watchers.remove(entry) if entry in self._watchers else None
+
+    def _notify_reset(self) -> None:
+        """Tell every watcher that changes may have been missed (a storage listener was
+        away): watch streams end so that their clients start over from the current state."""
+        for prefix, cb in list(self._watchers):
+            cb(Change("reset", prefix, None))
 
     def _notify(self, change: Change) -> None:
         for prefix, cb in list(self._watchers):

@@ -14,7 +14,6 @@ Records are stored in the backend under ``databases/NAME`` as serialized
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -23,6 +22,7 @@ import grpc
 
 from cachegate.auth.v1 import database_service_pb2, database_service_pb2_grpc
 from cachegate.types.v1 import types_pb2
+from services.auth.watch import Subscription, WatchOverflow
 from services.common import authz
 from services.common.config import split_hostport
 from services.common.grpcutil import decode_page_token, encode_page_token, page_size, paginate, ts
@@ -43,7 +43,6 @@ ORIGIN_NAMES = {
     types_pb2.DATABASE_ORIGIN_DYNAMIC: "dynamic",
     types_pb2.DATABASE_ORIGIN_DISCOVERY: "discovery",
 }
-WATCH_QUEUE_LIMIT = 10000
 
 
 class InvalidDatabase(ValueError):
@@ -220,29 +219,17 @@ class DatabaseServicer(database_service_pb2_grpc.DatabaseServiceServicer):
         return database_service_pb2.DeleteDatabaseResponse()
 
     async def WatchDatabases(self, request, context):
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        overflow = asyncio.Event()
-
-        def on_change(change) -> None:
-            def put():
-                if queue.qsize() >= WATCH_QUEUE_LIMIT:
-                    overflow.set()
-                else:
-                    queue.put_nowait(change)
-            loop.call_soon_threadsafe(put)
-
-        unsubscribe = self.backend.subscribe(PREFIX, on_change)
-        try:
+        with Subscription(self.backend, PREFIX) as sub:
             for db in await self._all():
                 yield database_service_pb2.WatchDatabasesResponse(type=types_pb2.WATCH_EVENT_TYPE_PUT, database=db)
             yield database_service_pb2.WatchDatabasesResponse(type=types_pb2.WATCH_EVENT_TYPE_INIT_DONE)
             while True:
-                change = await queue.get()
-                if overflow.is_set():
-                    # The watcher fell too far behind: end the stream; it reconnects and resyncs.
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                        "database watch fell behind; reconnect to get the current state")
+                try:
+                    change = await sub.get()
+                except WatchOverflow:
+                    # Fell behind, or the storage may have missed changes: the watcher reconnects
+                    # and gets the current state again.
+                    await context.abort(grpc.StatusCode.ABORTED, "the database watch must start over: watch again")
                 name = change.key[len(PREFIX):]
                 if change.kind == "delete":
                     yield database_service_pb2.WatchDatabasesResponse(
@@ -254,8 +241,6 @@ class DatabaseServicer(database_service_pb2_grpc.DatabaseServiceServicer):
                 except Exception:  # noqa: BLE001
                     continue
                 yield database_service_pb2.WatchDatabasesResponse(type=types_pb2.WATCH_EVENT_TYPE_PUT, database=db)
-        finally:
-            unsubscribe()
 
     async def ReportFetcherStatus(self, request, context):
         caller = authz.current_caller()

@@ -200,9 +200,10 @@ class PostgresBackend(Backend):
             try:
                 if conn is None or conn.closed or conn.broken:
                     self._listen_conn = conn = await self._listen_connect()
-                    log.warning("auth storage: listening for changes again; changes made by other auth "
-                                "processes while disconnected were not passed to this process's watchers",
+                    log.warning("auth storage: listening for changes again; watch streams start over, since changes "
+                                "made by other auth processes meanwhile were not seen",
                                 extra={"server": self._target.describe()})  # type: ignore[union-attr]
+                    self._notify_reset()  # watch streams start over from the current state
                     delay = self._listen_reconnect
                 async for n in conn.notifies():
                     await self._on_notify(n.payload)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -90,11 +91,15 @@ class AdminPolicy:
         self._unsubscribe = None
 
     async def start(self) -> None:
-        self._unsubscribe = self.backend.subscribe(PREFIX, self._on_change)
-        for role in await RoleStore(self.backend).list():
-            self.roles[role.name] = role
+        if self._unsubscribe is None:
+            self._unsubscribe = self.backend.subscribe(PREFIX, self._on_change)
+        fresh = {role.name: role for role in await RoleStore(self.backend).list()}
+        self.roles = dict(rbac.BUILTIN_ROLES) | fresh
 
     def _on_change(self, change) -> None:
+        if change.kind == "reset":  # changes may have been missed: read every role again
+            asyncio.get_running_loop().create_task(self.start())
+            return
         name = change.key[len(PREFIX):]
         if rbac.is_builtin(name):
             return

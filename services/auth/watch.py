@@ -37,7 +37,7 @@ class Subscription:
             self._loop.call_soon_threadsafe(self._put, change)
 
     def _put(self, change: Change) -> None:
-        if self._queue.qsize() >= MAX_PENDING:
+        if change.kind == "reset" or self._queue.qsize() >= MAX_PENDING:
             self._overflow = True
             self._queue.put_nowait(None)
             return
