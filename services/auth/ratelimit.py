@@ -1,62 +1,75 @@
 """Failed-login limits with a temporary lockout, per key (a user name, a client address).
 
 ``max_attempts`` failures of one key within ``window`` seconds lock that key out for
-``window`` seconds; after that it starts counting afresh. A success resets the key. State is
-in memory (per auth process) and bounded: the least recently failing keys are forgotten first
-when ``max_keys`` is reached.
+``window`` seconds; after that it starts counting afresh. A success resets the key.
+
+The state lives in auth's storage (items that expire by themselves), so every auth
+process sharing a PostgreSQL database counts the same failures; a compare-and-swap
+keeps concurrent updates from losing one. Keys are stored hashed: an address or a
+mistyped password pasted as a user name does not sit in the database as it was typed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
+from services.auth.backend import Backend
 
-@dataclass
-class _Entry:
-    failures: deque = field(default_factory=deque)
-    locked_until: float = 0.0
+PREFIX = "loginfail/"
+CAS_TRIES = 8
 
 
 class FailureLimiter:
-    def __init__(self, max_attempts: int, window: float, max_keys: int = 100_000,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, backend: Backend, scope: str, max_attempts: int, window: float,
+                 clock: Callable[[], float] = time.time):
         if max_attempts < 1 or window <= 0:
             raise ValueError("max_attempts must be at least 1 and window positive")
+        self.backend = backend
+        self.scope = scope
         self.max_attempts = max_attempts
         self.window = window
-        self.max_keys = max_keys
         self.clock = clock
-        self._keys: OrderedDict[str, _Entry] = OrderedDict()
 
-    def retry_after(self, key: str) -> float:
+    def _key(self, key: str) -> str:
+        return f"{PREFIX}{self.scope}/{hashlib.sha256(key.encode()).hexdigest()[:40]}"
+
+    async def _load(self, key: str):
+        item = await self.backend.get(self._key(key))
+        if item is None:
+            return None, {"f": [], "until": 0.0}
+        try:
+            return item, json.loads(item.value)
+        except ValueError:
+            return item, {"f": [], "until": 0.0}
+
+    async def retry_after(self, key: str) -> float:
         """Seconds until ``key`` may try again (0: it may try now)."""
-        entry = self._keys.get(key)
-        if entry is None:
-            return 0.0
-        return max(0.0, entry.locked_until - self.clock())
+        _, doc = await self._load(key)
+        return max(0.0, float(doc.get("until", 0.0)) - self.clock())
 
-    def failure(self, key: str) -> bool:
+    async def failure(self, key: str) -> bool:
         """Count a failure; True when it locked the key out."""
-        now = self.clock()
-        entry = self._keys.get(key)
-        if entry is None:
-            entry = self._keys[key] = _Entry()
-        self._keys.move_to_end(key)
-        q = entry.failures
-        while q and q[0] <= now - self.window:
-            q.popleft()
-        q.append(now)
-        locked = False
-        if len(q) >= self.max_attempts:
-            entry.locked_until = now + self.window
-            q.clear()
-            locked = True
-        while len(self._keys) > self.max_keys:
-            self._keys.popitem(last=False)
-        return locked
+        for _ in range(CAS_TRIES):
+            now = self.clock()
+            item, doc = await self._load(key)
+            failures = [t for t in doc.get("f", []) if t > now - self.window]
+            failures.append(now)
+            locked = len(failures) >= self.max_attempts
+            new = {"f": [] if locked else failures,
+                   "until": now + self.window if locked else float(doc.get("until", 0.0))}
+            value = json.dumps(new).encode()
+            # The storage expires items by the wall clock (``clock`` may be another in tests).
+            expires = time.time() + max(self.window, new["until"] - now) + 1.0
+            if item is None:
+                if await self.backend.create(self._key(key), value, expires=expires):
+                    return locked
+            elif await self.backend.compare_and_swap(item.key, item.value, value, expires=expires):
+                return locked
+        # Contended beyond reason: count it as a lockout rather than lose it.
+        return True
 
-    def reset(self, key: str) -> None:
-        self._keys.pop(key, None)
+    async def reset(self, key: str) -> None:
+        await self.backend.delete(self._key(key))

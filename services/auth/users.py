@@ -192,8 +192,10 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         self.users = UserStore(state.backend)
         self.roles = RoleStore(state.backend)
         self.locks = LockStore(state.backend)
-        self.user_limiter = FailureLimiter(self.acfg.login_max_attempts, self.acfg.login_lockout)
-        self.addr_limiter = FailureLimiter(self.acfg.login_max_attempts_per_addr, self.acfg.login_lockout)
+        self.user_limiter = FailureLimiter(state.backend, "user", self.acfg.login_max_attempts,
+                                           self.acfg.login_lockout)
+        self.addr_limiter = FailureLimiter(state.backend, "addr", self.acfg.login_max_attempts_per_addr,
+                                           self.acfg.login_lockout)
 
     @property
     def audit(self):
@@ -340,7 +342,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
                                   user=name)
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f'user "{name}" no longer exists: ask an administrator to add it again')
-        self.user_limiter.reset(name)
+        await self.user_limiter.reset(name)
         await self.audit.emit("user.invite.redeem", name, source, user=name, totp_enabled=bool(secret))
         return user_service_pb2.RedeemInviteResponse(user=name)
 
@@ -348,8 +350,8 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
     async def _login_failed(self, context, name: str, source: str, reason: str, code=grpc.StatusCode.UNAUTHENTICATED,
                             message: str = LOGIN_FAILED, count: bool = True, **fields):
         if count:
-            self.user_limiter.failure(name)
-            self.addr_limiter.failure(source)
+            await self.user_limiter.failure(name)
+            await self.addr_limiter.failure(source)
         await self.audit.emit("user.login", name if NAME_RE.match(name) else "", source, success=False, error=reason,
                               user=name[:128], **fields)
         await context.abort(code, message)
@@ -359,13 +361,13 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         source = caller.source_addr()
         name = request.user.strip()
         shown = name if NAME_RE.match(name) else "this user name"
-        wait = self.user_limiter.retry_after(name)
+        wait = await self.user_limiter.retry_after(name)
         if wait > 0:
             await self._login_failed(context, name, source, "too many failed attempts (user locked out)",
                                      grpc.StatusCode.RESOURCE_EXHAUSTED,
                                      f"too many failed login attempts for {shown}: try again in {fmt_seconds(wait)}",
                                      count=False)
-        wait = self.addr_limiter.retry_after(source)
+        wait = await self.addr_limiter.retry_after(source)
         if wait > 0:
             await self._login_failed(context, name, source, "too many failed attempts (address locked out)",
                                      grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -413,7 +415,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         ident = types_pb2.Identity(name=name, roles=[r.name for r in roles], db_users=doc["db_users"],
                                    db_names=doc["db_names"], login_ip=source)
         cert = self.state.sign_user(csr.public_key(), ident, dt.timedelta(seconds=ttl))
-        self.user_limiter.reset(name)
+        await self.user_limiter.reset(name)
         expires = cert.not_valid_after_utc.timestamp()
         await self.audit.emit("user.login", name, source, user=name, method=method, roles=list(ident.roles),
                               ttl_seconds=round(expires - time.time()))
