@@ -64,6 +64,38 @@ class Backend:
                 cb(change)
 
 
+def audit_search_sql(table: str, ph: str, since, until, types, actor, after, limit) -> tuple[str, list]:
+    """The audit search query of both backends (``ph``: the driver's placeholder), oldest
+    first with a (time, id) cursor; a type ending in ``*`` is an exact, case-sensitive prefix."""
+    sql = f"SELECT time, id, data FROM {table} WHERE 1=1"
+    args: list = []
+    if since is not None:
+        sql += f" AND time >= {ph}"
+        args.append(since)
+    if until is not None:
+        sql += f" AND time <= {ph}"
+        args.append(until)
+    if after is not None:
+        sql += f" AND (time > {ph} OR (time = {ph} AND id > {ph}))"
+        args += [after[0], after[0], after[1]]
+    if actor:
+        sql += f" AND actor = {ph}"
+        args.append(actor)
+    if types:
+        parts = []
+        for t in types:
+            if t.endswith("*"):
+                parts.append(f"substr(type, 1, {ph}) = {ph}")
+                args += [len(t) - 1, t[:-1]]
+            else:
+                parts.append(f"type = {ph}")
+                args.append(t)
+        sql += " AND (" + " OR ".join(parts) + ")"
+    sql += f" ORDER BY time, id LIMIT {ph}"
+    args.append(limit)
+    return sql, args
+
+
 class SQLiteBackend(Backend):
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -154,32 +186,7 @@ class SQLiteBackend(Backend):
                              (event_id, when, type_, actor, data))
 
     async def search_audit(self, since, until, types, actor, after, limit):
-        sql = "SELECT time, id, data FROM audit WHERE 1=1"
-        args: list = []
-        if since is not None:
-            sql += " AND time >= ?"
-            args.append(since)
-        if until is not None:
-            sql += " AND time <= ?"
-            args.append(until)
-        if after is not None:
-            sql += " AND (time > ? OR (time = ? AND id > ?))"
-            args += [after[0], after[0], after[1]]
-        if actor:
-            sql += " AND actor = ?"
-            args.append(actor)
-        if types:
-            parts = []
-            for t in types:
-                if t.endswith("*"):  # an exact, case-sensitive prefix (LIKE would not be)
-                    parts.append("substr(type, 1, ?) = ?")
-                    args += [len(t) - 1, t[:-1]]
-                else:
-                    parts.append("type = ?")
-                    args.append(t)
-            sql += " AND (" + " OR ".join(parts) + ")"
-        sql += " ORDER BY time, id LIMIT ?"
-        args.append(limit)
+        sql, args = audit_search_sql("audit", "?", since, until, types, actor, after, limit)
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         return [(r[0], r[1], bytes(r[2])) for r in rows]

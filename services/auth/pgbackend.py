@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager
 import psycopg
 from psycopg import conninfo as pgconninfo
 
-from services.auth.backend import Backend, Change, Item
+from services.auth.backend import Backend, Change, Item, audit_search_sql
 from services.common.config import ConfigError
 
 log = logging.getLogger("cachegate.auth")
@@ -307,32 +307,7 @@ class PostgresBackend(Backend):
                           "ON CONFLICT (id) DO NOTHING", (event_id, when, type_, actor, bytes(data)))
 
     async def search_audit(self, since, until, types, actor, after, limit):
-        sql = f"SELECT time, id, data FROM {AUDIT} WHERE TRUE"
-        args: list = []
-        if since is not None:
-            sql += " AND time >= %s"
-            args.append(since)
-        if until is not None:
-            sql += " AND time <= %s"
-            args.append(until)
-        if after is not None:
-            sql += " AND (time > %s OR (time = %s AND id > %s))"
-            args += [after[0], after[0], after[1]]
-        if actor:
-            sql += " AND actor = %s"
-            args.append(actor)
-        if types:
-            parts = []
-            for t in types:
-                if t.endswith("*"):
-                    parts.append("type LIKE %s ESCAPE '\\'")
-                    args.append(t[:-1].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
-                else:
-                    parts.append("type = %s")
-                    args.append(t)
-            sql += " AND (" + " OR ".join(parts) + ")"
-        sql += " ORDER BY time, id LIMIT %s"
-        args.append(limit)
+        sql, args = audit_search_sql(AUDIT, "%s", since, until, types, actor, after, limit)
         rows = await self._fetch(sql, args)
         return [(r[0], r[1], bytes(r[2])) for r in rows]
 
