@@ -11,7 +11,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,6 +21,7 @@ import pytest
 
 from services.auth.backend import Change, SQLiteBackend
 from services.common.config import ConfigError
+from tests.helpers import free_port as _free_port  # noqa: E402
 
 PG_PASSWORD = "pg-Secret-7731"
 
@@ -35,10 +35,6 @@ def _pg_bindir() -> str | None:
     return os.path.dirname(found) if found else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PgServer:

@@ -8,7 +8,6 @@ import json
 import re
 import shlex
 import signal
-import socket
 import stat
 import subprocess
 import time
@@ -20,6 +19,7 @@ from cachegate.types.v1 import types_pb2
 from services.common import pki
 from tests.helpers import REPO, Cluster, run_cli, tool, write_yaml
 from tests.helpers import env as base_env
+from tests.helpers import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +29,6 @@ SECRET_ENV = "CACHEGATE_DB_TEST_REDIS"
 DB = "test-redis"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from services.dbproxy.limits import ProxyLimits
 from services.dbproxy.listener import Refused, RespListener
 from services.dbproxy.session import SessionContext
 from services.dbproxy.upstream import UpstreamTarget
+from tests.helpers import free_port  # noqa: E402
 
 DB = "test-redis"
 REDIS_PASSWORD = "initial-secret-Pa55word"
@@ -46,10 +47,6 @@ spec:
 ROLES = {"limited": LIMITED_ROLE, "access": BUILTIN_ROLES["access"]}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 
 import pytest
@@ -13,14 +12,11 @@ import pytest
 from tests.dbproxy.conftest import REDIS_PASSWORD, certs, redis_server  # noqa: F401 (fixtures)
 from tests.helpers import Cluster, run_cli
 from tests.integration.test_dataplane import PASSWORD, SECRET_ENV, db_cert, redis_cli
+from tests.helpers import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_dbproxy_serves_and_spools_audit_while_auth_is_down(tmp_path, certs, redis_server):  # noqa: F811
