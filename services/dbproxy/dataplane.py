@@ -135,7 +135,10 @@ class DataPlane:
         def hit(s) -> bool:
             return (bool(lock.user) and s.user == lock.user) or (bool(lock.role) and lock.role in s.role_names)
 
-        n = self.listener.terminate(hit, locked_message(lock, lock.user or "you"))
+        hits = [s for s in list(self.listener.sessions) if hit(s)]
+        for s in hits:
+            s.terminate(locked_message(lock, s.user))
+        n = len(hits)
         if n:
             log.info("ended sessions for a lock", extra={"lock_id": lock.id, "sessions": n})
 
