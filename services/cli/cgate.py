@@ -7,17 +7,16 @@ import getpass
 import sys
 from typing import Optional
 
-import grpc
 import typer
 
 from cachegate.auth.v1 import cluster_service_pb2, user_service_pb2
 from cachegate.dbproxy.v1 import proxy_service_pb2, proxy_service_pb2_grpc
 from services.cli import cgate_db
 from services.cli.common import (
-    CLIError, Format, duration_flag, emit, err_console, fail, grpc_message, out_console, run,
+    CLIError, Format, duration_flag, emit, err_console, fail, fmt_time, out_console, rpc, run,
 )
 from services.cli.profile import (
-    Profile, all_profiles, current_profile, fmt_time, normalize_proxy, open_profile, set_current,
+    Profile, all_profiles, current_profile, normalize_proxy, open_profile, set_current,
 )
 from services.common.config import split_hostport
 from services.common.grpcutil import dur
@@ -84,13 +83,6 @@ def _first_cert(pem: bytes):
     from services.common.pki import certs_from_pem
 
     return certs_from_pem(pem)[0]
-
-
-async def _call(method, request, proxy: str, timeout: float = 30):
-    try:
-        return await method(request, timeout=timeout)
-    except grpc.aio.AioRpcError as exc:
-        raise CLIError(grpc_message(exc, proxy, "proxy")) from None
 
 
 def _check_versions(server_version: str) -> None:
@@ -170,15 +162,15 @@ async def login(
     prof.save_meta()  # the CA is trusted from now on, even if this login fails
     async with prof.public_channel() as ch:
         stub = proxy_service_pb2_grpc.ProxyServiceStub(ch)
-        info = await _call(stub.GetClusterInfo, cluster_service_pb2.GetClusterInfoRequest(), proxy)
+        info = await rpc(stub.GetClusterInfo, cluster_service_pb2.GetClusterInfoRequest(), proxy, "proxy")
         _check_versions(info.server_version)
-        settings = await _call(stub.GetProxySettings, proxy_service_pb2.GetProxySettingsRequest(), proxy)
+        settings = await rpc(stub.GetProxySettings, proxy_service_pb2.GetProxySettingsRequest(), proxy, "proxy")
         if invite:
             password = _read_secret("New password: ", password_stdin, confirm=True)
             req = user_service_pb2.RedeemInviteRequest(invite_token=invite, password=password)
             if enable_totp:
                 req.totp_secret, req.totp_code = _totp_setup(user or "", info.cluster_name, password_stdin)
-            redeemed = await _call(stub.RedeemInvite, req, proxy)
+            redeemed = await rpc(stub.RedeemInvite, req, proxy, "proxy")
             if user and user != redeemed.user:
                 fail(f"the invite is for user {redeemed.user!r}, not {user!r}")
             user = redeemed.user
@@ -199,7 +191,7 @@ async def login(
                                             csr_pem=make_csr(key, user).decode())
         if seconds:
             req.ttl.CopyFrom(dur(seconds))
-        resp = await _call(stub.Login, req, proxy)
+        resp = await rpc(stub.Login, req, proxy, "proxy")
     prof.meta.update(user=user, cluster=info.cluster_name, server_version=info.server_version,
                      api_addr=settings.api_listen_addr, redis_addr=settings.redis_listen_addr,
                      web_addr=settings.web_listen_addr)

@@ -48,6 +48,7 @@ from services.cli.common import (
     CLIError,
     Format,
     duration_flag,
+    fmt_time,
     emit,
     err_console,
     fail,
@@ -55,7 +56,7 @@ from services.cli.common import (
     run,
     table,
 )
-from services.cli.profile import Profile, current_profile, fmt_time
+from services.cli.profile import Profile, current_profile
 from services.common.config import split_hostport
 from services.common.creds import internal_name, write_private
 from services.common.grpcutil import dur

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import grpc
 import typer
 import yaml
 
@@ -18,7 +17,7 @@ from cachegate.types.v1 import types_pb2
 from services.cli.admin_conn import resolve
 
 from services.cli.common import (
-    CLIError, Format, dev_dir, duration_flag, emit, err_console, fail, grpc_message, out_console, read_json, run,
+    Format, dev_dir, duration_flag, emit, err_console, fail, fmt_time, out_console, read_json, rpc, run,
     table,
 )
 from services.common import identity as idmod
@@ -57,15 +56,7 @@ def connect() -> AuthClient:
 
 
 async def call(client: AuthClient, method, request, what: str = "auth service"):
-    try:
-        return await method(request, timeout=15)
-    except grpc.aio.AioRpcError as exc:
-        raise CLIError(grpc_message(exc, client.addr, what)) from None
-
-
-def when(t) -> str:
-    v = from_ts(t)
-    return dt.datetime.fromtimestamp(v, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if v else "never"
+    return await rpc(method, request, client.addr, what, timeout=15)
 
 
 @app.command()
@@ -109,7 +100,7 @@ async def tokens_add(
         resp = await call(c, c.tokens.CreateToken, token_service_pb2.CreateTokenRequest(
             roles=sorted(set(roles)), ttl=dur(seconds), reusable=reusable))
     data = {"token": resp.token, "id": resp.info.id, "ca_pin": resp.ca_pin,
-            "roles": [idmod.role_name(r) for r in resp.info.roles], "expires": when(resp.info.expire_time),
+            "roles": [idmod.role_name(r) for r in resp.info.roles], "expires": fmt_time(resp.info.expire_time),
             "single_use": resp.info.single_use}
 
     def text():
@@ -133,7 +124,7 @@ async def tokens_ls(fmt: Format = typer.Option(Format.text, "--format")):
             page = resp.next_page_token
             if not page:
                 break
-    data = [{"id": t.id, "roles": [idmod.role_name(r) for r in t.roles], "expires": when(t.expire_time),
+    data = [{"id": t.id, "roles": [idmod.role_name(r) for r in t.roles], "expires": fmt_time(t.expire_time),
              "single_use": t.single_use, "created_by": t.created_by} for t in out]
     emit(data, fmt, lambda: table(["Id", "Type", "Expires", "Use", "Created By"], [
         [d["id"], ",".join(d["roles"]), d["expires"], "single" if d["single_use"] else "reusable", d["created_by"]]
@@ -179,7 +170,7 @@ def print_invite(user: str, invite, verb: str) -> None:
 
 def user_dict(u: types_pb2.User) -> dict:
     return {"name": u.name, "roles": list(u.roles), "db_users": list(u.db_users), "db_names": list(u.db_names),
-            "created": when(u.create_time), "has_password": u.has_password, "totp": u.totp_enabled}
+            "created": fmt_time(u.create_time), "has_password": u.has_password, "totp": u.totp_enabled}
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +191,7 @@ async def users_add(
                           db_names=split_list(db_names))
     async with connect() as c:
         resp = await call(c, c.users.CreateUser, user_service_pb2.CreateUserRequest(user=user))
-    data = user_dict(resp.user) | {"invite": resp.invite.token, "invite_expires": when(resp.invite.expire_time),
+    data = user_dict(resp.user) | {"invite": resp.invite.token, "invite_expires": fmt_time(resp.invite.expire_time),
                                    "login_command": f"cgate login --proxy={proxy_hint()} --invite={resp.invite.token}"}
     emit(data, fmt, lambda: print_invite(name, resp.invite, "created"))
 
@@ -253,7 +244,7 @@ async def users_reset(name: str = typer.Argument(...), fmt: Format = typer.Optio
     """Clear a user's password and second factor; prints a new one-time invite."""
     async with connect() as c:
         resp = await call(c, c.users.ResetUser, user_service_pb2.ResetUserRequest(name=name))
-    emit({"name": name, "invite": resp.invite.token, "invite_expires": when(resp.invite.expire_time)}, fmt,
+    emit({"name": name, "invite": resp.invite.token, "invite_expires": fmt_time(resp.invite.expire_time)}, fmt,
          lambda: print_invite(name, resp.invite, "reset"))
 
 
@@ -398,7 +389,7 @@ async def rm(ref: str = typer.Argument(..., help="KIND/NAME: role/NAME, lock/ID,
 
 def lock_dict(x: types_pb2.Lock) -> dict:
     return {"id": x.id, "target": f"user={x.user}" if x.user else f"role={x.role}", "user": x.user, "role": x.role,
-            "message": x.message, "expires": when(x.expire_time), "created": when(x.create_time),
+            "message": x.message, "expires": fmt_time(x.expire_time), "created": fmt_time(x.create_time),
             "created_by": x.created_by}
 
 
@@ -448,7 +439,7 @@ def parse_when(value: Optional[str], flag: str) -> Optional[float]:
 def event_dict(e: types_pb2.AuditEvent) -> dict:
     from google.protobuf.json_format import MessageToDict
 
-    return {"id": e.id, "time": when(e.time), "type": e.type, "code": e.code, "actor": e.actor,
+    return {"id": e.id, "time": fmt_time(e.time), "type": e.type, "code": e.code, "actor": e.actor,
             "source_addr": e.source_addr, "success": e.success, "error": e.error,
             "fields": MessageToDict(e.fields) if e.HasField("fields") else {}}
 
@@ -527,16 +518,14 @@ async def sessions_ls(
     out, page = [], ""
     async with channel:
         while True:
-            try:
-                resp = await stub.ListSessions(proxy_service_pb2.ListSessionsRequest(page_token=page), timeout=15)
-            except grpc.aio.AioRpcError as exc:
-                raise CLIError(grpc_message(exc, addr, "dbproxy")) from None
+            resp = await rpc(stub.ListSessions, proxy_service_pb2.ListSessionsRequest(page_token=page), addr,
+                             "dbproxy", timeout=15)
             out.extend(resp.sessions)
             page = resp.next_page_token
             if not page:
                 break
     data = [{"id": s.id, "user": s.user, "database": s.database, "db_user": s.db_user, "db_name": s.db_name,
-             "client": s.client_addr, "started": when(s.start_time), "commands": s.commands,
+             "client": s.client_addr, "started": fmt_time(s.start_time), "commands": s.commands,
              "bytes_in": s.bytes_in, "bytes_out": s.bytes_out} for s in out]
     emit(data, fmt, lambda: table(["ID", "User", "Database", "DB User", "DB Name", "Client", "Started", "Commands"], [
         [d["id"], d["user"], d["database"], d["db_user"], d["db_name"], d["client"], d["started"], d["commands"]]
@@ -555,10 +544,8 @@ async def sessions_kill(
     addr = proxy_api(proxy)
     channel, stub = sessions_stub(addr)
     async with channel:
-        try:
-            await stub.TerminateSession(proxy_service_pb2.TerminateSessionRequest(id=session_id), timeout=15)
-        except grpc.aio.AioRpcError as exc:
-            raise CLIError(grpc_message(exc, addr, "dbproxy")) from None
+        await rpc(stub.TerminateSession, proxy_service_pb2.TerminateSessionRequest(id=session_id), addr, "dbproxy",
+                  timeout=15)
     out_console.print(f"Session {session_id} has been ended.", markup=False)
 
 

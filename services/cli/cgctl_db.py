@@ -20,7 +20,6 @@ cgctl.py wires these in; nothing here talks to the network.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any, Iterable
 import yaml
 
 from cachegate.types.v1 import types_pb2
-from services.cli.common import table
+from services.cli.common import fmt_time, table
 from services.common.grpcutil import from_ts
 
 KINDS = ("db", "database")
@@ -133,14 +132,8 @@ def db_to_dict(db: types_pb2.Database) -> dict:
             "access_key_auth_disabled": a.access_key_auth_disabled}
     t = from_ts(db.update_time)
     if t:
-        out["status"]["updated"] = _when(t)
+        out["status"]["updated"] = fmt_time(t)
     return out
-
-
-def _when(t: float | None) -> str:
-    if not t:
-        return "never"
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _labels_text(labels: dict) -> str:
@@ -176,8 +169,8 @@ def fetcher_statuses_to_list(hosts: Iterable[Any]) -> list[dict]:
         for s in h.statuses:
             out.append({
                 "host": h.host_id, "fetcher": s.name, "kind": s.kind,
-                "last_success": _when(from_ts(s.last_success_time)),
-                "last_error": s.last_error, "last_error_time": _when(from_ts(s.last_error_time)) if s.last_error else "",
+                "last_success": fmt_time(s.last_success_time),
+                "last_error": s.last_error, "last_error_time": fmt_time(s.last_error_time) if s.last_error else "",
                 "databases_found": s.databases_found})
     return out
 

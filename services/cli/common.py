@@ -54,6 +54,30 @@ def duration_flag(value: str | None, flag: str = "--ttl") -> float:
         raise CLIError(f"{flag}: {exc}") from None
 
 
+def fmt_time(when) -> str:
+    """A time as the CLIs print it (UTC), from a datetime, epoch seconds or a protobuf
+    Timestamp; "never" when there is none."""
+    import datetime as dt
+
+    from google.protobuf import timestamp_pb2
+
+    if isinstance(when, timestamp_pb2.Timestamp):
+        when = when.seconds + when.nanos / 1e9 if (when.seconds or when.nanos) else None
+    if not when:
+        return "never"
+    if not isinstance(when, dt.datetime):
+        when = dt.datetime.fromtimestamp(when, dt.timezone.utc)
+    return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+async def rpc(method, request, target: str, what: str, timeout: float = 30):
+    """Call a gRPC method; a failure becomes one CLIError line naming the server."""
+    try:
+        return await method(request, timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        raise CLIError(grpc_message(exc, target, what)) from None
+
+
 def grpc_message(exc: grpc.aio.AioRpcError, target: str, what: str) -> str:
     code = exc.code()
     details = exc.details() or code.name

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 
-from services.cli.common import CLIError, cachegate_home
+from services.cli.common import CLIError, cachegate_home, fmt_time
 from services.common import identity as idmod
 from services.common.config import DEFAULT_PROXY_PORT, join_hostport, split_hostport
 from services.common.creds import secure_channel, server_only_channel, write_private
@@ -184,8 +184,3 @@ def all_profiles() -> list[Profile]:
     return [Profile(f, json.loads((f / "profile.json").read_text()))
             for f in sorted(root.iterdir()) if (f / "profile.json").exists()]
 
-
-def fmt_time(when: dt.datetime | None) -> str:
-    if when is None:
-        return "never"
-    return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
