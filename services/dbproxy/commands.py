@@ -132,7 +132,6 @@ def _secret_positions(name: str, argv: list[bytes]) -> set[int] | tuple[int, ...
 
 # Commands whose arguments may hold secrets (the only ones :func:`audit_args` inspects).
 SECRET_COMMANDS = frozenset({"AUTH", "HELLO", "MIGRATE", "CONFIG", "ACL"})
-_SECRET_COMMANDS = SECRET_COMMANDS
 
 
 def audit_text(arg: bytes, max_arg: int) -> str:
@@ -145,7 +144,7 @@ def audit_text(arg: bytes, max_arg: int) -> str:
 
 def audit_args(name: str, argv: list[bytes], *, max_arg: int = 256, max_args: int = 64) -> list[str]:
     """The arguments as the audit log keeps them (the command name included)."""
-    secret = _secret_positions(name, argv) if name in _SECRET_COMMANDS else ()
+    secret = _secret_positions(name, argv) if name in SECRET_COMMANDS else ()
     n = len(argv)
     shown = argv if n <= max_args else argv[:max_args]
     if secret:

@@ -760,6 +760,18 @@ class _Handlers:
         return info.name, True
 
     @staticmethod
+    def _rbac_outside_multi(s: Session, cmd: Command, hint: str = "") -> str | None:
+        """The command's name when the role allows it and no MULTI is open; else it is
+        denied (with the reason) and None."""
+        name, ok = _Handlers._rbac(s, cmd)
+        if not ok:
+            return None
+        if s._in_multi:
+            s._deny(cmd, name, f"{name} inside MULTI is not supported by Cachegate{hint}")
+            return None
+        return name
+
+    @staticmethod
     def _forward(s: Session, cmd: Command, name: str, out: list[bytes], n: int = 1, **kw: Any) -> None:
         s._audit_query(cmd, name, None)
         out.append(cmd.raw)
@@ -830,11 +842,8 @@ class _Handlers:
 
     @staticmethod
     def select(s: Session, cmd: Command, out: list[bytes]) -> None:
-        name, ok = _Handlers._rbac(s, cmd)
-        if not ok:
-            return
-        if s._in_multi:
-            s._deny(cmd, name, "SELECT inside MULTI is not supported by Cachegate; SELECT before MULTI")
+        name = _Handlers._rbac_outside_multi(s, cmd, "; SELECT before MULTI")
+        if name is None:
             return
         n = _parse_int(cmd.argv[1]) if len(cmd.argv) == 2 else None
         if n is None:
@@ -903,11 +912,8 @@ class _Handlers:
 
     @staticmethod
     def subscribe(s: Session, cmd: Command, out: list[bytes]) -> None:
-        name, ok = _Handlers._rbac(s, cmd)
-        if not ok:
-            return
-        if s._in_multi:
-            s._deny(cmd, name, f"{name} inside MULTI is not supported by Cachegate")
+        name = _Handlers._rbac_outside_multi(s, cmd)
+        if name is None:
             return
         channels = cmd.argv[1:]
         if not channels:
@@ -926,11 +932,8 @@ class _Handlers:
 
     @staticmethod
     def unsubscribe(s: Session, cmd: Command, out: list[bytes]) -> None:
-        name, ok = _Handlers._rbac(s, cmd)
-        if not ok:
-            return
-        if s._in_multi:
-            s._deny(cmd, name, f"{name} inside MULTI is not supported by Cachegate")
+        name = _Handlers._rbac_outside_multi(s, cmd)
+        if name is None:
             return
         kind_set = s._subs[_UNSUBSCRIBE[name]]
         channels = cmd.argv[1:]
@@ -953,11 +956,8 @@ class _Handlers:
 
     @staticmethod
     def monitor(s: Session, cmd: Command, out: list[bytes]) -> None:
-        name, ok = _Handlers._rbac(s, cmd)
-        if not ok:
-            return
-        if s._in_multi:
-            s._deny(cmd, name, "MONITOR inside MULTI is not supported by Cachegate")
+        name = _Handlers._rbac_outside_multi(s, cmd)
+        if name is None:
             return
         s._monitor_cmd = True
 
