@@ -29,6 +29,7 @@ import yaml
 
 from cachegate.types.v1 import types_pb2
 from services.cli.common import fmt_time, table
+from services.common.pki import holds_certificate, read_ca_file
 from services.common.grpcutil import from_ts
 
 KINDS = ("db", "database")
@@ -92,14 +93,11 @@ def db_from_yaml(doc: dict, base_dir: Path | None = None) -> types_pb2.Database:
         raise DbDocumentError("spec.tls must be true or false")
     ca = str(spec.get("ca_cert") or "")
     if spec.get("ca_cert_file"):
-        path = Path(str(spec["ca_cert_file"]))
-        if base_dir is not None and not path.is_absolute():
-            path = base_dir / path
         try:
-            ca = path.read_text()
+            _, ca = read_ca_file(str(spec["ca_cert_file"]), base_dir)
         except OSError as exc:
-            raise DbDocumentError(f"spec.ca_cert_file: cannot read {path}: {exc.strerror}") from None
-    if ca and "-----BEGIN CERTIFICATE-----" not in ca:
+            raise DbDocumentError(f"spec.ca_cert_file: cannot read {exc.filename}: {exc.strerror}") from None
+    if ca and not holds_certificate(ca):
         raise DbDocumentError("spec.ca_cert must be a PEM certificate bundle")
     secret = str(spec.get("secret") or "").strip()
     if secret and not (secret.startswith("env:") or secret.startswith("file:")):

@@ -12,6 +12,7 @@ import ipaddress
 import socket
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -176,6 +177,19 @@ class CertAuthority:
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         return builder.sign(self.key, hashes.SHA256())
+
+
+def read_ca_file(path: str | Path, base_dir: Path | None = None) -> tuple[Path, str]:
+    """A CA bundle file named in a config or document (relative to ``base_dir``): its path
+    and text. OSError when it cannot be read; check the text with :func:`holds_certificate`."""
+    p = Path(path)
+    if base_dir is not None and not p.is_absolute():
+        p = base_dir / p
+    return p, p.read_text()
+
+
+def holds_certificate(pem: str) -> bool:
+    return "-----BEGIN CERTIFICATE-----" in pem
 
 
 def make_csr(key, common_name: str) -> bytes:

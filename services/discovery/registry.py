@@ -16,6 +16,7 @@ from cachegate.auth.v1 import database_service_pb2
 from cachegate.types.v1 import types_pb2
 
 from services.common.grpcutil import ts
+from services.common.pki import holds_certificate, read_ca_file
 
 from .azure import AzureInfo, DiscoveredDatabase
 from .reconciler import FetcherStatus
@@ -116,14 +117,12 @@ def static_record(entry: Any, owner: str, base_dir: Path | None = None) -> types
     dbproxy resolves, and is never read by discovery."""
     ca_pem = ""
     if entry.ca_file:
-        path = Path(entry.ca_file)
-        if base_dir is not None and not path.is_absolute():
-            path = base_dir / path
         try:
-            ca_pem = path.read_text()
+            path, ca_pem = read_ca_file(entry.ca_file, base_dir)
         except OSError as exc:
-            raise StaticDatabaseError(f"static database {entry.name}: cannot read ca_file {path}: {exc.strerror}") from None
-        if "-----BEGIN CERTIFICATE-----" not in ca_pem:
+            raise StaticDatabaseError(f"static database {entry.name}: cannot read ca_file {exc.filename}: "
+                                      f"{exc.strerror}") from None
+        if not holds_certificate(ca_pem):
             raise StaticDatabaseError(f"static database {entry.name}: ca_file {path} holds no PEM certificate")
     secret = entry.secret.strip()
     if secret and not (secret.startswith("env:") and len(secret) > 4 or secret.startswith("file:") and len(secret) > 5):
