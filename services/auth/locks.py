@@ -21,7 +21,7 @@ from services.auth.state import AuthState
 from services.auth.watch import Subscription, WatchOverflow
 from services.common import authz
 from services.common.grpcutil import from_dur, paginate, ts
-from services.common.locks import locked_message  # noqa: F401 (used by users.py)
+from services.common.locks import lock_applies, locked_message  # noqa: F401 (locked_message: users.py)
 
 PREFIX = "locks/"
 MAX_MESSAGE_LEN = 1024
@@ -97,7 +97,7 @@ class LockStore:
 
         A direct user lock wins over a role lock (its message is the more specific one)."""
         roles = set(roles)
-        hits = [d for d in await self.list() if (d.user and d.user == user) or (d.role and d.role in roles)]
+        hits = [d for d in await self.list() if lock_applies(d, user, roles)]
         if not hits:
             return None
         hits.sort(key=lambda d: (0 if d.user else 1, d.created))

@@ -20,6 +20,7 @@ from cachegate.types.v1 import types_pb2
 from services.common import rbac
 from services.common.authclient import AuthClient
 from services.common.grpcutil import from_ts
+from services.common.locks import lock_applies
 from services.common.roleproto import role_from_proto
 
 log = logging.getLogger("cachegate.dbproxy.cache")
@@ -150,7 +151,7 @@ class ClusterCache:
             exp = from_ts(lk.expire_time)
             if exp is not None and exp <= now:
                 continue
-            if (lk.user and lk.user == user) or (lk.role and lk.role in roles):
+            if lock_applies(lk, user, roles):
                 return lk
         return None
 

@@ -1,10 +1,10 @@
 """The RESP data plane of dbproxy, wired to the cluster.
 
-``authorize`` turns a verified database certificate into a session: the
+``authorize`` turns a verified database certificate into a session context: the
 identity and its route come from the certificate only; the database, the
 roles and the locks come from auth's registry (followed by
-:class:`~services.dbproxy.cache.ClusterCache`); every check happens before
-any upstream connection, and a refusal is one line the client prints.
+:class:`~services.dbproxy.cache.ClusterCache`). The session checks locks and
+RBAC before any upstream connection; a refusal is one line the client prints.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from services.common.authz import CertVerifier
 from services.common.config import DbProxyServiceConfig, split_hostport
 from services.common.creds import Creds
 from services.common.grpcutil import dur, paginate, ts
-from services.common.locks import locked_message
+from services.common.locks import lock_applies, locked_message
 from services.dbproxy.auditspool import AuditRejected, AuditSpool
 from services.dbproxy.cache import ClusterCache
 from services.dbproxy.keys import AzureKeyCache, credentials_for
@@ -111,15 +111,10 @@ class DataPlane:
         db = self.cache.databases.get(route.service_name)
         if db is None:
             raise LookupError(f'database "{route.service_name}" is not registered: see `cgate db ls`')
-        lock = self.cache.lock_for(ident.name, ident.roles)
-        if lock is not None:
-            raise PermissionError(locked_message(lock, ident.name))
+        # Locks and RBAC (labels, db user, db name) are checked by the session itself before it
+        # connects upstream, and audited and counted there with their reason.
         roles = self.cache.roleset(ident)
         labels = dict(db.labels)
-        decision = roles.check_database(db.name, labels, route.db_user or None,
-                                        route.db_name if route.db_name else None)
-        if not decision:
-            raise PermissionError(decision.reason)
         user, role_names = ident.name, list(ident.roles)
 
         def lock_check() -> str | None:
@@ -132,10 +127,7 @@ class DataPlane:
             lock_check=lock_check, extra_audit_fields={"db_uri": db.uri})
 
     def _on_lock(self, lock: types_pb2.Lock) -> None:
-        def hit(s) -> bool:
-            return (bool(lock.user) and s.user == lock.user) or (bool(lock.role) and lock.role in s.role_names)
-
-        hits = [s for s in list(self.listener.sessions) if hit(s)]
+        hits = [s for s in list(self.listener.sessions) if lock_applies(lock, s.user, s.role_names)]
         for s in hits:
             s.terminate(locked_message(lock, s.user))
         n = len(hits)
