@@ -17,33 +17,11 @@ import uuid
 from cachegate.types.v1 import types_pb2
 from google.protobuf import struct_pb2
 
+from services.common.auditcodes import CODES, code_for  # noqa: F401 (CODES: part of this module's API)
 from services.common.grpcutil import page_size, ts
 
 log = logging.getLogger("cachegate.audit")
 
-# Stable codes per event type.
-CODES = {
-    "join.token.create": "T1000I",
-    "join.token.delete": "T1001I",
-    "join": "T1002I",
-    "user.login": "T2000I",
-    "user.create": "T2001I",
-    "user.update": "T2002I",
-    "user.delete": "T2003I",
-    "user.reset": "T2004I",
-    "user.invite.redeem": "T2005I",
-    "user.cert.database": "T2006I",
-    "role.put": "T3000I",
-    "role.delete": "T3001I",
-    "lock.create": "T4000I",
-    "lock.delete": "T4001I",
-    "db.session.start": "T5000I",
-    "db.session.query": "T5001I",
-    "db.session.end": "T5002I",
-    "db.session.terminate": "T5003I",
-    "db.put": "T6000I",
-    "db.delete": "T6001I",
-}
 
 # Event types only auth itself records: other services may not emit them.
 AUTH_ONLY_PREFIXES = ("join", "user.", "role.", "lock.")
@@ -55,11 +33,6 @@ MAX_EVENT_BYTES = 256 * 1024
 
 class AuditError(ValueError):
     """A batch or a search was refused; the message says why."""
-
-
-def code_for(type_: str, success: bool) -> str:
-    code = CODES.get(type_, "")
-    return code[:-1] + "W" if code and not success else code
 
 
 class AuditLog:

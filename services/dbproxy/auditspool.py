@@ -51,13 +51,13 @@ from google.protobuf import struct_pb2
 
 from cachegate.auth.v1 import audit_service_pb2
 from cachegate.types.v1 import types_pb2
+from services.common.auditcodes import CODES
 from services.dbproxy.commands import SECRET_COMMANDS, SUBCOMMAND_PARENTS, audit_args, audit_text, lookup
 
-__all__ = ["AUDIT_CODES", "AuditSpool", "QueryStream", "read_spool_file"]
+__all__ = ["AuditSpool", "QueryStream", "read_spool_file"]
 
 log = logging.getLogger("cachegate.dbproxy.audit")
 
-AUDIT_CODES = {"db.session.start": "T5000I", "db.session.query": "T5001I", "db.session.end": "T5002I"}
 
 SendFn = Callable[[Any], Awaitable[Any]]
 
@@ -272,7 +272,7 @@ class QueryStream:
         type_ = "db.session.query"
         # Every field of the event that is the same for the whole session, encoded.
         self.head = b"".join((
-            _ld(b"\x12", type_.encode()), _ld(b"\x1a", AUDIT_CODES[type_].encode()),
+            _ld(b"\x12", type_.encode()), _ld(b"\x1a", CODES[type_].encode()),
             _ld(b"\x2a", actor.encode()) if actor else b"",
             _ld(b"\x32", source_addr.encode()) if source_addr else b"",
             _ld(b"\x52", spool.cluster_name.encode()) if spool.cluster_name else b"",
@@ -696,7 +696,7 @@ class AuditSpool:
 
     def _event(self, type_, actor, source_addr, success, error, fields, when, base=None) -> types_pb2.AuditEvent:
         ev = types_pb2.AuditEvent(
-            id=self._new_id(), type=type_, code=AUDIT_CODES.get(type_, ""), actor=actor,
+            id=self._new_id(), type=type_, code=CODES.get(type_, ""), actor=actor,
             source_addr=source_addr, success=success, error=error, cluster_name=self.cluster_name,
         )
         sec = int(when)
