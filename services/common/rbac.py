@@ -65,7 +65,9 @@ Admin API.
 
 Options.
   Over a set of roles: the shortest ``max_session_ttl``, ``disconnect_expired_cert`` if any
-  role sets it, the shortest non-zero ``client_idle_timeout``.
+  role has it (on unless a role document says ``false``: a session ends with its
+  certificate), the shortest non-zero ``client_idle_timeout``, the smallest non-zero
+  ``max_connections`` (concurrent sessions per user; none set: the proxy's default).
 
 Models are immutable (frozen); :class:`RoleSet` compiles a user's roles and traits once, so
 every check is a few set look-ups. Label matchers are compiled once per distinct value.
@@ -382,8 +384,9 @@ class RoleOptions(_Model):
     """Session options. Durations are seconds (documents write them as ``8h``, ``30m``...)."""
 
     max_session_ttl: float = DEFAULT_MAX_SESSION_TTL
-    disconnect_expired_cert: bool = False
+    disconnect_expired_cert: bool = True
     client_idle_timeout: float = 0.0  # 0: no idle timeout
+    max_connections: int = 0  # concurrent sessions per user; 0: the proxy's default
 
     @field_validator("max_session_ttl", "client_idle_timeout", mode="before")
     @classmethod
@@ -401,14 +404,26 @@ class RoleOptions(_Model):
     @field_validator("disconnect_expired_cert", mode="before")
     @classmethod
     def _v_bool(cls, value: Any) -> Any:
-        return False if value is None else value
+        return True if value is None else value
+
+    @field_validator("max_connections", mode="before")
+    @classmethod
+    def _v_count(cls, value: Any) -> Any:
+        if value is None:
+            return 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _Problem(f"expected a whole number of sessions (0: the proxy's default), got {value!r}")
+        return value
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "max_session_ttl": format_duration(self.max_session_ttl),
             "disconnect_expired_cert": self.disconnect_expired_cert,
             "client_idle_timeout": format_duration(self.client_idle_timeout),
         }
+        if self.max_connections:
+            out["max_connections"] = self.max_connections
+        return out
 
 
 class RoleConditions(_Model):
@@ -1217,7 +1232,14 @@ class RoleSet:
 
     @property
     def disconnect_expired_cert(self) -> bool:
+        """On when any role has it on (the default): a session ends with its certificate."""
         return any(r.options.disconnect_expired_cert for r in self.roles)
+
+    @property
+    def max_connections(self) -> int | None:
+        """Concurrent sessions per user: the smallest non-zero over the roles, None when no
+        role sets one (the proxy's ``limits.sessions_per_user`` applies)."""
+        return min((n for r in self.roles if (n := r.options.max_connections) > 0), default=None)
 
     @property
     def client_idle_timeout(self) -> float | None:

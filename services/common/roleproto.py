@@ -30,7 +30,8 @@ def role_to_proto(role: rbac.Role) -> types_pb2.Role:
         name=role.name, description=role.description, builtin=rbac.is_builtin(role.name),
         options=types_pb2.RoleOptions(max_session_ttl=dur(o.max_session_ttl),
                                       disconnect_expired_cert=o.disconnect_expired_cert,
-                                      client_idle_timeout=dur(o.client_idle_timeout)),
+                                      client_idle_timeout=dur(o.client_idle_timeout),
+                                      max_connections=o.max_connections),
         allow=_conditions_to_proto(role.allow), deny=_conditions_to_proto(role.deny))
 
 
@@ -53,6 +54,8 @@ def role_document(msg: types_pb2.Role) -> dict[str, Any]:
         options["max_session_ttl"] = from_dur(msg.options.max_session_ttl)
     if msg.options.HasField("client_idle_timeout"):
         options["client_idle_timeout"] = from_dur(msg.options.client_idle_timeout)
+    if msg.options.max_connections:
+        options["max_connections"] = msg.options.max_connections
     metadata: dict[str, Any] = {"name": msg.name}
     if msg.description:
         metadata["description"] = msg.description

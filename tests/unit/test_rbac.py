@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import pydantic
@@ -157,8 +158,9 @@ def test_minimal_document_has_defaults():
     r = load_role_yaml(MINIMAL)
     assert r.description == ""
     assert r.options.max_session_ttl == DEFAULT_MAX_SESSION_TTL == 12 * 3600
-    assert r.options.disconnect_expired_cert is False
+    assert r.options.disconnect_expired_cert is True  # a session ends with its certificate
     assert r.options.client_idle_timeout == 0
+    assert r.options.max_connections == 0
     assert r.allow == RoleConditions() and r.deny == RoleConditions()
     assert r.allow.is_empty
 
@@ -1252,10 +1254,11 @@ def test_check_admin_deny_wins_with_reasons():
     ("options", "ttl", "disconnect", "idle"),
     [
         ([], DEFAULT_MAX_SESSION_TTL, False, None),
-        ([{}], DEFAULT_MAX_SESSION_TTL, False, None),
-        ([{"max_session_ttl": "8h"}, {}], 8 * 3600, False, None),
-        ([{"max_session_ttl": "8h"}, {"max_session_ttl": "30m"}], 1800, False, None),
-        ([{"max_session_ttl": "30h"}, {}], DEFAULT_MAX_SESSION_TTL, False, None),
+        ([{}], DEFAULT_MAX_SESSION_TTL, True, None),
+        ([{"disconnect_expired_cert": False}], DEFAULT_MAX_SESSION_TTL, False, None),
+        ([{"max_session_ttl": "8h"}, {}], 8 * 3600, True, None),
+        ([{"max_session_ttl": "8h"}, {"max_session_ttl": "30m"}], 1800, True, None),
+        ([{"max_session_ttl": "30h"}, {}], DEFAULT_MAX_SESSION_TTL, True, None),
         (
             [{"disconnect_expired_cert": False}, {"disconnect_expired_cert": True}],
             DEFAULT_MAX_SESSION_TTL,
@@ -1265,13 +1268,13 @@ def test_check_admin_deny_wins_with_reasons():
         (
             [{"client_idle_timeout": "30m"}, {"client_idle_timeout": "0s"}],
             DEFAULT_MAX_SESSION_TTL,
-            False,
+            True,
             1800,
         ),
         (
             [{"client_idle_timeout": "30m"}, {"client_idle_timeout": "5m"}, {}],
             DEFAULT_MAX_SESSION_TTL,
-            False,
+            True,
             300,
         ),
     ],
@@ -1281,6 +1284,21 @@ def test_options_combination(options, ttl, disconnect, idle):
     assert rs.max_session_ttl == ttl
     assert rs.disconnect_expired_cert is disconnect
     assert rs.client_idle_timeout == idle
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [([], None), ([{}], None), ([{"max_connections": 100}, {}], 100),
+     ([{"max_connections": 100}, {"max_connections": 60}], 60)],
+)
+def test_max_connections_is_the_smallest_set(options, expected):
+    assert RoleSet([role(f"r{i}", **o) for i, o in enumerate(options)]).max_connections == expected
+
+
+@pytest.mark.parametrize("bad", [-1, "many", True, 1.5])
+def test_max_connections_must_be_a_count(bad):
+    with pytest.raises(RoleError, match="max_connections"):
+        load_role_yaml(MINIMAL + f"spec:\n  options:\n    max_connections: {json.dumps(bad)}\n")
 
 
 # --------------------------------------------------------------------------------------------

@@ -197,14 +197,16 @@ class RoleConditions(_message.Message):
     def __init__(self, db_labels: _Optional[_Mapping[str, StringList]] = ..., db_users: _Optional[_Iterable[str]] = ..., db_names: _Optional[_Iterable[str]] = ..., db_commands: _Optional[_Iterable[str]] = ..., rules: _Optional[_Iterable[_Union[AdminRule, _Mapping]]] = ...) -> None: ...
 
 class RoleOptions(_message.Message):
-    __slots__ = ("max_session_ttl", "disconnect_expired_cert", "client_idle_timeout")
+    __slots__ = ("max_session_ttl", "disconnect_expired_cert", "client_idle_timeout", "max_connections")
     MAX_SESSION_TTL_FIELD_NUMBER: _ClassVar[int]
     DISCONNECT_EXPIRED_CERT_FIELD_NUMBER: _ClassVar[int]
     CLIENT_IDLE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
     max_session_ttl: _duration_pb2.Duration
     disconnect_expired_cert: bool
     client_idle_timeout: _duration_pb2.Duration
-    def __init__(self, max_session_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., disconnect_expired_cert: _Optional[bool] = ..., client_idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    max_connections: int
+    def __init__(self, max_session_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., disconnect_expired_cert: _Optional[bool] = ..., client_idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_connections: _Optional[int] = ...) -> None: ...
 
 class Role(_message.Message):
     __slots__ = ("name", "description", "options", "allow", "deny", "builtin")
