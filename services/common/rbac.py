@@ -59,6 +59,13 @@ Commands.
   it, and no deny block selecting the database lists it. A role without ``db_commands`` allows
   no command.
 
+  Server administration (:data:`SERVER_ADMIN_COMMANDS`: replication, persistence, shutdown,
+  DEBUG, MODULE, CONFIG SET/REWRITE/RESETSTAT, MONITOR, the CLIENT subcommands that act on
+  other connections, ACL LOG, cluster changes...) is not covered by ``'*'`` or ``@all`` on the
+  allow side: a role must name the command (or subcommand) or one of its categories, such as
+  ``@admin``. So the built-in ``access`` role keeps every data command and none of these. On
+  the deny side ``'*'`` still denies everything.
+
 Admin API.
   ``rules`` pair resources with verbs (``'*'`` matches any). Allowed when some allow rule
   matches and no deny rule does.
@@ -87,6 +94,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 __all__ = [
     "BUILTIN_ROLES",
+    "SERVER_ADMIN_COMMANDS",
     "DEFAULT_MAX_SESSION_TTL",
     "KNOWN_COMMAND_CATEGORIES",
     "DatabaseAccess",
@@ -106,6 +114,23 @@ __all__ = [
     "parse_duration",
     "validate_label_value",
 ]
+
+# Commands that change or inspect the server rather than the data: '*' and '@all' in an
+# allow block do not cover them (a role must name them, or a category of theirs). Each is
+# one Redis refuses inside scripts (the ``noscript`` flag) except CLUSTER's changes, which
+# Azure refuses itself; a script therefore cannot reach them either.
+SERVER_ADMIN_COMMANDS = frozenset({
+    "REPLICAOF", "SLAVEOF", "FAILOVER", "SYNC", "PSYNC", "REPLCONF",
+    "SAVE", "BGSAVE", "BGREWRITEAOF", "SHUTDOWN", "DEBUG", "MODULE", "MONITOR",
+    "CONFIG|SET", "CONFIG|REWRITE", "CONFIG|RESETSTAT",
+    "CLIENT|KILL", "CLIENT|PAUSE", "CLIENT|UNPAUSE", "CLIENT|NO-EVICT", "CLIENT|UNBLOCK",
+    "ACL|LOG", "ACL|SETUSER", "ACL|DELUSER", "ACL|GETUSER", "ACL|LIST", "ACL|SAVE", "ACL|LOAD",
+    "ACL|DRYRUN", "LATENCY|RESET", "SCRIPT|KILL", "SCRIPT|DEBUG", "FUNCTION|KILL",
+    "CLUSTER|ADDSLOTS", "CLUSTER|ADDSLOTSRANGE", "CLUSTER|BUMPEPOCH", "CLUSTER|DELSLOTS",
+    "CLUSTER|DELSLOTSRANGE", "CLUSTER|FAILOVER", "CLUSTER|FLUSHSLOTS", "CLUSTER|FORGET",
+    "CLUSTER|MEET", "CLUSTER|REPLICATE", "CLUSTER|RESET", "CLUSTER|SAVECONFIG",
+    "CLUSTER|SET-CONFIG-EPOCH", "CLUSTER|SETSLOT",
+})
 
 KIND = "role"
 VERSION = "v1"
@@ -945,9 +970,11 @@ class _CommandSet:
     def __bool__(self) -> bool:
         return bool(self.every or self.names or self.categories)
 
-    def match(self, full: str, parent: str, categories: frozenset[str]) -> str | None:
-        """The entry that covers the command, or None."""
-        if self.every:
+    def match(self, full: str, parent: str, categories: frozenset[str],
+              wildcard: bool = True) -> str | None:
+        """The entry that covers the command, or None; ``wildcard`` False: an entry other
+        than ``'*'``/``@all``."""
+        if self.every and wildcard:
             return self.every
         if full in self.names:
             return full
@@ -1284,6 +1311,15 @@ class DatabaseAccess:
                 for r in compiled
                 if r.deny.commands and r.deny.selects(db_labels, deny=True)
             ]
+        labels = db_labels or {}
+        self._every_db = bool(self.decision) and not any(
+            r.deny.selects(labels, deny=True) and (r.deny.names.every or r.deny.names.values)
+            for r in compiled
+        ) and any(
+            r.allow.selects(labels, deny=False) and r.allow.names.every
+            and (db_user is None or r.allow.users.match(db_user))
+            for r in compiled
+        )
         self._cache: dict[tuple[str, Any], Decision] = {}
 
     def check_command(self, command: str, categories: Iterable[str] = ()) -> Decision:
@@ -1316,8 +1352,46 @@ class DatabaseAccess:
                 return Decision(
                     False, f'command {full} denied by role "{role_name}" (deny {entry})'
                 )
+        admin = full in SERVER_ADMIN_COMMANDS or parent in SERVER_ADMIN_COMMANDS
         for commands in self._allow:
-            if commands.match(full, parent, cats) is not None:
+            if commands.match(full, parent, cats, wildcard=not admin) is not None:
                 return Decision(True, "")
         where = f' on "{self.db_name}"' if self.db_name else ""
+        if admin and any(commands.every for commands in self._allow):
+            return Decision(
+                False,
+                f"command {full} is server administration, which '*' does not cover{where}: "
+                "ask an administrator for a role that names it (see docs/rbac.md)",
+            )
         return Decision(False, f"command {full} denied by your roles{where}")
+
+    def explicitly_allows(self, command: str, categories: Iterable[str] = ()) -> bool:
+        """Allowed, and by an entry other than ``'*'``/``@all`` (the command's name, its
+        subcommand or one of its categories): what lets a session see other connections
+        (CLIENT LIST) or run scripts despite a narrower command set."""
+        if not self.check_command(command, categories):
+            return False
+        split = _split_command(command)
+        if split is None:
+            return False
+        full, parent = split
+        cats = frozenset(_norm_category(c) for c in categories)
+        return any(c.match(full, parent, cats, wildcard=False) is not None for c in self._allow)
+
+    def denies_any(self, commands: Iterable[tuple[str, frozenset[str]]]) -> bool:
+        """Does a deny block of this access cover any of ``commands`` ((name, categories))?"""
+        if not self.decision:
+            return True
+        for _, deny in self._deny:
+            if deny.every:
+                return True
+            for name, cats in commands:
+                full, parent = _split_command(name) or (name, name)
+                if deny.match(full, parent, cats) is not None:
+                    return True
+        return False
+
+    @property
+    def every_logical_db(self) -> bool:
+        """Every logical database is allowed (no ``db_names`` limit, no db_names deny)."""
+        return self._every_db

@@ -126,14 +126,20 @@ def _show_byte(b: int) -> str:
 
 
 def _parse_len(line: bytes | bytearray, allow_null: bool) -> int | None:
-    """Strict RESP length: "0", or digits without a leading zero ("-1" if allowed)."""
+    """Strict RESP length: "0", or digits without a leading zero; with ``allow_null``
+    also a negative number written the same way (the server ignores ``*-10`` as it
+    ignores ``*-1``)."""
     if line.isdigit():
         if line[0] == 0x30 and len(line) > 1:
             return None
         return int(line)
-    if allow_null and line == b"-1":
-        return -1
+    if allow_null and line[:1] == b"-" and line[1:].isdigit() and line[1:2] != b"0":
+        return int(line)
     return None
+
+
+# The server's largest multibulk count (INT_MAX): beyond it, its "invalid multibulk length".
+_INT_MAX = 2**31 - 1
 
 
 # The longest header line worth waiting for: "*" or "$" plus 20 digits.
@@ -144,11 +150,14 @@ def _check_partial(part: bytes | bytearray, allow_null: bool, limit: int, invali
     """Reject an unfinished header line as soon as it cannot become valid."""
     if part[-1:] == b"\r":
         part = part[:-1]
-    if not part or (allow_null and part in (b"-", b"-1")):
+    if not part or (allow_null and part == b"-"):
         return
-    if len(part) > _MAX_HEADER - 1 or _parse_len(part, False) is None:
+    if len(part) > _MAX_HEADER - 1 or _parse_len(part, allow_null) is None:
         raise ProtocolError(invalid)
-    if int(part) > limit:
+    value = int(part)
+    if value > _INT_MAX:
+        raise ProtocolError(invalid)
+    if value > limit:
         raise ProtocolError(too_big)
 
 # Inline argument splitting -------------------------------------------------
@@ -377,10 +386,10 @@ class CommandParser:
                 _check_partial(buf[off + 1 : n], True, lim.max_array_len, "invalid multibulk length", "too big multibulk count")
                 return self._suspend(off, -1, argv, n + 1)
             k = _parse_len(buf[off + 1 : nl], True)
-            if k is None:
+            if k is None or k > _INT_MAX:
                 raise ProtocolError("invalid multibulk length")
             off = nl + 2
-            if k <= 0:  # "*0" and "*-1": nothing to run (the server ignores them too)
+            if k <= 0:  # "*0" and "*-1" or "*-10": nothing to run (the server ignores them too)
                 return off
             if k > lim.max_array_len:
                 raise ProtocolError("too big multibulk count")
@@ -501,7 +510,7 @@ class ReplyFramer:
     attribute is there for the caller to record what the session negotiated.
     """
 
-    def __init__(self, protocol: int = 2, *, max_line: int = _MiB, max_depth: int = 64) -> None:
+    def __init__(self, protocol: int = 2, *, max_line: int = _MiB, max_depth: int = 100_000) -> None:
         self.protocol = protocol
         self.max_line = max_line
         self.max_depth = max_depth

@@ -43,7 +43,17 @@ from opentelemetry import trace
 from services.common.rbac import DatabaseAccess, Decision, RoleSet
 from services.dbproxy import commands as cmdtable
 from services.dbproxy import metrics as dbmetrics
-from services.dbproxy.commands import KNOWN_NAMES, audit_args, lookup, referenced_dbs
+from services.dbproxy.commands import (
+    KNOWN_NAMES,
+    SCRIPT_CALLABLE,
+    SCRIPT_RUNNERS,
+    audit_args,
+    lookup,
+    own_client_lines,
+    proxy_refusal,
+    redact_config_reply,
+    referenced_dbs,
+)
 from services.dbproxy.limits import ProxyLimits
 from services.dbproxy.metrics import ProxyMetrics
 from services.dbproxy.resp import (
@@ -173,19 +183,22 @@ class _Entry:
     """Replies expected from upstream, in order. ``plain`` entries are run-length merged.
     ``local``: bytes written to the client when this entry completes (after its frames,
     or at once when ``n`` is 0). ``swallow``: its frames are not forwarded. ``hook``:
-    called as ``hook(kind, done)`` for each of its reply frames."""
+    called as ``hook(kind, done)`` for each of its reply frames. ``transform``: each
+    reply frame is held whole and what ``transform(frame)`` returns goes in its place
+    (CONFIG GET without secrets, CLIENT LIST without other connections)."""
 
-    __slots__ = ("n", "plain", "local", "swallow", "hook", "push")
+    __slots__ = ("n", "plain", "local", "swallow", "hook", "push", "transform")
 
     def __init__(self, n: int, plain: bool = True, local: bytes | None = None,
                  swallow: bool = False, hook: Callable[[str, bool], None] | None = None,
-                 push: bool = False) -> None:
+                 push: bool = False, transform: Callable[[bytes], bytes] | None = None) -> None:
         self.n = n
         self.plain = plain
         self.local = local
         self.swallow = swallow
         self.hook = hook
         self.push = push  # RESP3 (un)subscribe: counts its confirmation push frames
+        self.transform = transform
 
 
 _OOB_KINDS = frozenset((">", "|"))
@@ -195,7 +208,9 @@ _CONFIRMATIONS = frozenset((b"subscribe", b"psubscribe", b"ssubscribe",
 _EXECABORT = encode_error("EXECABORT Transaction discarded because of previous errors.")
 _OK = b"+OK\r\n"
 _MAX_HELD = 1 << 20
+_MAX_TRANSFORMED = 64 << 20  # a CLIENT LIST of many thousand connections fits
 
+_REPLY_OFF, _REPLY_SKIP = 1, 2
 _SUBSCRIBE = {"SUBSCRIBE": 0, "PSUBSCRIBE": 1, "SSUBSCRIBE": 2}
 _UNSUBSCRIBE = {"UNSUBSCRIBE": 0, "PUNSUBSCRIBE": 1, "SUNSUBSCRIBE": 2}
 
@@ -244,12 +259,17 @@ class Session:
         self._multi_bad = False
         self._subs: tuple[set[bytes], set[bytes], set[bytes]] = (set(), set(), set())
         self._monitor_cmd = False
+        # CLIENT REPLY: 0 on, _REPLY_OFF, or _REPLY_SKIP (this command's reply is skipped);
+        # while not on, the proxy expects no reply and gives none of its own.
+        self._noreply = 0
+        self._skip_next = False
         self._closing = False
         self._logical_db = max(ctx.logical_db, 0)
         # A route without a logical database connects to 0 without checking db_names
         # (users without db_names traits can connect); SELECT is always checked.
         self._initial_db: int | None = ctx.logical_db if (ctx.db_name or "").strip() else None
         self._access_cache: dict[int | None, DatabaseAccess] = {}
+        self._script_check: tuple[DatabaseAccess, bool] | None = None
         self._access = self._access_for(self._initial_db)
         # Reply side state.
         self._framer = ReplyFramer(max_line=limits.max_reply_line)
@@ -381,6 +401,17 @@ class Session:
                 self._access_cache.clear()
             self._access_cache[logical_db] = acc
         return acc
+
+    def _scripts_allowed(self, name: str) -> bool:
+        """May this session run (or load) scripts? Cached per access (SELECT changes it)."""
+        acc = self._access
+        cached = self._script_check
+        if cached is not None and cached[0] is acc:
+            contained = cached[1]
+        else:
+            contained = acc.every_logical_db and not acc.denies_any(SCRIPT_CALLABLE)
+            self._script_check = (acc, contained)
+        return contained or acc.explicitly_allows(name, ("@scripting",))
 
     # -- audit -------------------------------------------------------------------------------
 
@@ -555,6 +586,8 @@ class Session:
 
     def _local(self, data: bytes) -> None:
         """A reply the proxy gives itself, in its place in the reply stream."""
+        if self._noreply:
+            return
         if not self._q and not self._framer.in_frame and not self._held:
             self._cwriter.write(data)
             self.bytes_out += len(data)
@@ -562,10 +595,15 @@ class Session:
             self._q.append(_Entry(0, False, data))
 
     def _expect(self, n: int, *, local: bytes | None = None, swallow: bool = False,
-                hook: Callable[[str, bool], None] | None = None, push: bool = False) -> None:
+                hook: Callable[[str, bool], None] | None = None, push: bool = False,
+                transform: Callable[[bytes], bytes] | None = None) -> None:
         if n <= 0 and local is None:
             return
-        self._q.append(_Entry(n, False, local, swallow, hook, push))
+        if self._noreply:  # no reply will come: the command is taken to have worked
+            if hook is not None:
+                hook("+", True)
+            return
+        self._q.append(_Entry(n, False, local, swallow, hook, push, transform))
 
     def _deny(self, cmd: Command, name: str, reason: str) -> None:
         self._audit_query(cmd, name, Decision(False, reason))
@@ -592,13 +630,21 @@ class Session:
         for cmd in cmds:
             name = cmd.name
             handler = special.get(name)
-            if handler is not None or self._monitor_cmd:
+            if handler is not None or self._monitor_cmd or self._noreply:
                 if audited:
                     self._aq.commands(now, self._logical_db, audited)
                     audited = []
                 if self._monitor_cmd and name != "QUIT":
                     handler = _Handlers.other_in_monitor
+                elif handler is None:
+                    handler = _Handlers.plain
+                skipping = self._noreply == _REPLY_SKIP
                 handler(self, cmd, out)
+                if skipping and self._noreply == _REPLY_SKIP:
+                    self._noreply = 0
+                if self._skip_next:
+                    self._skip_next = False
+                    self._noreply = _REPLY_SKIP
                 check = self._access.check_command  # SELECT/RESET may have changed it
                 continue
             info = lookup(name, cmd.argv)
@@ -636,8 +682,9 @@ class Session:
         while True:
             data = await read(chunk_size)
             if not data:
-                raise _End("database closed the connection",
-                           "the database closed the connection")
+                # The client's connection closes too, with no invented reply: a client
+                # library then sees a closed connection, as with Redis itself, and reconnects.
+                raise _End("database closed the connection")
             self._last_activity = time.monotonic()
             try:
                 frames = feed(data)
@@ -695,7 +742,15 @@ class Session:
             else:
                 e = q[0]
                 start = end - f.raw_len
-                if e.swallow:
+                if e.transform is not None:
+                    if start > pos:
+                        out.append(data[pos:start])
+                    # A frame begun in an earlier chunk has its start held.
+                    frame = held + data[:end] if start < 0 else data[start:end]
+                    held = b""
+                    pos = end
+                    out.append(e.transform(frame))
+                elif e.swallow:
                     if start > pos:
                         out.append(data[pos:start])
                     held = b""
@@ -723,10 +778,11 @@ class Session:
                     out.append(e.local)
         tail = data[pos:]
         if tail:
-            if q and q[0].swallow and not self._monitor:
+            if q and (q[0].swallow or q[0].transform is not None) and not self._monitor:
                 held += tail
-                if len(held) > _MAX_HELD:
-                    raise _End("bad reply from the database: oversized internal reply")
+                if len(held) > (_MAX_HELD if q[0].transform is None else _MAX_TRANSFORMED):
+                    raise _End("bad reply from the database: oversized internal reply",
+                               "Cachegate ended this session: the reply was too large to check")
             else:
                 if held:
                     out.append(held)
@@ -776,6 +832,13 @@ class _Handlers:
         s._audit_query(cmd, name, None)
         out.append(cmd.raw)
         s._expect(n, **kw)
+
+    @staticmethod
+    def plain(s: Session, cmd: Command, out: list[bytes]) -> None:
+        """A command without protocol meaning, off the hot path (while CLIENT REPLY is off)."""
+        name, ok = _Handlers._rbac(s, cmd)
+        if ok:
+            _Handlers._forward(s, cmd, name, out)
 
     @staticmethod
     def other_in_monitor(s: Session, cmd: Command, out: list[bytes]) -> None:
@@ -868,8 +931,13 @@ class _Handlers:
     def other_db(s: Session, cmd: Command, out: list[bytes]) -> None:
         """MOVE, SWAPDB, COPY ... DB n: the other logical databases must be allowed too."""
         name, ok = _Handlers._rbac(s, cmd)
-        if not ok:
-            return
+        if ok and _Handlers._other_dbs_allowed(s, cmd, name):
+            _Handlers._forward(s, cmd, name, out)
+
+    @staticmethod
+    def _other_dbs_allowed(s: Session, cmd: Command, name: str) -> bool:
+        """The logical databases the command reaches besides the session's own are allowed
+        too; else it is denied (with the reason)."""
         ctx = s.ctx
         for arg in referenced_dbs(cmd.name, cmd.argv):
             n = _parse_int(arg)
@@ -878,7 +946,19 @@ class _Handlers:
             decision = ctx.roles.check_database(ctx.database, ctx.db_labels, ctx.db_user, n)
             if not decision:
                 s._deny(cmd, name, decision.reason)
-                return
+                return False
+        return True
+
+    @staticmethod
+    def flushall(s: Session, cmd: Command, out: list[bytes]) -> None:
+        """FLUSHALL empties every logical database: only for sessions allowed them all."""
+        name, ok = _Handlers._rbac(s, cmd)
+        if not ok:
+            return
+        if not s._access.every_logical_db:
+            s._deny(cmd, name, "FLUSHALL empties every logical database and your roles allow only "
+                    "some of them; use FLUSHDB in each one you may use")
+            return
         _Handlers._forward(s, cmd, name, out)
 
     @staticmethod
@@ -985,6 +1065,8 @@ class _Handlers:
                 s._framer.protocol = 2
 
         s._proto = 2
+        s._noreply = 0  # RESET turns replies back on, and answers
+        s._skip_next = False
         s._in_multi = s._multi_bad = False
         for x in s._subs:
             x.clear()
@@ -1012,7 +1094,72 @@ class _Handlers:
         if not ok:
             return
         if name == "CLIENT|REPLY":
-            s._deny(cmd, name, "CLIENT REPLY is not supported by Cachegate")
+            if s._in_multi:  # queued, it would take effect at EXEC
+                s._deny(cmd, name, "CLIENT REPLY inside MULTI is not supported by Cachegate; "
+                        "send it outside the transaction")
+                return
+            mode = cmd.argv[2].upper() if len(cmd.argv) == 3 else b""
+            if mode == b"ON":
+                s._noreply = 0  # its +OK comes
+            elif mode == b"OFF":
+                s._noreply = _REPLY_OFF
+            elif mode == b"SKIP":
+                if s._noreply != _REPLY_OFF:
+                    s._skip_next = True
+                _Handlers._forward(s, cmd, name, out, n=0)
+                return
+            _Handlers._forward(s, cmd, name, out)
+            return
+        if name == "CLIENT|LIST" and not s._access.explicitly_allows(name, lookup(cmd.name, cmd.argv).categories):
+            # Every session reaches the database as the proxy: other connections are other
+            # people's sessions. Only a role that names CLIENT LIST sees them.
+            if s._in_multi:
+                s._deny(cmd, name, "CLIENT LIST inside MULTI is not supported by Cachegate; "
+                        "send it outside the transaction")
+                return
+            assert s._up is not None
+            client_id = s._up.client_id
+            _Handlers._forward(s, cmd, name, out, transform=lambda f: own_client_lines(f, client_id))
+            return
+        _Handlers._forward(s, cmd, name, out)
+
+    @staticmethod
+    def proxy_business(s: Session, cmd: Command, out: list[bytes]) -> None:
+        """ACL, CONFIG, MIGRATE: what touches the proxy's credentials is refused whatever
+        the roles say; CONFIG GET replies lose the values of secret parameters."""
+        refusal = proxy_refusal(cmd.name, cmd.argv)
+        if refusal is not None:
+            s._deny(cmd, lookup(cmd.name, cmd.argv).name, refusal)
+            return
+        name, ok = _Handlers._rbac(s, cmd)
+        if not ok:
+            return
+        if name == "CONFIG|GET":
+            if s._in_multi:
+                s._deny(cmd, name, "CONFIG GET inside MULTI is not supported by Cachegate; "
+                        "send it outside the transaction")
+                return
+            _Handlers._forward(s, cmd, name, out, transform=redact_config_reply)
+            return
+        if name == "MIGRATE" and not _Handlers._other_dbs_allowed(s, cmd, name):
+            return
+        _Handlers._forward(s, cmd, name, out)
+
+    @staticmethod
+    def script(s: Session, cmd: Command, out: list[bytes]) -> None:
+        """EVAL, FCALL, SCRIPT/FUNCTION LOAD...: Redis runs a script's commands without the
+        proxy seeing them, so scripts run only where they cannot do more than the roles
+        allow (no deny of a command a script may call, every logical database allowed), or
+        where a role allows them explicitly (@scripting or the command by name)."""
+        info = lookup(cmd.name, cmd.argv)
+        name, ok = _Handlers._rbac(s, cmd)
+        if not ok:
+            return
+        if info.name in SCRIPT_RUNNERS and not s._scripts_allowed(info.name):
+            s._deny(cmd, name, f"{name.replace('|', ' ')} is refused by Cachegate: your roles deny "
+                    "some commands or limit the logical databases, and Redis runs a script's commands "
+                    "without the proxy seeing them; ask an administrator for a role that allows "
+                    "@scripting explicitly (see docs/rbac.md)")
             return
         _Handlers._forward(s, cmd, name, out)
 
@@ -1044,6 +1191,7 @@ _SPECIAL: dict[str, Callable[[Session, Command, list[bytes]], None]] = {
     "MOVE": _Handlers.other_db,
     "SWAPDB": _Handlers.other_db,
     "COPY": _Handlers.other_db,
+    "FLUSHALL": _Handlers.flushall,
     "MULTI": _Handlers.multi,
     "EXEC": _Handlers.exec_,
     "DISCARD": _Handlers.discard,
@@ -1057,6 +1205,17 @@ _SPECIAL: dict[str, Callable[[Session, Command, list[bytes]], None]] = {
     "RESET": _Handlers.reset,
     "QUIT": _Handlers.quit,
     "CLIENT": _Handlers.client,
+    "ACL": _Handlers.proxy_business,
+    "CONFIG": _Handlers.proxy_business,
+    "MIGRATE": _Handlers.proxy_business,
+    "EVAL": _Handlers.script,
+    "EVALSHA": _Handlers.script,
+    "EVAL_RO": _Handlers.script,
+    "EVALSHA_RO": _Handlers.script,
+    "FCALL": _Handlers.script,
+    "FCALL_RO": _Handlers.script,
+    "SCRIPT": _Handlers.script,
+    "FUNCTION": _Handlers.script,
     "SYNC": _Handlers.replication,
     "PSYNC": _Handlers.replication,
     "REPLCONF": _Handlers.replication,

@@ -77,6 +77,7 @@ class UpstreamError(Exception):
         self.reason = reason
 
 
+_CLIENT_ID = encode_command("CLIENT", "ID")
 _AUTH_RETRY_CODES = (b"WRONGPASS", b"NOAUTH", b"ERR invalid password", b"ERR invalid username")
 
 
@@ -90,6 +91,7 @@ class Upstream:
     target: UpstreamTarget
     logical_db: int
     auth_command: bytes = field(repr=False, default=b"")
+    client_id: int = -1  # the database's CLIENT ID of this connection (-1: unknown)
 
     def close(self) -> None:
         try:
@@ -175,15 +177,19 @@ async def connect_upstream(
                 if sock is not None:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 auth_cmd = await _authenticate(reader, writer, target, credentials, tracer, on_auth_refused)
-                if logical_db:
-                    writer.write(encode_command("SELECT", str(logical_db)))
-                    (reply,) = await _read_replies(reader, 1)
-                    if isinstance(reply, hiredis.ReplyError):
-                        raise UpstreamError(
-                            f"cannot select logical database {logical_db} on \"{target.name}\": "
-                            f"{_err_text(reply)}",
-                            "select",
-                        )
+                # One round trip: the logical database, and the connection's id (a session is
+                # shown only its own line of CLIENT LIST).
+                setup = [encode_command("SELECT", str(logical_db))] if logical_db else []
+                setup.append(_CLIENT_ID)
+                writer.write(b"".join(setup))
+                replies = await _read_replies(reader, len(setup))
+                if logical_db and isinstance(replies[0], hiredis.ReplyError):
+                    raise UpstreamError(
+                        f"cannot select logical database {logical_db} on \"{target.name}\": "
+                        f"{_err_text(replies[0])}",
+                        "select",
+                    )
+                client_id = replies[-1] if isinstance(replies[-1], int) else -1
             except BaseException:
                 writer.close()
                 raise
@@ -198,7 +204,7 @@ async def connect_upstream(
             f"the connection to {where} failed during setup ({_why(exc)}); check it with: {nc}",
             "unreachable",
         ) from None
-    return Upstream(reader, writer, target, logical_db, auth_cmd)
+    return Upstream(reader, writer, target, logical_db, auth_cmd, client_id)
 
 
 async def _authenticate(

@@ -44,7 +44,32 @@ spec:
   deny:
     db_commands: [FLUSHALL, FLUSHDB, 'CLIENT|KILL', '@dangerous']
 """)
-ROLES = {"limited": LIMITED_ROLE, "access": BUILTIN_ROLES["access"]}
+# Server administration the built-in access role does not cover, named explicitly.
+OPS_ROLE = load_role_yaml("""
+kind: role
+version: v1
+metadata: {name: ops}
+spec:
+  allow:
+    db_labels: {'*': '*'}
+    db_users: ['{{internal.db_users}}']
+    db_names: ['{{internal.db_names}}']
+    db_commands: ['*', MONITOR, 'CLIENT|LIST', 'CLIENT|KILL', 'CONFIG|SET', DEBUG]
+""")
+# Scripts despite a narrower command set: an administrator's explicit choice.
+SCRIPTER_ROLE = load_role_yaml("""
+kind: role
+version: v1
+metadata: {name: scripter}
+spec:
+  allow:
+    db_labels: {'*': '*'}
+    db_users: ['{{internal.db_users}}']
+    db_names: ['{{internal.db_names}}']
+    db_commands: ['@scripting']
+""")
+ROLES = {"limited": LIMITED_ROLE, "access": BUILTIN_ROLES["access"], "ops": OPS_ROLE,
+         "scripter": SCRIPTER_ROLE}
 
 
 

@@ -310,7 +310,7 @@ def test_monitor(proxy, certs, alice):
     r = denied.read(2)
     assert 'MONITOR denied by role "limited" (deny @dangerous)' in str(r[0]) and r[1] == b"PONG"
     denied.close()
-    admin = certs.user_cert("admin", roles=("access",))
+    admin = certs.user_cert("admin", roles=("ops",))
     mon = proxy.raw(admin)
     mon.send(C("MONITOR"))
     assert mon.read(1) == [b"OK"]

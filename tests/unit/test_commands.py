@@ -82,3 +82,35 @@ def test_limits_from_config():
         ProxyLimits.from_mapping({"nope": 1})
     with pytest.raises(ValueError):
         ProxyLimits.from_mapping({"max_bulk_len": "lots"})
+
+
+def test_command_getkeys_masks_the_inner_commands_secrets():
+    assert audit_args("COMMAND", [b"COMMAND", b"GETKEYS", b"AUTH", b"pw"]) == ["COMMAND", "GETKEYS", "AUTH", REDACTED]
+    assert audit_args("COMMAND", [b"COMMAND", b"GETKEYS", b"GET", b"k"]) == ["COMMAND", "GETKEYS", "GET", "k"]
+
+
+def test_proxy_refusals_follow_redis_parsing():
+    from services.dbproxy.commands import proxy_refusal
+
+    assert proxy_refusal("MIGRATE", [b"MIGRATE", b"h", b"1", b"", b"0", b"5", b"KEYS", b"auth", b"x"]) is None
+    assert "MIGRATE with AUTH" in proxy_refusal("MIGRATE", [b"MIGRATE", b"h", b"1", b"k", b"0", b"5", b"AUTH", b"pw"])
+    assert "CONFIG SET requirepass" in proxy_refusal("CONFIG", [b"config", b"set", b"RequirePass", b"x"])
+    assert proxy_refusal("CONFIG", [b"CONFIG", b"SET", b"maxmemory", b"1"]) is None
+    assert proxy_refusal("CONFIG", [b"CONFIG", b"GET", b"requirepass"]) is None
+    assert "ACL SETUSER" in proxy_refusal("ACL", [b"ACL", b"setuser", b"x"])
+    assert proxy_refusal("ACL", [b"ACL", b"WHOAMI"]) is None
+
+
+def test_reply_rewrites():
+    from services.dbproxy.commands import own_client_lines, redact_config_reply
+
+    r2 = b"*4\r\n$11\r\nrequirepass\r\n$3\r\nkey\r\n$4\r\nsave\r\n$0\r\n\r\n"
+    assert redact_config_reply(r2) == b"*4\r\n$11\r\nrequirepass\r\n$10\r\n<redacted>\r\n$4\r\nsave\r\n$0\r\n\r\n"
+    r3 = b"%1\r\n$10\r\nmasterauth\r\n$3\r\nkey\r\n"
+    assert redact_config_reply(r3) == b"%1\r\n$10\r\nmasterauth\r\n$10\r\n<redacted>\r\n"
+    assert redact_config_reply(b"-ERR x\r\n") == b"-ERR x\r\n"
+    assert redact_config_reply(b"*1\r\n:1\r\n").startswith(b"-ERR")  # unexpected: never forwarded unchecked
+    text = b"id=3 addr=a\nid=31 addr=b\nid=4 addr=c\n"
+    assert own_client_lines(b"$%d\r\n%s\r\n" % (len(text), text), 3) == b"$12\r\nid=3 addr=a\n\r\n"
+    verbatim = b"txt:" + text
+    assert own_client_lines(b"=%d\r\n%s\r\n" % (len(verbatim), verbatim), 4) == b"=16\r\ntxt:id=4 addr=c\n\r\n"

@@ -1026,7 +1026,14 @@ def commands_roleset(*entries: str, deny: list[str] | None = None) -> RoleSet:
         (["@READ"], "GET", ["@Read"], True),
         (["@read"], "SET", ["@write", "@slow"], False),
         (["*"], "FLUSHALL", ["@keyspace", "@write", "@slow", "@dangerous"], True),
-        (["@all"], "DEBUG", [], True),
+        (["@all"], "DEBUG", [], False),  # server administration: '*'/@all do not cover it
+        (["*"], "CONFIG|SET", ["@admin", "@slow", "@dangerous"], False),
+        (["*"], "config set", ["@admin"], False),
+        (["*"], "CONFIG|GET", ["@admin", "@slow", "@dangerous"], True),
+        (["*"], "MODULE|LOAD", ["@admin"], False),
+        (["DEBUG"], "DEBUG", [], True),
+        (["CONFIG|SET"], "CONFIG|SET", ["@admin"], True),
+        (["@admin"], "SHUTDOWN", ["@admin", "@slow", "@dangerous"], True),
         (["CLIENT"], "CLIENT|KILL", ["@admin"], True),  # a name covers its subcommands
         (["CLIENT"], "client kill", [], True),
         (["CLIENT|KILL"], "CLIENT KILL", [], True),
@@ -1376,3 +1383,34 @@ def test_example_document_end_to_end():
         and rs.disconnect_expired_cert
         and rs.client_idle_timeout == 1800
     )
+
+
+def test_server_admin_needs_a_role_that_names_it():
+    access = RoleSet([BUILTIN_ROLES["access"]], {"db_users": ["*"], "db_names": ["*"]})
+    acc = access.for_database("d", {"env": "x"}, "default", 0)
+    d = acc.check_command("SHUTDOWN", ("@admin", "@slow", "@dangerous"))
+    assert not d and "server administration" in d.reason and "docs/rbac.md" in d.reason
+    assert acc.check_command("GET", ("@read",)) and acc.check_command("FLUSHALL", ("@write",))
+    ops = role("ops", allow={"db_labels": {"*": "*"}, "db_users": ["*"], "db_names": ["*"],
+                             "db_commands": ["SHUTDOWN", "CLIENT|LIST"]})
+    both = RoleSet([BUILTIN_ROLES["access"], ops], {"db_users": ["*"], "db_names": ["*"]})
+    acc2 = both.for_database("d", {"env": "x"}, "default", 0)
+    assert acc2.check_command("SHUTDOWN", ("@admin",))
+    assert acc2.explicitly_allows("CLIENT|LIST", ("@admin",))
+    assert not acc.explicitly_allows("CLIENT|LIST", ("@admin",))
+    assert acc.explicitly_allows("GET", ("@read",)) is False  # '*' alone is not explicit
+
+
+def test_denies_any_and_every_logical_db():
+    traits = {"db_users": ["*"], "db_names": ["*"]}
+    access = RoleSet([BUILTIN_ROLES["access"]], traits).for_database("d", {}, "default", 0)
+    assert not access.denies_any([("DEL", frozenset({"@write"}))]) and access.every_logical_db
+    narrow = RoleSet([BUILTIN_ROLES["access"]], {"db_users": ["*"], "db_names": ["0"]})
+    assert not narrow.for_database("d", {}, "default", 0).every_logical_db
+    deny = role("nodel", deny={"db_commands": ["DEL"]})
+    acc = RoleSet([BUILTIN_ROLES["access"], deny], traits).for_database("d", {}, "default", 0)
+    assert acc.denies_any([("GET", frozenset({"@read"})), ("DEL", frozenset({"@write"}))])
+    assert not acc.denies_any([("GET", frozenset({"@read"}))])
+    cat = role("nowrite", deny={"db_commands": ["@write"]})
+    acc = RoleSet([BUILTIN_ROLES["access"], cat], traits).for_database("d", {}, "default", 0)
+    assert acc.denies_any([("SET", frozenset({"@write", "@string"}))])
