@@ -621,6 +621,10 @@ async def _prepare_connect(name: str, db_user: str | None, db_name: str | None, 
 # proxy db --tunnel
 
 
+_QUIT = b"*1\r\n$4\r\nQUIT\r\n"
+_QUIT_OK = b"+OK\r\n"
+
+
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     try:
         import uvloop
@@ -650,11 +654,18 @@ class Tunnel:
     """127.0.0.1:PORT (plaintext) -> dbproxy's RESP listener (TLS with a database certificate).
 
     The certificate is renewed at 2/3 of its life; new connections use the newest one.
+
+    Closes pass through at once. When the database side closes, the local connection
+    closes. When the local client closes (or half-closes) its side, TLS cannot carry a
+    half-close, so the tunnel sends the proxy QUIT: the proxy delivers the replies of the
+    commands already sent, answers the QUIT and ends the session, and the tunnel passes
+    everything but that last +OK on. A client that closes ends its proxy session within
+    a round trip, not after a grace period.
     """
 
     PIPE_CHUNK = 256 * 1024
     CONNECT_TIMEOUT = 15.0
-    HALF_CLOSE_GRACE = 2.0
+    QUIT_GRACE = 5.0  # the most the proxy may take to deliver what was pending
 
     def __init__(self, prof: Profile, name: str, db_user: str, db_name: str, *, max_conns: int = 512,
                  ttl: float = 0.0) -> None:
@@ -762,13 +773,14 @@ class Tunnel:
                 lwriter.write(f"-ERR cachegate tunnel: {msg}\r\n".encode())
                 await lwriter.drain()
                 return
-            up = asyncio.create_task(self._pump(lreader, uwriter))
-            down = asyncio.create_task(self._pump(ureader, lwriter))
+            quitting = asyncio.Event()
+            up = asyncio.create_task(self._pump_up(lreader, uwriter, quitting))
+            down = asyncio.create_task(self._pump_down(ureader, lwriter, quitting))
             try:
                 done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
-                if up in done and down not in done:
-                    # The client sent EOF: let replies already on their way arrive.
-                    await asyncio.wait({down}, timeout=self.HALF_CLOSE_GRACE)
+                if up in done and down not in done and quitting.is_set():
+                    # The client closed: the proxy ends the session after the pending replies.
+                    await asyncio.wait({down}, timeout=self.QUIT_GRACE)
             finally:
                 for t in (up, down):
                     t.cancel()
@@ -785,14 +797,40 @@ class Tunnel:
                     with contextlib.suppress(Exception, asyncio.CancelledError):
                         await asyncio.wait_for(w.wait_closed(), 2)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump_up(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       quitting: asyncio.Event) -> None:
+        """Local client -> proxy; at the client's EOF, QUIT (see the class doc)."""
         try:
             while True:
                 data = await reader.read(self.PIPE_CHUNK)
                 if not data:
+                    quitting.set()
+                    writer.write(_QUIT)
+                    await writer.drain()
                     return
                 writer.write(data)
                 await writer.drain()
+        except (ConnectionError, OSError, ssl.SSLError):
+            return
+
+    async def _pump_down(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         quitting: asyncio.Event) -> None:
+        """Proxy -> local client. Once QUIT was sent the last bytes are held back, so that
+        its +OK, which ends the stream, is not passed on."""
+        held = b""
+        try:
+            while True:
+                data = await reader.read(self.PIPE_CHUNK)
+                if not data:
+                    if held and held != _QUIT_OK:
+                        writer.write(held)
+                    return
+                if quitting.is_set():
+                    data = held + data
+                    held, data = data[-len(_QUIT_OK):], data[:-len(_QUIT_OK)]
+                if data:
+                    writer.write(data)
+                    await writer.drain()
         except (ConnectionError, OSError, ssl.SSLError):
             return
 

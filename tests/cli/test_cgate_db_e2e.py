@@ -3,6 +3,7 @@ auth and dbproxy processes to a real TLS redis-server with requirepass."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import re
@@ -191,7 +192,9 @@ def test_login_config_connect_logout(c):
     assert res.returncode == 1 and f"cgate db login {DB}" in res.stderr
 
 
-def test_tunnel(c, tmp_path):
+@contextlib.contextmanager
+def tunnel(c, tmp_path):
+    """`cgate proxy db --tunnel` running; yields (port, stdout file, stderr file, process)."""
     out = tmp_path / "tunnel.out"
     err = tmp_path / "tunnel.err"
     with open(out, "wb") as fo, open(err, "wb") as fe:
@@ -209,6 +212,72 @@ def test_tunnel(c, tmp_path):
                 raise AssertionError(f"tunnel did not start ({proc.poll()}):\n{out.read_text()}\n{err.read_text()}")
             else:
                 time.sleep(0.1)
+        yield port, out, err, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+
+
+def direct_client(c):
+    import redis
+
+    return redis.Redis(host="127.0.0.1", port=c.redis["port"], password=REDIS_PASSWORD, ssl=True,
+                       ssl_ca_certs=c.redis["ca"], socket_timeout=10)
+
+
+def test_tunnel_passes_closes_through_at_once(c, tmp_path):
+    """A client that opens and closes connections often: each close ends its proxy session
+    at once (no session limit reached, no subscriber or client left behind)."""
+    import socket
+
+    direct = direct_client(c)
+    with tunnel(c, tmp_path) as (port, _, err, proc):
+        baseline = len(direct.client_list())
+        for i in range(1000):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            if i % 10 == 0:
+                s.sendall(b"*2\r\n$9\r\nSUBSCRIBE\r\n$6\r\nfid:ch\r\n")
+                want = b"*3\r\n$9\r\nsubscribe\r\n$6\r\nfid:ch\r\n:1\r\n"
+            else:
+                s.sendall(b"*1\r\n$4\r\nPING\r\n")
+                want = b"+PONG\r\n"
+            got = b""
+            while len(got) < len(want):
+                chunk = s.recv(4096)
+                assert chunk, f"connection {i} closed early after {got!r}"
+                got += chunk
+            assert got == want, (i, got)
+            if i % 10 == 0:
+                assert direct.pubsub_numsub("fid:ch") == [(b"fid:ch", 1)]
+            s.close()
+            deadline = time.monotonic() + 0.5
+            while True:  # as against Redis itself: gone once closed (a round trip through the proxy)
+                numsub = direct.pubsub_numsub("fid:ch")[0][1]
+                clients = len(direct.client_list())
+                if (numsub, clients) == (0, baseline) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.002)
+            assert (numsub, clients) == (0, baseline), f"after connection {i}"
+        # Pipelined commands then a half-close: every reply arrives, and nothing more.
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"SET e2e:half 1\r\nINCR e2e:half\r\nGET e2e:half\r\n")
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := s.recv(4096):
+            got += chunk
+        assert got == b"+OK\r\n:2\r\n$1\r\n2\r\n"
+        s.close()
+        assert "too many" not in err.read_text()
+    direct.close()
+
+
+def test_tunnel(c, tmp_path):
+    with tunnel(c, tmp_path) as (port, out, err, proc):
         assert f"redis-cli -p {port}" in out.read_text()
 
         # Plaintext on loopback, no certificate, no password.
@@ -229,12 +298,7 @@ def test_tunnel(c, tmp_path):
         assert pipe.execute()[-1] == 500
         for cl in clients:
             cl.close()
-    finally:
         proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        rc = proc.wait(15)
     assert rc == 0, err.read_text()
     assert "Stopping the tunnel" in err.read_text()
