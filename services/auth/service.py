@@ -66,6 +66,7 @@ MESH_POLICY = Policy({
     m(USERS, "RedeemInvite"): rule(HOST_DBPROXY),
     m(USERS, "Login"): rule(HOST_DBPROXY),
     m(USERS, "GenerateDatabaseCert"): rule(USER),
+    m(USERS, "WatchUsers"): rule(HOST_DBPROXY),
     m(ROLES, "UpsertRole"): rule(ADMIN, resource="role", verb="create"),
     m(ROLES, "GetRole"): rule(ADMIN, HOST_DBPROXY, resource="role", verb="read"),
     m(ROLES, "ListRoles"): rule(ADMIN, HOST_DBPROXY, resource="role", verb="list"),

@@ -34,6 +34,7 @@ from services.auth.locks import LockStore, locked_message
 from services.auth.ratelimit import FailureLimiter
 from services.auth.roles import RoleStore
 from services.auth.state import ADMIN_USER, AuthState
+from services.auth.watch import Subscription, WatchOverflow
 from services.common import authz, rbac
 from services.common.grpcutil import from_dur, paginate, ts
 from services.common.pki import cert_to_pem, load_csr
@@ -121,6 +122,16 @@ def user_proto(doc: dict) -> types_pb2.User:
     return types_pb2.User(name=doc["name"], roles=doc["roles"], db_users=doc["db_users"], db_names=doc["db_names"],
                           create_time=ts(doc["created"]), has_password=bool(doc.get("password_hash")),
                           totp_enabled=bool(doc.get("totp_secret")))
+
+
+def user_access(doc: dict) -> user_service_pb2.UserAccess:
+    """What dbproxy may know of a user: name, roles and traits, nothing else."""
+    return user_service_pb2.UserAccess(name=doc["name"], roles=doc["roles"], db_users=doc["db_users"],
+                                       db_names=doc["db_names"])
+
+
+def _access_key(doc: dict) -> tuple:
+    return tuple(doc["roles"]), tuple(doc["db_users"]), tuple(doc["db_names"])
 
 
 def fmt_seconds(seconds: float) -> str:
@@ -291,6 +302,42 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         token, expires = await self.users.new_invite(name, self.acfg.invite_ttl, "reset")
         await self.audit.emit("user.reset", caller.name, caller.source_addr(), user=name)
         return user_service_pb2.ResetUserResponse(invite=user_service_pb2.Invite(token=token, expire_time=ts(expires)))
+
+    async def WatchUsers(self, request, context):
+        """Every user's roles and traits, INIT_DONE, then changes to them. Writes that change
+        nothing dbproxy needs (a password, a TOTP time step) send nothing."""
+        put, delete = types_pb2.WATCH_EVENT_TYPE_PUT, types_pb2.WATCH_EVENT_TYPE_DELETE
+        sent: dict[str, tuple] = {}
+        with Subscription(self.state.backend, USERS) as sub:
+            for doc in sorted(await self.users.list(), key=lambda d: d["name"]):
+                sent[doc["name"]] = _access_key(doc)
+                yield user_service_pb2.WatchUsersResponse(type=put, user=user_access(doc))
+            yield user_service_pb2.WatchUsersResponse(type=types_pb2.WATCH_EVENT_TYPE_INIT_DONE)
+            while True:
+                try:
+                    change = await sub.get()
+                except WatchOverflow:
+                    await context.abort(grpc.StatusCode.ABORTED, "the user watch fell behind: watch again")
+                name = change.key[len(USERS):]
+                if change.kind == "delete":
+                    if sent.pop(name, None) is not None:
+                        yield user_service_pb2.WatchUsersResponse(type=delete,
+                                                                  user=user_service_pb2.UserAccess(name=name))
+                    continue
+                try:
+                    doc = json.loads(change.value)
+                    key = _access_key(doc)
+                except (ValueError, KeyError, TypeError):
+                    # Deny by default: a record that cannot be read gives its user no access.
+                    log.error("stored user is not valid; dbproxy treats it as deleted", extra={"user": name})
+                    if sent.pop(name, None) is not None:
+                        yield user_service_pb2.WatchUsersResponse(type=delete,
+                                                                  user=user_service_pb2.UserAccess(name=name))
+                    continue
+                if sent.get(name) == key:
+                    continue
+                sent[name] = key
+                yield user_service_pb2.WatchUsersResponse(type=put, user=user_access(doc))
 
     # --- invites -----------------------------------------------------------------------------
     async def RedeemInvite(self, request, context):

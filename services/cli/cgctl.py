@@ -216,7 +216,7 @@ async def users_update(
     db_users: Optional[str] = typer.Option(None, "--db-users", "--set-db-users", help="Replace the db users."),
     db_names: Optional[str] = typer.Option(None, "--db-names", "--set-db-names", help="Replace the db names."),
 ):
-    """Change a user's roles or database traits (they apply from the next login)."""
+    """Change a user's roles or database traits (live sessions follow within seconds)."""
     mask, user = [], types_pb2.User(name=name)
     for field, value in (("roles", roles), ("db_users", db_users), ("db_names", db_names)):
         if value is not None:

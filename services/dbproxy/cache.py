@@ -1,8 +1,13 @@
-"""dbproxy's view of auth's registry: databases, roles and locks.
+"""dbproxy's view of auth's registry: databases, roles, users and locks.
 
 Each is followed with auth's Watch RPC (current state first, then changes).
 When the stream breaks, the last known state stays in use while the watcher
 reconnects with backoff, so dbproxy keeps serving while auth is away.
+
+``on_change(kind, changes)`` is told of every applied change to databases,
+roles or users (``changes``: ``(name, before, after)``, None for absent), both
+single events and the difference a re-sync (INIT_DONE) makes, so that live
+sessions can follow them.
 """
 
 from __future__ import annotations
@@ -11,11 +16,12 @@ import asyncio
 import logging
 import random
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import grpc
 
-from cachegate.auth.v1 import database_service_pb2, lock_service_pb2, role_service_pb2
+from cachegate.auth.v1 import database_service_pb2, lock_service_pb2, role_service_pb2, user_service_pb2
 from cachegate.types.v1 import types_pb2
 from services.common import rbac
 from services.common.authclient import AuthClient
@@ -28,16 +34,40 @@ log = logging.getLogger("cachegate.dbproxy.cache")
 PUT, DELETE, INIT_DONE = (types_pb2.WATCH_EVENT_TYPE_PUT, types_pb2.WATCH_EVENT_TYPE_DELETE,
                           types_pb2.WATCH_EVENT_TYPE_INIT_DONE)
 
+Changes = list[tuple[str, Any, Any]]
+
+
+@dataclass(frozen=True)
+class UserAccess:
+    """A user as auth has it now: the roles they hold and their traits."""
+
+    name: str
+    roles: tuple[str, ...]
+    db_users: tuple[str, ...]
+    db_names: tuple[str, ...]
+
+    @classmethod
+    def from_proto(cls, u: user_service_pb2.UserAccess) -> UserAccess:
+        return cls(u.name, tuple(u.roles), tuple(u.db_users), tuple(u.db_names))
+
+
+def _diff(old: dict, new: dict) -> Changes:
+    return [(n, old.get(n), new.get(n)) for n in sorted(old.keys() | new.keys()) if old.get(n) != new.get(n)]
+
 
 class ClusterCache:
-    def __init__(self, auth: AuthClient, on_lock: Callable[[types_pb2.Lock], None] | None = None):
+    def __init__(self, auth: AuthClient, on_lock: Callable[[types_pb2.Lock], None] | None = None,
+                 on_change: Callable[[str, Changes], None] | None = None):
         self.auth = auth
         self.databases: dict[str, types_pb2.Database] = {}
         self.roles: dict[str, rbac.Role] = dict(rbac.BUILTIN_ROLES)
+        self.users: dict[str, UserAccess] = {}
         self.locks: dict[str, types_pb2.Lock] = {}
         self.on_lock = on_lock
-        self.ready = {"databases": asyncio.Event(), "roles": asyncio.Event(), "locks": asyncio.Event()}
-        self.connected = {"databases": False, "roles": False, "locks": False}
+        self.on_change = on_change
+        kinds = ("databases", "roles", "users", "locks")
+        self.ready = {k: asyncio.Event() for k in kinds}
+        self.connected = dict.fromkeys(kinds, False)
         self._tasks: list[asyncio.Task] = []
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -47,6 +77,8 @@ class ClusterCache:
                                              database_service_pb2.WatchDatabasesRequest(), self._on_database)),
             asyncio.create_task(self._follow("roles", self.auth.roles.WatchRoles,
                                              role_service_pb2.WatchRolesRequest(), self._on_role)),
+            asyncio.create_task(self._follow("users", self.auth.users.WatchUsers,
+                                             user_service_pb2.WatchUsersRequest(), self._on_user)),
             asyncio.create_task(self._follow("locks", self.auth.locks.WatchLocks,
                                              lock_service_pb2.WatchLocksRequest(), self._on_lock)),
         ]
@@ -99,30 +131,64 @@ class ClusterCache:
             await asyncio.sleep(backoff + random.uniform(0, backoff / 2))
             backoff = min(backoff * 2, 15.0)
 
+    def _changed(self, kind: str, changes: Changes) -> None:
+        if changes and self.on_change is not None:
+            try:
+                self.on_change(kind, changes)
+            except Exception:  # noqa: BLE001 - following auth must go on
+                log.exception("re-evaluating sessions after a change to %s failed", kind)
+
     # --- appliers: event=None with replace=True installs ``fresh`` as the whole state ---------
     def _on_database(self, event, fresh: dict | None, replace: bool = False) -> None:
         if replace:
-            self.databases = fresh or {}
+            old, self.databases = self.databases, fresh or {}
+            self._changed("databases", _diff(old, self.databases))
             return
         target = fresh if fresh is not None else self.databases
+        name = event.database.name
+        before = target.get(name)
         if event.type == PUT:
-            target[event.database.name] = event.database
+            target[name] = event.database
         elif event.type == DELETE:
-            target.pop(event.database.name, None)
+            target.pop(name, None)
+        if fresh is None and before != target.get(name):
+            self._changed("databases", [(name, before, target.get(name))])
 
     def _on_role(self, event, fresh: dict | None, replace: bool = False) -> None:
         if replace:
-            self.roles = dict(rbac.BUILTIN_ROLES) | (fresh or {})
+            old, self.roles = self.roles, dict(rbac.BUILTIN_ROLES) | (fresh or {})
+            self._changed("roles", _diff(old, self.roles))
             return
         target = fresh if fresh is not None else self.roles
+        name = event.role.name
+        before = target.get(name)
         if event.type == PUT:
             try:
-                target[event.role.name] = role_from_proto(event.role)
+                target[name] = role_from_proto(event.role)
             except rbac.RoleError as exc:
-                log.error("ignoring a role auth sent that does not validate", extra={"role": event.role.name,
+                # Deny by default: a role that does not validate grants nothing.
+                target.pop(name, None)
+                log.error("ignoring a role auth sent that does not validate", extra={"role": name,
                                                                                       "error": str(exc)})
-        elif event.type == DELETE and not rbac.is_builtin(event.role.name):
-            target.pop(event.role.name, None)
+        elif event.type == DELETE and not rbac.is_builtin(name):
+            target.pop(name, None)
+        if fresh is None and before != target.get(name):
+            self._changed("roles", [(name, before, target.get(name))])
+
+    def _on_user(self, event, fresh: dict | None, replace: bool = False) -> None:
+        if replace:
+            old, self.users = self.users, fresh or {}
+            self._changed("users", _diff(old, self.users))
+            return
+        target = fresh if fresh is not None else self.users
+        name = event.user.name
+        before = target.get(name)
+        if event.type == PUT:
+            target[name] = UserAccess.from_proto(event.user)
+        elif event.type == DELETE:
+            target.pop(name, None)
+        if fresh is None and before != target.get(name):
+            self._changed("users", [(name, before, target.get(name))])
 
     def _on_lock(self, event, fresh: dict | None, replace: bool = False) -> None:
         if replace:
@@ -144,6 +210,17 @@ class ClusterCache:
         roles = [self.roles[n] for n in identity.roles if n in self.roles]
         traits = {"db_users": list(identity.db_users), "db_names": list(identity.db_names)}
         return rbac.RoleSet(roles, traits)
+
+    def access_roleset(self, identity: types_pb2.Identity) -> rbac.RoleSet | None:
+        """What a user certificate allows now: the certificate's roles that the user still
+        holds (a role added to the user does not widen an existing certificate), as they are
+        defined now, with the user's current traits. None: the user no longer exists."""
+        user = self.users.get(identity.name)
+        if user is None:
+            return None
+        held = set(user.roles)
+        roles = [self.roles[n] for n in identity.roles if n in held and n in self.roles]
+        return rbac.RoleSet(roles, {"db_users": list(user.db_users), "db_names": list(user.db_names)})
 
     def lock_for(self, user: str, roles) -> types_pb2.Lock | None:
         now = time.time()

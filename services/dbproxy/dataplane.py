@@ -5,12 +5,19 @@ identity and its route come from the certificate only; the database, the
 roles and the locks come from auth's registry (followed by
 :class:`~services.dbproxy.cache.ClusterCache`). The session checks locks and
 RBAC before any upstream connection; a refusal is one line the client prints.
+
+Live sessions follow the cluster: when a role, a user or a database record changes
+(one event or a re-sync), every session it touches is re-evaluated with what its
+certificate allows now (:meth:`ClusterCache.access_roleset`) and either goes on with
+the new access from its next command or ends with a line that names the change.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -18,7 +25,7 @@ import grpc
 from cachegate.auth.v1 import audit_service_pb2
 from cachegate.dbproxy.v1 import proxy_service_pb2, proxy_service_pb2_grpc
 from cachegate.types.v1 import types_pb2
-from services.common import authz
+from services.common import authz, rbac
 from services.common.authclient import AuthClient
 from services.common.authz import CertVerifier
 from services.common.config import DbProxyServiceConfig, split_hostport
@@ -26,14 +33,49 @@ from services.common.creds import Creds
 from services.common.grpcutil import dur, paginate, ts
 from services.common.locks import lock_applies, locked_message
 from services.dbproxy.auditspool import AuditRejected, AuditSpool
-from services.dbproxy.cache import ClusterCache
+from services.dbproxy.cache import Changes, ClusterCache
 from services.dbproxy.keys import AzureKeyCache, credentials_for
 from services.dbproxy.limits import ProxyLimits
 from services.dbproxy.listener import Refused, RespListener, server_ssl_context
-from services.dbproxy.session import SessionContext
+from services.dbproxy.session import Session, SessionContext
 from services.dbproxy.upstream import UpstreamTarget
 
 log = logging.getLogger("cachegate.dbproxy")
+
+
+@dataclass(eq=False)
+class ClusterSessionContext(SessionContext):
+    """A session's context with the verified certificate's identity it was built from, so
+    that the session can be re-evaluated when the cluster changes."""
+
+    identity: types_pb2.Identity | None = None
+
+    __hash__ = object.__hash__  # by identity (kept in a WeakSet)
+
+
+def change_reason(kind: str, name: str, before, after) -> str | None:
+    """The change, as the one line a session it ends is told; None: nothing a session
+    depends on changed."""
+    if kind == "roles":
+        if after is None:
+            return f'role "{name}" was deleted'
+        return f'role "{name}" was created' if before is None else f'role "{name}" changed'
+    if kind == "users":
+        if after is None:
+            return f"user {name} was deleted"
+        if before is None:
+            return f"user {name} was added"
+        what = [w for w, changed in (("roles", before.roles != after.roles),
+                                     ("traits", (before.db_users, before.db_names) !=
+                                      (after.db_users, after.db_names))) if changed]
+        return f"user {name}'s {' and '.join(what)} changed" if what else None
+    if kind == "databases":
+        if after is None:
+            return f'database "{name}" was removed'
+        if before is not None and dict(before.labels) != dict(after.labels):
+            return f'database "{name}" labels changed'
+        return None
+    return None
 
 
 class DataPlane:
@@ -43,7 +85,10 @@ class DataPlane:
         self.creds = creds
         self.verifier = verifier
         self.limits = ProxyLimits.from_mapping(pcfg.limits.set_values())
-        self.cache = ClusterCache(auth, on_lock=self._on_lock)
+        self.cache = ClusterCache(auth, on_lock=self._on_lock, on_change=self._on_change)
+        # Contexts handed to the listener: a change that lands between ``authorize`` and the
+        # session joining ``listener.sessions`` is applied to the context itself.
+        self._contexts: weakref.WeakSet[ClusterSessionContext] = weakref.WeakSet()
         self.azure_keys = AzureKeyCache(pcfg.azure_endpoints)
         spool_dir = Path(pcfg.audit_spool_dir) if pcfg.audit_spool_dir else folder / "audit-spool"
 
@@ -108,12 +153,17 @@ class DataPlane:
             raise Refused("this certificate names no database: run `cgate db login DATABASE` and use its certificate")
         if not self.cache.connected["databases"] and not self.cache.ready["databases"].is_set():
             raise Refused("the proxy has not loaded the database list from auth yet; try again in a moment")
+        if not self.cache.ready["users"].is_set():
+            raise Refused("the proxy has not loaded the user list from auth yet; try again in a moment")
         db = self.cache.databases.get(route.service_name)
         if db is None:
             raise LookupError(f'database "{route.service_name}" is not registered: see `cgate db ls`')
-        # Locks and RBAC (labels, db user, db name) are checked by the session itself before it
-        # connects upstream, and audited and counted there with their reason.
-        roles = self.cache.roleset(ident)
+        # The certificate's roles the user still holds, as defined now, with the user's traits
+        # now. Locks and RBAC (labels, db user, db name) are checked by the session itself
+        # before it connects upstream, and audited and counted there with their reason.
+        roles = self.cache.access_roleset(ident)
+        if roles is None:
+            raise Refused(f'user "{ident.name}" does not exist (it may have been deleted): ask an administrator')
         labels = dict(db.labels)
         user, role_names = ident.name, list(ident.roles)
 
@@ -121,10 +171,67 @@ class DataPlane:
             lk = self.cache.lock_for(user, role_names)
             return locked_message(lk, user) if lk is not None else None
 
-        return SessionContext(
+        ctx = ClusterSessionContext(
             user=user, database=db.name, db_user=route.db_user, db_name=route.db_name, roles=roles,
             db_labels=labels, target=self.target_for(db), credentials=credentials_for(db, self.azure_keys),
-            lock_check=lock_check, extra_audit_fields={"db_uri": db.uri})
+            lock_check=lock_check, extra_audit_fields={"db_uri": db.uri}, identity=ident)
+        self._contexts.add(ctx)
+        return ctx
+
+    # --- live sessions follow the cluster ------------------------------------------------------
+    def _on_change(self, kind: str, changes: Changes) -> None:
+        """Re-evaluate the sessions a change to roles, users or databases touches."""
+        reasons: dict[str, str] = {}
+        for name, before, after in changes:
+            reason = change_reason(kind, name, before, after)
+            if reason is not None:
+                reasons[name] = reason
+        if not reasons:
+            return
+
+        def touched(ctx: ClusterSessionContext) -> str | None:
+            if kind == "users":
+                return reasons.get(ctx.user)
+            if kind == "databases":
+                return reasons.get(ctx.database)
+            return next((reasons[r] for r in ctx.identity.roles if r in reasons), None)
+
+        live: set[int] = set()
+        n = 0
+        for s in list(self.listener.sessions):
+            ctx = s.ctx
+            if not isinstance(ctx, ClusterSessionContext) or ctx.identity is None:
+                continue
+            live.add(id(ctx))
+            reason = touched(ctx)
+            if reason is not None:
+                n += 1
+                self._reevaluate(s, reason)
+        for ctx in list(self._contexts):
+            if id(ctx) not in live and ctx.identity is not None and touched(ctx) is not None:
+                roles, labels, _ = self._access_now(ctx)
+                ctx.roles, ctx.db_labels = roles, labels
+        if n:
+            log.info("re-evaluated live sessions after a change", extra={"kind": kind, "sessions": n,
+                                                                        "changed": sorted(reasons)[:20]})
+
+    def _access_now(self, ctx: ClusterSessionContext) -> tuple[rbac.RoleSet, dict, str | None]:
+        """(roles, database labels, why the session must end regardless of roles or None)."""
+        db = self.cache.databases.get(ctx.database)
+        roles = self.cache.access_roleset(ctx.identity) if db is not None else None
+        if db is None:
+            return rbac.RoleSet([]), {}, f'database "{ctx.database}" was removed'
+        if roles is None:
+            return rbac.RoleSet([]), dict(db.labels), f"user {ctx.user} was deleted"
+        return roles, dict(db.labels), None
+
+    def _reevaluate(self, s: Session, reason: str) -> None:
+        roles, labels, gone = self._access_now(s.ctx)
+        if gone is not None:
+            s.terminate(gone)
+            s.update_access(roles, labels, gone)  # and nothing is allowed meanwhile
+            return
+        s.update_access(roles, labels, reason)
 
     def _on_lock(self, lock: types_pb2.Lock) -> None:
         hits = [s for s in list(self.listener.sessions) if lock_applies(lock, s.user, s.role_names)]

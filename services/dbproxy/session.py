@@ -320,6 +320,23 @@ class Session:
         elif not self._stop.done():
             self._stop.set_result(end)
 
+    def update_access(self, roles: RoleSet, db_labels: Mapping[str, str], reason: str) -> None:
+        """Re-evaluate the session with ``roles`` and the database's ``db_labels`` as they are
+        now (``reason``, one line, names the change: ``role "x" was deleted``). The next
+        command is checked against them; when they no longer allow the session in its current
+        logical database, it ends with :meth:`terminate`."""
+        ctx = self.ctx
+        # The logical database the current access is for (None: the route's, unchecked).
+        current = next((k for k, acc in self._access_cache.items() if acc is self._access), self._logical_db)
+        access = roles.for_database(ctx.database, db_labels, ctx.db_user, current)
+        ctx.roles = roles
+        ctx.db_labels = db_labels
+        self._access_cache.clear()
+        self._access_cache[current] = access
+        self._access = access
+        if not access.decision:
+            self.terminate(f"{reason}; {access.decision.reason}")
+
     async def run(self) -> None:
         """The whole session; returns when it is over (never raises for I/O errors)."""
         loop = asyncio.get_running_loop()

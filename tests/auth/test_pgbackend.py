@@ -506,3 +506,49 @@ def test_auth_with_unreachable_postgres_fails_with_one_line(tmp_path):
     assert len(errors) == 1, out
     assert f"127.0.0.1:{port}" in errors[0] and "conn_string" in errors[0]
     assert "Sekr1t-x" not in out
+
+
+@pytest.mark.slow
+async def test_watch_users_on_one_auth_process_follows_user_changes_made_on_another(pg_dsn, tmp_path):
+    """HA: dbproxy watches users on one auth process while an administrator changes them on
+    another; the change arrives through PostgreSQL's notifications."""
+    from cachegate.auth.v1 import user_service_pb2 as us
+    from cachegate.types.v1 import types_pb2
+
+    from services.auth.state import AuthState
+    from services.common.config import load_config
+    from tests.auth.conftest import Env
+
+    envs = []
+    for name in ("a", "b"):
+        cfg = load_config(environ={}, data={"data_dir": str(tmp_path / name),
+                                            "auth_service": {"cluster_name": "unit"}})
+        backend = _postgres_backend(pg_dsn)
+        state = AuthState(cfg, backend)
+        await state.init()
+        envs.append(Env(state))
+    a, b = envs
+    try:
+        b.as_admin()
+        await b.call(b.users.CreateUser, us.CreateUserRequest(user=types_pb2.User(name="alice", roles=["access"])))
+        a.as_proxy()
+        stream = a.users.WatchUsers(us.WatchUsersRequest(), a.ctx)
+
+        async def nxt():
+            return await asyncio.wait_for(stream.__anext__(), 10)
+
+        assert [((e := await nxt()).type, e.user.name) for _ in range(2)] == [
+            (types_pb2.WATCH_EVENT_TYPE_PUT, "alice"), (types_pb2.WATCH_EVENT_TYPE_INIT_DONE, "")]
+        b.as_admin()
+        await b.call(b.users.UpdateUser, us.UpdateUserRequest(
+            user=types_pb2.User(name="alice", roles=["auditor"], db_names=["3"]), update_mask=["roles", "db_names"]))
+        ev = await nxt()
+        assert (ev.type, ev.user.name, list(ev.user.roles), list(ev.user.db_names)) == (
+            types_pb2.WATCH_EVENT_TYPE_PUT, "alice", ["auditor"], ["3"])
+        await b.call(b.users.DeleteUser, us.DeleteUserRequest(name="alice"))
+        ev = await nxt()
+        assert (ev.type, ev.user.name) == (types_pb2.WATCH_EVENT_TYPE_DELETE, "alice")
+        await stream.aclose()
+    finally:
+        for e in envs:
+            await e.backend.close()

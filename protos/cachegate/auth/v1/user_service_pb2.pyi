@@ -164,3 +164,27 @@ class GenerateDatabaseCertResponse(_message.Message):
     host_ca_pem: str
     expire_time: _timestamp_pb2.Timestamp
     def __init__(self, cert_pem: _Optional[str] = ..., user_ca_pem: _Optional[str] = ..., host_ca_pem: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class WatchUsersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UserAccess(_message.Message):
+    __slots__ = ("name", "roles", "db_users", "db_names")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLES_FIELD_NUMBER: _ClassVar[int]
+    DB_USERS_FIELD_NUMBER: _ClassVar[int]
+    DB_NAMES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    roles: _containers.RepeatedScalarFieldContainer[str]
+    db_users: _containers.RepeatedScalarFieldContainer[str]
+    db_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., db_users: _Optional[_Iterable[str]] = ..., db_names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class WatchUsersResponse(_message.Message):
+    __slots__ = ("type", "user")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    type: _types_pb2.WatchEventType
+    user: UserAccess
+    def __init__(self, type: _Optional[_Union[_types_pb2.WatchEventType, str]] = ..., user: _Optional[_Union[UserAccess, _Mapping]] = ...) -> None: ...

@@ -80,6 +80,11 @@ class UserServiceStub:
                 request_serializer=cachegate_dot_auth_dot_v1_dot_user__service__pb2.GenerateDatabaseCertRequest.SerializeToString,
                 response_deserializer=cachegate_dot_auth_dot_v1_dot_user__service__pb2.GenerateDatabaseCertResponse.FromString,
                 _registered_method=True)
+        self.WatchUsers = channel.unary_stream(
+                '/cachegate.auth.v1.UserService/WatchUsers',
+                request_serializer=cachegate_dot_auth_dot_v1_dot_user__service__pb2.WatchUsersRequest.SerializeToString,
+                response_deserializer=cachegate_dot_auth_dot_v1_dot_user__service__pb2.WatchUsersResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -144,6 +149,14 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchUsers(self, request, context):
+        """Current users first, then INIT_DONE, then changes to a user's roles or traits (and
+        deletions). For dbproxy, so that live sessions follow the users they belong to.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -191,6 +204,11 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.GenerateDatabaseCert,
                     request_deserializer=cachegate_dot_auth_dot_v1_dot_user__service__pb2.GenerateDatabaseCertRequest.FromString,
                     response_serializer=cachegate_dot_auth_dot_v1_dot_user__service__pb2.GenerateDatabaseCertResponse.SerializeToString,
+            ),
+            'WatchUsers': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchUsers,
+                    request_deserializer=cachegate_dot_auth_dot_v1_dot_user__service__pb2.WatchUsersRequest.FromString,
+                    response_serializer=cachegate_dot_auth_dot_v1_dot_user__service__pb2.WatchUsersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -437,6 +455,33 @@ class UserService:
             '/cachegate.auth.v1.UserService/GenerateDatabaseCert',
             cachegate_dot_auth_dot_v1_dot_user__service__pb2.GenerateDatabaseCertRequest.SerializeToString,
             cachegate_dot_auth_dot_v1_dot_user__service__pb2.GenerateDatabaseCertResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cachegate.auth.v1.UserService/WatchUsers',
+            cachegate_dot_auth_dot_v1_dot_user__service__pb2.WatchUsersRequest.SerializeToString,
+            cachegate_dot_auth_dot_v1_dot_user__service__pb2.WatchUsersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,155 @@
+"""Live sessions follow what dbproxy hears from auth, including what the real cluster cannot
+easily produce on demand: a role deleted while a certificate still names it, and re-syncs
+(INIT_DONE swapping the whole state after a reconnect). The real listener, sessions and
+redis-server; the watch events are handed to dbproxy's cache as its watch streams would."""
+
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from pathlib import Path
+from types import SimpleNamespace
+
+import hiredis
+import pytest
+
+from cachegate.auth.v1 import role_service_pb2, user_service_pb2
+from cachegate.types.v1 import types_pb2
+from services.common import rbac
+from services.common.authz import CertVerifier
+from services.dbproxy.cache import ClusterCache, UserAccess
+from services.dbproxy.dataplane import DataPlane
+from services.dbproxy.listener import RespListener
+from services.dbproxy.resp import encode_command
+
+pytestmark = pytest.mark.slow
+
+DB = "live-db"
+SECRET_ENV = "CACHEGATE_DB_LIVE_ACCESS_TEST"
+PUT, DELETE = types_pb2.WATCH_EVENT_TYPE_PUT, types_pb2.WATCH_EVENT_TYPE_DELETE
+
+
+def role(name: str, deny_commands: tuple[str, ...] = ()) -> rbac.Role:
+    return rbac.Role.from_dict({"kind": "role", "version": "v1", "metadata": {"name": name}, "spec": {
+        "allow": {"db_labels": {"env": "test"}, "db_users": ["{{internal.db_users}}"],
+                  "db_names": ["{{internal.db_names}}"], "db_commands": ["*"]},
+        "deny": {"db_commands": list(deny_commands)} if deny_commands else {}}})
+
+
+@pytest.fixture(scope="module")
+def plane(proxy, certs, redis_server):
+    """dbproxy's DataPlane authorization and change handling on its own listener."""
+    os.environ[SECRET_ENV] = redis_server.password
+    p = DataPlane.__new__(DataPlane)
+    p.pcfg = SimpleNamespace(database_ca_files=[])
+    p.verifier = CertVerifier(certs.server_ca.cert, certs.user_ca.cert)
+    p.azure_keys = None
+    p._contexts = weakref.WeakSet()
+    p.cache = ClusterCache(None, on_change=p._on_change)
+    for ev in p.cache.ready.values():
+        ev.set()
+    p.cache.databases = {DB: types_pb2.Database(
+        name=DB, uri=f"127.0.0.1:{redis_server.port}", tls=True, labels={"env": "test"},
+        ca_cert_pem=Path(certs.path("server-ca.pem")).read_text(), secret_ref=f"env:{SECRET_ENV}")}
+
+    async def start():
+        d = Path(certs.dir)
+        p.listener = RespListener(p.authorize, proxy.spool, cert_pem=(d / "proxy.crt").read_bytes(),
+                                  key_pem=(d / "proxy.key").read_bytes(), client_ca_pem=certs.user_ca.cert_pem,
+                                  limits=proxy.listener.limits)
+        return await p.listener.start()
+
+    p.port = proxy.call(start())
+    yield p
+    proxy.call(p.listener.close(2))
+    os.environ.pop(SECRET_ENV, None)
+
+
+def C(*args: str) -> bytes:
+    return encode_command(*args)
+
+
+def connect(proxy, plane, cert):
+    from tests.dbproxy.conftest import RawClient
+
+    raw = RawClient(plane.port, proxy.certs.path("server-ca.pem"), cert)
+    raw.send(C("PING"))
+    assert raw.read(1) == [b"PONG"]
+    return raw
+
+
+def ended(raw, within: float = 5.0) -> str:
+    t0 = time.monotonic()
+    got = raw.read(1, timeout=within)
+    assert time.monotonic() - t0 < within
+    assert isinstance(got[0], hiredis.ReplyError), got
+    assert raw.closed(3)
+    return str(got[0])
+
+
+def end_reasons(proxy, user: str, n: int) -> list[str]:
+    deadline = time.monotonic() + 5
+    while True:
+        ends = [e.fields["reason"] for e in proxy.flush_audit() if e.actor == user and e.type == "db.session.end"]
+        if len(ends) >= n or time.monotonic() > deadline:
+            return ends
+        time.sleep(0.05)
+
+
+def set_state(proxy, plane, roles: dict, users: dict) -> None:
+    def _set():
+        plane.cache.roles = dict(rbac.BUILTIN_ROLES) | roles
+        plane.cache.users = users
+
+    proxy.run(_set)
+
+
+def test_a_deleted_role_ends_the_sessions_whose_certificate_names_it(proxy, plane, certs):
+    set_state(proxy, plane, {"live-rw": role("live-rw"), "live-other": role("live-other")},
+              {"lara": UserAccess("lara", ("live-rw",), ("default",), ("0",)),
+               "otto": UserAccess("otto", ("live-other",), ("default",), ("0",))})
+    lara = connect(proxy, plane, certs.user_cert("lara", service=DB, roles=("live-rw",), db_names=("0",)))
+    otto = connect(proxy, plane, certs.user_cert("otto", service=DB, roles=("live-other",), db_names=("0",)))
+    proxy.run(plane.cache._on_role, role_service_pb2.WatchRolesResponse(
+        type=DELETE, role=types_pb2.Role(name="live-rw")), None)
+    assert ended(lara) == ('ERR Cachegate ended this session: role "live-rw" was deleted; '
+                           'access to database "live-db" denied by your roles')
+    otto.send(C("PING"))
+    assert otto.read(1) == [b"PONG"]  # a session without that role is not touched
+    otto.close()
+    lara.close()
+    assert end_reasons(proxy, "lara", 1)[-1].startswith('role "live-rw" was deleted;')
+
+
+def test_a_resync_applies_what_changed_while_the_stream_was_away(proxy, plane, certs):
+    set_state(proxy, plane, {"live-rw": role("live-rw")},
+              {"rita": UserAccess("rita", ("live-rw",), ("default",), ("0",)),
+               "sam": UserAccess("sam", ("live-rw",), ("default",), ("0",))})
+    rita = connect(proxy, plane, certs.user_cert("rita", service=DB, roles=("live-rw",), db_names=("0",)))
+    sam = connect(proxy, plane, certs.user_cert("sam", service=DB, roles=("live-rw",), db_names=("0",)))
+    rita.send(C("SET", "resync", "1") + C("GET", "resync"))
+    assert rita.read(2) == [b"OK", b"1"]
+
+    # The role watch re-syncs with a GET deny added: the next GET is denied, the session stays.
+    fresh_roles = {"live-rw": role("live-rw", deny_commands=("GET",))}
+    proxy.run(plane.cache._on_role, None, fresh_roles, True)
+    rita.send(C("GET", "resync") + C("PING"))
+    got = rita.read(2)
+    assert 'command GET denied by role "live-rw"' in str(got[0]) and got[1] == b"PONG"
+
+    # The user watch re-syncs without sam: only sam's session ends.
+    fresh_users = {"rita": UserAccess("rita", ("live-rw",), ("default",), ("0",))}
+    proxy.run(plane.cache._on_user, None, fresh_users, True)
+    assert ended(sam) == "ERR Cachegate ended this session: user sam was deleted"
+    rita.send(C("PING"))
+    assert rita.read(1) == [b"PONG"]
+
+    # A re-sync that changes nothing leaves sessions alone; one event that does ends rita's.
+    proxy.run(plane.cache._on_user, None, dict(fresh_users), True)
+    proxy.run(plane.cache._on_user, user_service_pb2.WatchUsersResponse(
+        type=PUT, user=user_service_pb2.UserAccess(name="rita", roles=["access"], db_users=["default"])), None)
+    assert ended(rita).startswith("ERR Cachegate ended this session: user rita's roles and traits changed;")
+    rita.close()
+    sam.close()
+    assert end_reasons(proxy, "sam", 1)[-1] == "user sam was deleted"
