@@ -270,6 +270,7 @@ class Session:
         self._initial_db: int | None = ctx.logical_db if (ctx.db_name or "").strip() else None
         self._access_cache: dict[int | None, DatabaseAccess] = {}
         self._script_check: tuple[DatabaseAccess, bool] | None = None
+        self._access_db = self._initial_db  # the key ``_access`` was computed for
         self._access = self._access_for(self._initial_db)
         # Reply side state.
         self._framer = ReplyFramer(max_line=limits.max_reply_line)
@@ -326,16 +327,12 @@ class Session:
         command is checked against them; when they no longer allow the session in its current
         logical database, it ends with :meth:`terminate`."""
         ctx = self.ctx
-        # The logical database the current access is for (None: the route's, unchecked).
-        current = next((k for k, acc in self._access_cache.items() if acc is self._access), self._logical_db)
-        access = roles.for_database(ctx.database, db_labels, ctx.db_user, current)
         ctx.roles = roles
         ctx.db_labels = db_labels
         self._access_cache.clear()
-        self._access_cache[current] = access
-        self._access = access
-        if not access.decision:
-            self.terminate(f"{reason}; {access.decision.reason}")
+        self._set_access(self._access_db)
+        if not self._access.decision:
+            self.terminate(f"{reason}; {self._access.decision.reason}")
 
     async def run(self) -> None:
         """The whole session; returns when it is over (never raises for I/O errors)."""
@@ -418,6 +415,11 @@ class Session:
                 self._access_cache.clear()
             self._access_cache[logical_db] = acc
         return acc
+
+    def _set_access(self, logical_db: int | None) -> None:
+        """Check commands against ``logical_db``'s access from now on (None: the route's)."""
+        self._access_db = logical_db
+        self._access = self._access_for(logical_db)
 
     def _scripts_allowed(self, name: str) -> bool:
         """May this session run (or load) scripts? Cached per access (SELECT changes it)."""
@@ -934,13 +936,15 @@ class _Handlers:
         if not decision:
             s._deny(cmd, name, decision.reason)
             return
-        previous = (s._logical_db, s._access)
+        previous = (s._logical_db, s._access_db)
         s._logical_db = n
-        s._access = s._access_for(n)
+        s._set_access(n)
 
         def hook(kind: str, done: bool) -> None:
             if kind == "-" and s._logical_db == n:
-                s._logical_db, s._access = previous
+                # Recomputed, not restored: the roles may have changed meanwhile.
+                s._logical_db = previous[0]
+                s._set_access(previous[1])
 
         _Handlers._forward(s, cmd, name, out, hook=hook)
 
@@ -1088,7 +1092,7 @@ class _Handlers:
         for x in s._subs:
             x.clear()
         s._logical_db = initial
-        s._access = s._access_for(s._initial_db)
+        s._set_access(s._initial_db)
         _Handlers._forward(s, cmd, name, out, hook=hook)
         # RESET logs the connection out: the proxy authenticates again, silently.
         assert s._up is not None
