@@ -1,0 +1,127 @@
+"""The sans-io session core, driven with byte strings: no sockets, no event loop."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.rbac import BUILTIN_ROLES, RoleSet, load_role_yaml
+from services.dbproxy.resp import encode_command
+from services.dbproxy.sessioncore import SessionCore
+
+C = encode_command
+
+LIMITED = load_role_yaml("""
+kind: role
+version: v1
+metadata: {name: limited}
+spec:
+  allow:
+    db_labels: {'*': '*'}
+    db_users: ['*']
+    db_names: ['0', '1']
+    db_commands: ['*']
+  deny:
+    db_commands: [FLUSHALL]
+""")
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def commands(self, when, logical_db, cmds):
+        self.events += [(c.name, "") for c in cmds]
+
+    def query(self, when, logical_db, cmd, name, error=""):
+        self.events.append((name, error))
+
+
+def core(roles=("access",), db_names=("*",)) -> tuple[SessionCore, Recorder]:
+    rec = Recorder()
+    rs = RoleSet([BUILTIN_ROLES["access"] if r == "access" else LIMITED for r in roles],
+                 {"db_users": ["*"], "db_names": list(db_names)})
+    c = SessionCore(database="d", db_user="default", db_name="", roles=rs, db_labels={}, queries=rec)
+    c.upstream_auth, c.client_id = C("AUTH", "secret"), 7
+    return c, rec
+
+
+def test_allowed_commands_are_forwarded_unchanged_and_replies_pass_through():
+    c, rec = core()
+    data = C("SET", "k", "v") + C("GET", "k")
+    assert c.feed_client(data) == (data, b"")
+    assert not c.idle
+    assert c.feed_upstream(b"+OK\r\n$1\r\nv\r\n") == b"+OK\r\n$1\r\nv\r\n"
+    assert c.idle and rec.events == [("SET", ""), ("GET", "")]
+
+
+def test_a_denied_command_gets_its_error_in_its_place():
+    c, rec = core(roles=("limited",))
+    up, down = c.feed_client(C("GET", "a") + C("FLUSHALL") + C("GET", "b"))
+    assert up == C("GET", "a") + C("GET", "b") and down == b""
+    out = c.feed_upstream(b"$1\r\n1\r\n") + c.feed_upstream(b"$1\r\n2\r\n")
+    assert out.startswith(b"$1\r\n1\r\n-ERR command FLUSHALL denied") and out.endswith(b"$1\r\n2\r\n")
+    assert [e[0] for e in rec.events] == ["GET", "FLUSHALL", "GET"] and rec.events[1][1]
+    # Nothing pending: the error goes out at once.
+    assert c.feed_client(C("FLUSHALL"))[1].startswith(b"-ERR command FLUSHALL denied")
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_config_get_is_redacted_at_every_split(protocol):
+    if protocol == 2:
+        reply = b"*4\r\n$11\r\nrequirepass\r\n$6\r\nsecret\r\n$4\r\nsave\r\n$0\r\n\r\n"
+    else:
+        reply = b"%2\r\n$11\r\nrequirepass\r\n$6\r\nsecret\r\n$4\r\nsave\r\n$0\r\n\r\n"
+    for cut in range(1, len(reply)):
+        c, _ = core()
+        c.feed_client(C("CONFIG", "GET", "*") + C("PING"))
+        out = c.feed_upstream(reply[:cut]) + c.feed_upstream(reply[cut:] + b"+PONG\r\n")
+        assert b"secret" not in out and b"<redacted>" in out and out.endswith(b"+PONG\r\n"), cut
+        assert c.idle
+
+
+def test_client_list_keeps_the_own_line():
+    c, _ = core()
+    c.feed_client(C("CLIENT", "LIST"))
+    text = b"id=5 name=other\nid=7 name=me\n"
+    out = c.feed_upstream(b"$%d\r\n%s\r\n" % (len(text), text))
+    assert out == b"$13\r\nid=7 name=me\n\r\n"
+
+
+def test_quit_and_protocol_errors_end_after_the_replies_due():
+    c, _ = core()
+    up, down = c.feed_client(C("GET", "a") + C("QUIT"))
+    assert up == C("GET", "a") and c.ending is not None and c.ending.after_replies
+    assert c.feed_upstream(b"$-1\r\n") == b"$-1\r\n+OK\r\n"
+    errors = []
+    c2 = SessionCore(database="d", db_user="default", db_name="", roles=core()[0].roles, db_labels={},
+                     queries=Recorder(), on_protocol_error=lambda db, e: errors.append(e))
+    up, down = c2.feed_client(C("PING") + b"*abc\r\n")
+    assert up == C("PING") and c2.ending.reason.startswith("protocol error")
+    assert c2.feed_upstream(b"+PONG\r\n") == b"+PONG\r\n-ERR Protocol error: invalid multibulk length\r\n"
+    assert errors == ["protocol error: invalid multibulk length"]
+
+
+def test_client_reply_off_expects_no_replies_and_gives_none():
+    c, rec = core(roles=("limited",))
+    up, down = c.feed_client(C("CLIENT", "REPLY", "OFF") + C("SET", "k", "1") + C("FLUSHALL")
+                             + C("CLIENT", "REPLY", "ON"))
+    assert b"FLUSHALL" not in up and down == b""
+    assert c.feed_upstream(b"+OK\r\n") == b"+OK\r\n" and c.idle
+    assert ("FLUSHALL", 'command FLUSHALL denied by role "limited" (deny FLUSHALL)') in rec.events
+
+
+def test_reset_authenticates_again_silently():
+    c, _ = core()
+    up, _ = c.feed_client(C("RESET"))
+    assert up == C("RESET") + C("AUTH", "secret")
+    assert c.feed_upstream(b"+RESET\r\n+OK\r\n") == b"+RESET\r\n" and c.idle
+
+
+def test_update_access_narrows_the_next_command():
+    c, _ = core()
+    assert c.feed_client(C("FLUSHALL"))[0] == C("FLUSHALL")
+    c.feed_upstream(b"+OK\r\n")
+    narrowed = RoleSet([LIMITED], {"db_users": ["*"], "db_names": ["*"]})
+    assert c.update_access(narrowed, {})
+    up, down = c.feed_client(C("FLUSHALL"))
+    assert up == b"" and down.startswith(b"-ERR command FLUSHALL denied")
