@@ -259,6 +259,12 @@ class CommandParser:
         """Bytes held for an incomplete command."""
         return len(self._pend) if self._pend is not None else 0
 
+    def discard(self, reason: str) -> None:
+        """Drop the incomplete command (its memory goes now); later feeds raise ``reason``."""
+        self._pend = None
+        self._argv = []
+        self._error = ProtocolError(reason)
+
     def feed(self, data: bytes) -> list[Command]:
         if self._error is not None:
             raise self._error
