@@ -325,3 +325,4 @@ def _common_name(cert: x509.Certificate) -> str:
         return str(attrs[0].value) if attrs else ""
     except Exception:  # noqa: BLE001
         return ""
+
