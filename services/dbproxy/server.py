@@ -29,7 +29,7 @@ from services.common.authz import ADMIN, ANY, PUBLIC, USER, CertVerifier, Policy
 from services.common.config import (
     DEFAULT_PROXY_PORT, Config, join_hostport, split_hostport,
 )
-from services.common.creds import Creds
+from services.common.creds import Creds, write_private
 from services.common.grpcserver import GrpcServer, ServiceBinding
 from services.common.grpcutil import paginate
 from services.common.join import ensure_joined, local_addresses
@@ -179,8 +179,7 @@ def web_ssl_context(cfg, creds: Creds, tmpdir: Path) -> ssl.SSLContext:
     else:
         chain, key = tmpdir / "web.crt", tmpdir / "web.key"
         chain.write_bytes(creds.cert_pem + creds.host_ca_pem)
-        key.write_bytes(creds.key_pem)
-        key.chmod(0o600)
+        write_private(key, creds.key_pem)
         ctx.load_cert_chain(str(chain), str(key))
     return ctx
 

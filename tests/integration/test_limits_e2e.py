@@ -309,3 +309,26 @@ def test_redis_benchmark_defaults_and_a_pool_of_100_through_the_tunnel(c, tmp_pa
             proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_an_explicit_ca_pin_is_checked_also_with_a_profile(c):
+    import stat
+
+    wrong = "sha256:" + "0" * 64
+    res = cgate(c, "login", f"--proxy={c.proxy}", "--user=alice", f"--ca-pin={wrong}", "--password-stdin",
+                input=PASSWORD + "\n", check=False)
+    assert res.returncode == 1, res.stdout
+    line = res.stderr.strip()
+    assert len(line.splitlines()) == 1 and wrong in line and c.ca_pin in line, line
+    # The right pin still logs in over the existing profile.
+    res = cgate(c, "login", f"--proxy={c.proxy}", "--user=alice", f"--ca-pin={c.ca_pin}", "--password-stdin",
+                input=PASSWORD + "\n", check=False)
+    assert res.returncode == 0, res.stderr
+    # Keys, certificates, tokens and spooled audit: 0600 in 0700 folders.
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    for folder in (c.data / "auth", c.data / "dbproxy", c.data / "dbproxy" / "audit-spool",
+                   c.home / "profiles", *(c.home / "profiles").iterdir()):
+        assert mode(folder) == 0o700, folder
+        for f in folder.iterdir():
+            if f.is_file():
+                assert mode(f) == 0o600, f
