@@ -142,17 +142,17 @@ def capped_role():
 
 
 def test_role_max_connections_caps_sessions_per_user(proxy, certs, capped_role):
-    kim = certs.user_cert("kim", roles=("capped",))
+    capped = certs.user_cert("capped-user", roles=("capped",))
     with limited(proxy) as reader:
         conns = []
         try:
             for _ in range(2):
-                r = proxy.raw(kim)
+                r = proxy.raw(capped)
                 r.send(C("PING"))
                 assert r.read(1) == [b"PONG"]
                 conns.append(r)
-            res = proxy.redis_cli(kim, "PING")
-            assert "too many sessions for user kim (limit 2, max_connections of your roles)" in res.stdout + res.stderr
+            res = proxy.redis_cli(capped, "PING")
+            assert "too many sessions for user capped-user (limit 2, max_connections of your roles)" in res.stdout + res.stderr
             assert refused(reader, "too_many_sessions") == 1
         finally:
             for r in conns:
@@ -161,12 +161,12 @@ def test_role_max_connections_caps_sessions_per_user(proxy, certs, capped_role):
 
 def test_sessions_per_user_default_lets_50_clients_work(proxy, certs):
     assert ProxyLimits().sessions_per_user >= 150  # redis-benchmark's 50 plus a pool of 100
-    lee = certs.user_cert("lee")
+    many = certs.user_cert("fifty-clients")
     with limited(proxy, sessions_per_user=ProxyLimits().sessions_per_user):
         conns = []
         try:
             for _ in range(50):
-                r = proxy.raw(lee)
+                r = proxy.raw(many)
                 r.send(C("PING"))
                 conns.append(r)
             assert all(r.read(1) == [b"PONG"] for r in conns)
