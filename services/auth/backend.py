@@ -7,6 +7,7 @@ expire. Writes publish change events to in-process watchers.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -100,6 +101,8 @@ class SQLiteBackend(Backend):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Created 0600 before SQLite opens it (its -wal and -shm files take the same mode).
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self.path.chmod(0o600)

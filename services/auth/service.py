@@ -23,6 +23,7 @@ from services.auth.state import AuthState, TokenError
 from services.common import authz
 from services.common.authz import ADMIN, ANY, HOST_DBPROXY, HOST_DISCOVERY, PUBLIC, USER, CertVerifier, Policy, rule
 from services.common.config import Config
+from services.common.creds import private_dir
 from services.common.grpcserver import GrpcServer, ServiceBinding
 from services.common.grpcutil import from_dur, paginate
 from services.common.telemetry import server_interceptors, setup_tracing
@@ -171,7 +172,7 @@ async def run_auth(cfg: Config, stop: asyncio.Event, ready=None) -> None:
     """Run the auth service until ``stop`` is set. ``ready(info)`` gets the bound ports."""
     tracing = setup_tracing("auth", cfg.telemetry)
     folder = cfg.service_dir("auth")
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(folder, tighten_files=True)  # CA keys in the database, the admin identity
     backend = open_backend(cfg.auth_service.storage, folder)
     state = AuthState(cfg, backend)
     await state.init()

@@ -54,11 +54,7 @@ def _proxy_ca(proxy: str, ca_pin: str | None, known_pem: bytes | None, interacti
         fail(f"the certificate of {proxy} is not signed by the CA it sent; refusing to trust it")
     ca = cas[0]
     pin = spki_pin(ca)
-    if known_pem is not None:
-        if cert_to_pem(ca) == known_pem or spki_pin(_first_cert(known_pem)) == pin:
-            return cert_to_pem(ca)
-        fail(f"the cluster CA of {proxy} changed (now {pin}): if the cluster was rebuilt, check the pin with "
-             f"your administrator (`cgctl status`), then run `cgate logout --proxy={proxy}` and log in again")
+    # An explicit pin is always checked, also when a profile already trusts a CA.
     if ca_pin:
         try:
             want = normalize_pin(ca_pin)
@@ -67,6 +63,12 @@ def _proxy_ca(proxy: str, ca_pin: str | None, known_pem: bytes | None, interacti
         if want != pin:
             fail(f"the proxy at {proxy} presented CA {pin}, not the --ca-pin {want}: "
                  "check the address and the pin (`cgctl status` prints it)")
+    if known_pem is not None:
+        if cert_to_pem(ca) == known_pem or spki_pin(_first_cert(known_pem)) == pin:
+            return cert_to_pem(ca)
+        fail(f"the cluster CA of {proxy} changed (now {pin}): if the cluster was rebuilt, check the pin with "
+             f"your administrator (`cgctl status`), then run `cgate logout --proxy={proxy}` and log in again")
+    if ca_pin:
         return cert_to_pem(ca)
     if not interactive:
         fail(f"first login to {proxy}: pass --ca-pin={pin} after checking it against `cgctl status` "

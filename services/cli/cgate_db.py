@@ -58,7 +58,7 @@ from services.cli.common import (
 )
 from services.cli.profile import Profile, current_profile
 from services.common.config import split_hostport
-from services.common.creds import internal_name, write_private
+from services.common.creds import internal_name, private_dir, write_private
 from services.common.grpcutil import dur
 from services.common.pki import cert_from_pem, key_from_pem, make_csr
 
@@ -153,9 +153,7 @@ def load_login(prof: Profile, name: str) -> DbLogin | None:
 
 
 def save_login(prof: Profile, name: str, db_user: str, db_name: str, cert_pem: bytes) -> DbLogin:
-    folder = db_dir(prof)
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(folder, 0o700)
+    folder = private_dir(db_dir(prof))
     stem = folder / _stem(name)
     write_private(stem.with_suffix(".crt"), cert_pem)
     write_private(stem.with_suffix(".json"), json.dumps(
@@ -696,8 +694,7 @@ class Tunnel:
     def _context(self, cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=self.prof.host_ca_pem.decode())
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        folder = db_dir(self.prof)
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        folder = private_dir(db_dir(self.prof))
         fd, path = tempfile.mkstemp(prefix=".tunnel-", suffix=".pem", dir=folder)  # 0600
         try:
             with os.fdopen(fd, "wb") as f:

@@ -24,7 +24,7 @@ import yaml
 from services.cli.common import CLIError, dev_dir, err_console, out_console
 from services.cli.devenv import DEV_DB, DevAzure
 from services.common.config import ConfigError, load_config
-from services.common.creds import Creds, write_private
+from services.common.creds import Creds, private_dir, write_private
 from services.common.join import JoinError
 from services.common.logs import setup_logging
 from services.common.version import VERSION
@@ -260,7 +260,7 @@ class DevCluster:
 
     def up(self) -> dict:
         for d in (self.data, self.run_dir, self.logs):
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(d)
         self.azure.start()
         azure_env = self.azure.env()
         self.extra_env = {"discovery": azure_env, "dbproxy": azure_env}
@@ -312,7 +312,7 @@ def dev(
     home = dev_dir()
     if reset and home.exists():
         shutil.rmtree(home)
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(home)
     cluster = DevCluster(home, free_ports)
     try:
         info = cluster.up()

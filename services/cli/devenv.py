@@ -24,7 +24,7 @@ import yaml
 from services.azure_standin import dev as standin_dev
 from services.cli.common import CLIError
 from services.common import pki
-from services.common.creds import write_private
+from services.common.creds import private_dir, write_private
 
 DEV_DB = "my-azure-redis"
 SUBSCRIPTION = "11111111-2222-3333-4444-555555555555"
@@ -89,7 +89,7 @@ class DevAzure:
         if not shutil.which("redis-server"):
             raise CLIError("redis-server is not installed: run `make dev` (it installs it) or "
                            "`apt-get install redis-server`")
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.dir)
         keys = self._secrets()
         ca_file = self._pki()
         redis_port = (self.fixed or {}).get("redis_db") or free_port()

@@ -21,7 +21,7 @@ from cryptography import x509
 from services.cli.common import CLIError, cachegate_home, fmt_time
 from services.common import identity as idmod
 from services.common.config import DEFAULT_PROXY_PORT, join_hostport, split_hostport
-from services.common.creds import secure_channel, server_only_channel, write_private
+from services.common.creds import private_dir, secure_channel, server_only_channel, write_private
 from services.common.pki import cert_from_pem
 
 
@@ -149,11 +149,9 @@ def open_profile(proxy: str, create: bool = False) -> Profile | None:
         return Profile(folder, json.loads(meta_file.read_text()))
     if not create:
         return None
-    home = cachegate_home()
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(home, 0o700)
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(folder, 0o700)
+    private_dir(cachegate_home())
+    private_dir(profiles_dir())
+    private_dir(folder)
     return Profile(folder, {"proxy": proxy})
 
 

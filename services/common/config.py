@@ -197,17 +197,26 @@ class LimitsConfig(_Model):
     max_array_len: int | None = None
     max_inline_len: int | str | None = None
     max_request: int | str | None = None
+    # All sessions together: bytes held for commands not yet complete.
+    request_buffer: int | str | None = None
+    # A started command must be complete within this.
+    request_timeout: Duration | None = None
     tls_handshake_timeout: Duration | None = None
+    # TLS handshakes in progress at once.
+    max_handshakes: int | None = None
     upstream_connect_timeout: Duration | None = None
+    # Sessions per user when their roles set no max_connections.
     sessions_per_user: int | None = None
+    # Sessions of the whole proxy.
+    max_sessions: int | None = None
     max_reply_line: int | str | None = None
     audit_arg_max: int | None = None
     audit_max_args: int | None = None
 
-    _d = field_validator("tls_handshake_timeout", "upstream_connect_timeout", mode="before")(
+    _d = field_validator("tls_handshake_timeout", "upstream_connect_timeout", "request_timeout", mode="before")(
         lambda v: None if v is None else parse_duration(v))
-    _s = field_validator("max_bulk_len", "max_inline_len", "max_request", "max_reply_line", mode="before")(
-        lambda v: None if v is None else parse_size(v))
+    _s = field_validator("max_bulk_len", "max_inline_len", "max_request", "request_buffer", "max_reply_line",
+                         mode="before")(lambda v: None if v is None else parse_size(v))
 
     def set_values(self) -> dict:
         return self.model_dump(exclude_none=True)

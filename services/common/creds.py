@@ -8,6 +8,7 @@ certificate; ``cgctl -i FILE`` and ``grpcurl`` (split) use it.
 from __future__ import annotations
 
 import os
+import stat
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,23 @@ INTERNAL_DOMAIN = "cachegate.internal"
 
 def internal_name(role: str) -> str:
     return f"{role}.{INTERNAL_DOMAIN}"
+
+
+def private_dir(path: Path, *, tighten_files: bool = False) -> Path:
+    """Create ``path`` (and missing parents) 0700, and make an existing one 0700; with
+    ``tighten_files``, files in it readable by others become 0600. Only for Cachegate's own
+    folders (data, spool, profiles), never a folder a user named for one file."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    if tighten_files:
+        for f in path.iterdir():
+            try:
+                st = f.lstat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077:
+                os.chmod(f, 0o600)
+    return path
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -57,8 +75,7 @@ class Creds:
     FILES = {"key_pem": "host.key", "cert_pem": "host.crt", "host_ca_pem": "host_ca.pem", "user_ca_pem": "user_ca.pem"}
 
     def save_dir(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(folder, 0o700)
+        private_dir(folder)
         for attr, name in self.FILES.items():
             write_private(folder / name, getattr(self, attr))
 

@@ -19,7 +19,7 @@ from cachegate.auth.v1 import cluster_service_pb2, cluster_service_pb2_grpc
 from cachegate.types.v1 import types_pb2
 from services.common import identity as idmod
 from services.common.config import ConfigError, split_hostport
-from services.common.creds import Creds, server_only_channel
+from services.common.creds import Creds, private_dir, server_only_channel
 from services.common.pki import (
     CertAuthority, cert_to_pem, fetch_unverified_chain, key_to_pem, make_csr, new_key, normalize_pin, spki_pin,
 )
@@ -95,6 +95,7 @@ async def join(join_addr: str, token: str, ca_pin: str, role: int, addresses: li
 async def ensure_joined(folder: Path, join_addr: str, token_value: str, ca_pin: str, role: int,
                         addresses: list[str]) -> Creds:
     """Use the saved host credentials, or join with the token and save them."""
+    private_dir(folder, tighten_files=True)  # host key and certificate: the owner's only
     creds = Creds.load_dir(folder)
     if creds is not None:
         cert = creds.cert

@@ -436,6 +436,8 @@ class RoleOptions(_Model):
     def _v_count(cls, value: Any) -> Any:
         if value is None:
             return 0
+        if isinstance(value, str) and value.strip().isdigit():  # role YAML keeps scalars as strings
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise _Problem(f"expected a whole number of sessions (0: the proxy's default), got {value!r}")
         return value

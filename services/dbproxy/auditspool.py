@@ -52,6 +52,7 @@ from google.protobuf import struct_pb2
 from cachegate.auth.v1 import audit_service_pb2
 from cachegate.types.v1 import types_pb2
 from services.common.auditcodes import CODES
+from services.common.creds import private_dir
 from services.dbproxy.commands import SECRET_COMMANDS, SUBCOMMAND_PARENTS, audit_args, audit_text, lookup
 
 __all__ = ["AuditSpool", "QueryStream", "read_spool_file"]
@@ -397,7 +398,8 @@ class AuditSpool:
     # -- life cycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        # Events hold command arguments: the owner's only (a spool from before is tightened).
+        private_dir(self.spool_dir, tighten_files=True)
         self._spooled_pending = any(self.spool_dir.glob("*.batch"))
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="audit-spool")
@@ -599,8 +601,9 @@ class AuditSpool:
         name = f"{time.time_ns():020d}-{os.getpid()}-{self._seq:06d}.batch"
         tmp = self.spool_dir / (name + ".tmp")
         try:
-            self.spool_dir.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            private_dir(self.spool_dir)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
                 f.write(b"".join(evs))
                 f.flush()
                 os.fsync(f.fileno())

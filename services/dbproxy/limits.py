@@ -1,15 +1,19 @@
 """Limits of the RESP data plane, with safe defaults, read from config.
 
-Config (all optional; sizes take ``KiB``/``MiB``/``GiB`` or plain bytes, durations
-``30s``/``1m``/plain seconds)::
+Config (``dbproxy_service.limits``, all optional; sizes take ``KiB``/``MiB``/``GiB`` or
+plain bytes, durations ``30s``/``1m``/plain seconds)::
 
-    resp_limits:
+    limits:
       max_bulk_len: 64MiB          # largest argument a client may send
       max_array_len: 1048576       # most arguments in one command
       max_inline_len: 64KiB        # longest inline command line
       max_request: 64MiB           # largest command held in memory
+      request_buffer: 256MiB       # all sessions together: bytes of commands not yet complete
+      request_timeout: 60s         # a started command must be complete within this
       tls_handshake_timeout: 10s
-      sessions_per_user: 32
+      max_handshakes: 512          # concurrent unfinished TLS handshakes
+      sessions_per_user: 256       # unless the user's roles set max_connections
+      max_sessions: 4096           # sessions of the whole proxy
       upstream_connect_timeout: 10s
       max_reply_line: 1MiB         # longest reply header line from the database
       audit_arg_max: 256           # audit keeps this many bytes of each argument
@@ -26,12 +30,12 @@ from typing import Any
 from services.common.durations import parse_duration, parse_size
 from services.dbproxy.resp import Limits as RespLimits
 
-__all__ = ["ProxyLimits", "parse_size"]
+__all__ = ["ProxyLimits", "RequestBudget", "parse_size"]
 
 _MiB = 1024 * 1024
 
-_SIZES = {"max_bulk_len", "max_inline_len", "max_request", "max_reply_line", "read_chunk"}
-_DURATIONS = {"tls_handshake_timeout", "upstream_connect_timeout", "refusal_linger"}
+_SIZES = {"max_bulk_len", "max_inline_len", "max_request", "request_buffer", "max_reply_line", "read_chunk"}
+_DURATIONS = {"tls_handshake_timeout", "upstream_connect_timeout", "refusal_linger", "request_timeout"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +44,18 @@ class ProxyLimits:
     max_array_len: int = 1024 * 1024
     max_inline_len: int = 64 * 1024
     max_request: int = 64 * _MiB
+    # Bytes held for commands not yet complete, all sessions of the process together.
+    request_buffer: int = 256 * _MiB
+    # A command whose first byte arrived must be complete within this many seconds.
+    request_timeout: float = 60.0
     tls_handshake_timeout: float = 10.0
-    sessions_per_user: int = 32
+    # TLS handshakes in progress at once; more connections are closed at once.
+    max_handshakes: int = 512
+    # Sessions of one user, unless their roles set max_connections (redis-benchmark opens
+    # 50, connection pools often 100).
+    sessions_per_user: int = 256
+    # Sessions of the whole proxy (each holds two sockets; see the open-files limit).
+    max_sessions: int = 4096
     upstream_connect_timeout: float = 10.0
     max_reply_line: int = _MiB
     audit_arg_max: int = 256
@@ -82,3 +96,26 @@ class ProxyLimits:
                 raise ValueError(f"invalid value {raw!r} for {key}: it must be positive")
             values[key] = v
         return replace(cls(), **values)
+
+
+class RequestBudget:
+    """Bytes held for commands not yet complete, shared by every session of the process.
+
+    A session takes what its parser holds beyond what it already took, and gives it
+    back when the command completes or the session ends. Single event loop: no lock."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        """Reserve ``n`` more bytes; False (nothing reserved) when that would pass the limit."""
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used = max(0, self.used - n)

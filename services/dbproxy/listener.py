@@ -11,7 +11,15 @@ After the handshake the injected ``authorize(cert, peer_addr)`` coroutine builds
 the :class:`SessionContext` (identity, route, roles, upstream) or raises to refuse
 (:class:`Refused`, ``PermissionError``, ``ValueError`` or ``LookupError``: their
 message goes to the client; any other exception is logged and the client gets a
-generic message). Sessions per user are bounded.
+generic message).
+
+Bounded whatever clients send: TCP is accepted plain and TLS started under a count
+of handshakes in progress (``max_handshakes``; past it a connection is closed at
+once, and a handshake not done within ``tls_handshake_timeout`` is dropped with its
+memory); connections past the handshake are bounded by ``max_sessions`` and per
+user by the roles' ``max_connections`` (else ``sessions_per_user``), refused with a
+RESP error; all sessions share one :class:`RequestBudget` for incomplete commands.
+Every refusal is counted (``sessions.refused`` by reason).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from cryptography import x509
 from opentelemetry import trace
 
 from services.dbproxy import metrics as dbmetrics
-from services.dbproxy.limits import ProxyLimits
+from services.dbproxy.limits import ProxyLimits, RequestBudget
 from services.dbproxy.metrics import ProxyMetrics
 from services.dbproxy.session import AuditSink, Session, SessionContext, refuse
 
@@ -104,23 +112,34 @@ class RespListener:
         # The process's instruments (services.common.telemetry.setup_metrics) unless given.
         self.metrics = metrics if metrics is not None else dbmetrics.default()
         self.sessions: set[Session] = set()
+        self.budget = RequestBudget(self.limits.request_buffer)
+        self.handshakes = 0  # TLS handshakes in progress
+        self.admitted = 0  # connections past the handshake (authorizing, refusing or in a session)
         self._handlers: set[asyncio.Task] = set()
-        self._server: asyncio.Server | None = None
+        self._sock: socket.socket | None = None
+        self._accept_task: asyncio.Task | None = None
 
     async def start(self) -> int:
         """Listen; returns the bound port."""
-        self._server = await asyncio.start_server(
-            self._on_client, self.host, self.port, ssl=self.ssl_context,
-            ssl_handshake_timeout=self.limits.tls_handshake_timeout,
-            limit=max(self.limits.read_chunk * 2, 1 << 16), reuse_address=True,
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+        family = socket.getaddrinfo(self.host or None, self.port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+        dual = family == socket.AF_INET6 and self.host in ("", "::") and socket.has_dualstack_ipv6()
+        sock = socket.create_server((self.host, self.port), family=family, backlog=1024, dualstack_ipv6=dual)
+        sock.setblocking(False)
+        self._sock = sock
+        self.port = sock.getsockname()[1]
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop(sock), name="resp-accept")
         return self.port
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting; end live sessions (they are audited) within ``grace``."""
-        if self._server is not None:
-            self._server.close()
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            await asyncio.gather(self._accept_task, return_exceptions=True)
+            self._accept_task = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         for s in list(self.sessions):
             s.terminate("the proxy is shutting down")
         if self._handlers:
@@ -141,17 +160,60 @@ class RespListener:
 
     # -- per connection ------------------------------------------------------------------------
 
-    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        """Accept TCP connections; TLS starts only for those within ``max_handshakes`` (the
+        socket is not read before: the ClientHello is the TLS layer's)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(lsock)
+            except OSError as exc:  # out of file descriptors, mostly: wait instead of spinning
+                log.warning("RESP listener cannot accept connections: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            if self.handshakes >= self.limits.max_handshakes:
+                self.metrics.session_refused("too_many_handshakes")
+                sock.close()
+                continue
+            self.handshakes += 1
+            task = loop.create_task(self._on_client(sock))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+
+    async def _on_client(self, sock: socket.socket) -> None:
+        try:
+            pair = await self._handshake(sock)
+        finally:
+            self.handshakes -= 1
+        if pair is None:
+            return
+        reader, writer = pair
+        self.admitted += 1
         try:
             await self._serve(reader, writer)
         except Exception:  # noqa: BLE001 - one connection must never take the listener down
             log.exception("RESP connection handler failed")
             writer.close()
         finally:
-            self._handlers.discard(task)
+            self.admitted -= 1
+
+    async def _handshake(self, sock: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """TLS on the accepted socket within ``tls_handshake_timeout``: the streams, or None
+        after closing it (there is no TLS yet to carry an error)."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=max(self.limits.read_chunk * 2, 1 << 16), loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, sock, ssl=self.ssl_context,
+                ssl_handshake_timeout=self.limits.tls_handshake_timeout)
+        except (TimeoutError, ssl.SSLError, ConnectionError, OSError) as exc:
+            # asyncio and uvloop abort a slow handshake with "SSL handshake is taking longer than".
+            timed_out = isinstance(exc, TimeoutError) or "taking longer" in str(exc)
+            self.metrics.session_refused("handshake_timeout" if timed_out else "handshake_failed")
+            sock.close()
+            return None
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
@@ -193,6 +255,12 @@ class RespListener:
             self._audit_refusal(actor, source, audit_error)
             await refuse(reader, writer, message, linger)
 
+        if self.admitted > self.limits.max_sessions:
+            total = self.limits.max_sessions
+            await refused("max_sessions", "", "the proxy's session limit was reached",
+                          f"the proxy has reached its limit of {total} sessions; try again later "
+                          "(an administrator can raise limits.max_sessions)")
+            return None
         with tracer.start_as_current_span("certificate check"):
             sslobj = writer.get_extra_info("ssl_object")
             der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
@@ -235,12 +303,16 @@ class RespListener:
             ctx.source_addr = source
         if ctx.expires_at is None:
             ctx.expires_at = cert.not_valid_after_utc.timestamp()
-        limit = self.limits.sessions_per_user
+        by_role = ctx.roles.max_connections
+        limit = by_role or self.limits.sessions_per_user
         if len(self.sessions_of(ctx.user)) >= limit:
+            where = "max_connections of your roles" if by_role else "the proxy's sessions_per_user"
             await refused("too_many_sessions", ctx.user, "too many sessions",
-                          f"too many sessions for user {ctx.user} (limit {limit}); close some and try again")
+                          f"too many sessions for user {ctx.user} (limit {limit}, {where}); "
+                          "close some and try again")
             return None
-        return Session(ctx, reader, writer, self.audit, self.limits, metrics=self.metrics, start_span=span)
+        return Session(ctx, reader, writer, self.audit, self.limits, metrics=self.metrics, start_span=span,
+                       budget=self.budget)
 
     def _audit_refusal(self, actor: str, source: str, error: str) -> None:
         self.audit.emit("db.session.start", actor, source_addr=source, success=False, error=error,
@@ -253,3 +325,4 @@ def _common_name(cert: x509.Certificate) -> str:
         return str(attrs[0].value) if attrs else ""
     except Exception:  # noqa: BLE001
         return ""
+

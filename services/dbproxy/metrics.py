@@ -27,7 +27,9 @@ proxy's table does not know count as ``OTHER`` (bounded cardinality).
 
 Refusal reasons: ``no_certificate``, ``certificate_expired``,
 ``certificate_not_yet_valid``, ``denied`` (authorization refused), ``authorize_timeout``,
-``internal_error``, ``too_many_sessions``, ``locked``, ``invalid_db_name``, and
+``internal_error``, ``too_many_sessions``, ``max_sessions``, ``locked``, ``invalid_db_name``,
+``request_buffer`` and ``request_timeout`` (a session closed over its incomplete command),
+``too_many_handshakes``, ``handshake_timeout`` and ``handshake_failed`` (before TLS), and
 ``upstream_<reason>`` when the database cannot be reached or refuses the proxy
 (``upstream_unreachable``, ``upstream_tls``, ``upstream_credentials``, ``upstream_auth``,
 ``upstream_select``, ``upstream_protocol``).

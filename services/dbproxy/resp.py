@@ -261,12 +261,23 @@ class CommandParser:
         self._k = 0  # arguments still to read; -1 before the "*N" header; _INLINE
         self._off = 0  # next offset to parse in _pend
         self._need = 0  # _pend must reach this length before parsing can progress
+        # Chunks received for _pend while it cannot progress, joined once it can (a large
+        # value arriving slowly is not copied again with every chunk).
+        self._tail: list[bytes] = []
+        self._tail_len = 0
         self._argv: list[bytes] = []
 
     @property
     def pending(self) -> int:
         """Bytes held for an incomplete command."""
-        return len(self._pend) if self._pend is not None else 0
+        return len(self._pend) + self._tail_len if self._pend is not None else 0
+
+    def discard(self, reason: str) -> None:
+        """Drop the incomplete command (its memory goes now); later feeds raise ``reason``."""
+        self._pend = None
+        self._tail, self._tail_len = [], 0
+        self._argv = []
+        self._error = ProtocolError(reason)
 
     def feed(self, data: bytes) -> list[Command]:
         if self._error is not None:
@@ -275,11 +286,22 @@ class CommandParser:
         try:
             if self._pend is not None:
                 pend = self._pend
-                pend += data
-                if len(pend) < self._need:
-                    if len(pend) > self._max_buffer:  # pragma: no cover - need is bounded by it
+                have = len(pend) + self._tail_len + len(data)
+                if have < self._need:
+                    if have > self._max_buffer:  # pragma: no cover - need is bounded by it
                         raise ProtocolError("too big request")
+                    if len(data) >= 4096 or self._tail:
+                        self._tail.append(bytes(data))
+                        self._tail_len += len(data)
+                    else:
+                        pend += data
                     return out
+                if self._tail:
+                    self._tail.append(data)
+                    pend += b"".join(self._tail)
+                    self._tail, self._tail_len = [], 0
+                else:
+                    pend += data
                 end = self._resume(out)
                 if end < 0:
                     return out
@@ -290,6 +312,7 @@ class CommandParser:
             self._parse(bytes(data), out)
         except ProtocolError as err:
             self._pend = None
+            self._tail, self._tail_len = [], 0
             err.commands = out
             self._error = err
             raise

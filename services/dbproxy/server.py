@@ -29,7 +29,7 @@ from services.common.authz import ADMIN, ANY, PUBLIC, USER, CertVerifier, Policy
 from services.common.config import (
     DEFAULT_PROXY_PORT, Config, join_hostport, split_hostport,
 )
-from services.common.creds import Creds
+from services.common.creds import Creds, write_private
 from services.common.grpcserver import GrpcServer, ServiceBinding
 from services.common.grpcutil import paginate
 from services.common.join import ensure_joined, local_addresses
@@ -179,10 +179,27 @@ def web_ssl_context(cfg, creds: Creds, tmpdir: Path) -> ssl.SSLContext:
     else:
         chain, key = tmpdir / "web.crt", tmpdir / "web.key"
         chain.write_bytes(creds.cert_pem + creds.host_ca_pem)
-        key.write_bytes(creds.key_pem)
-        key.chmod(0o600)
+        write_private(key, creds.key_pem)
         ctx.load_cert_chain(str(chain), str(key))
     return ctx
+
+
+def _raise_open_files(want: int) -> None:
+    """Each session holds two sockets: raise the soft open-files limit toward ``want`` (up to
+    the hard limit), and say so when the hard limit is lower."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    top = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < top:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
+            soft = top
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < want:
+        log.warning("the open-files limit (%d) is below what limits.max_sessions needs (%d): raise it "
+                    "(LimitNOFILE= in systemd, ulimit -n) or lower max_sessions", soft, want)
 
 
 async def run_dbproxy(cfg: Config, stop: asyncio.Event, ready=None) -> None:
@@ -197,6 +214,7 @@ async def run_dbproxy(cfg: Config, stop: asyncio.Event, ready=None) -> None:
     auth = AuthClient(cfg.auth_server, creds, tracing)
     settings = proxy_service_pb2.GetProxySettingsResponse()
     plane = DataPlane(pcfg, creds, auth, verifier, folder, creds.identity.cluster_name)
+    _raise_open_files(plane.limits.max_sessions * 2 + plane.limits.max_handshakes + 512)
     servicer = ProxyServicer(auth, settings, plane)
     interceptors = server_interceptors(tracing)
     public = GrpcServer("dbproxy-public", [ServiceBinding(

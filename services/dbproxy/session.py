@@ -54,7 +54,7 @@ from services.dbproxy.commands import (
     redact_config_reply,
     referenced_dbs,
 )
-from services.dbproxy.limits import ProxyLimits
+from services.dbproxy.limits import ProxyLimits, RequestBudget
 from services.dbproxy.metrics import ProxyMetrics
 from services.dbproxy.resp import (
     Command,
@@ -237,9 +237,12 @@ class Session:
         *,
         metrics: ProxyMetrics | None = None,
         start_span: trace.Span | None = None,
+        budget: RequestBudget | None = None,
     ) -> None:
         self.ctx = ctx
         self.limits = limits = limits or ProxyLimits()
+        # Bytes of incomplete commands, shared with the other sessions (the listener's).
+        self._budget = budget if budget is not None else RequestBudget(limits.request_buffer)
         self._creader = reader
         self._cwriter = writer
         self._audit = audit
@@ -551,38 +554,88 @@ class Session:
         read = self._creader.read
         chunk = self.limits.read_chunk
         uwriter = self._up.writer
-        parse = self._parser.feed
-        while True:
-            data = await read(chunk)
-            if not data:
-                raise _End("client closed")
-            self.bytes_in += len(data)
-            self._last_activity = time.monotonic()
-            try:
-                cmds = parse(data)
-            except ProtocolError as err:
-                out = self._handle(err.commands) if err.commands else []
-                self._audit.emit("db.session.query", self.ctx.user, source_addr=self.ctx.source_addr,
-                                 success=False, error=f"protocol error: {err}",
-                                 fields=dict(self._afields, db_name=str(self._logical_db), command=""))
-                self._local(err.reply())
-                if out:
-                    uwriter.write(b"".join(out))
-                await self._finish_replies()
-                raise _End(f"protocol error: {err}") from None
-            if cmds:
-                idle = not self._q
-                out = self._handle(cmds)
-                if out:
-                    uwriter.write(out[0] if len(out) == 1 else b"".join(out))
-                    if idle and self._m_on and not self._probe:
-                        now = time.perf_counter()
-                        if now >= self._probe_next:
-                            self._probe = now
-                    await uwriter.drain()
-                if self._closing:
+        parser = self._parser
+        parse = parser.feed
+        budget = self._budget
+        held = 0  # bytes of the incomplete command, taken from the shared budget
+        deadline = 0.0  # loop time by which that command must be complete
+        timeout = self.limits.request_timeout
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if held:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            data = await read(chunk)
+                    except TimeoutError:
+                        parser.discard("request timeout")
+                        budget.give(held)
+                        held = 0
+                        await self._refuse_request(
+                            "request_timeout",
+                            f"Cachegate closed this session: a command was not complete within {timeout:g}s "
+                            "(request_timeout); it was not run: send each command whole and promptly")
+                else:
+                    data = await read(chunk)
+                if not data:
+                    raise _End("client closed")
+                self.bytes_in += len(data)
+                self._last_activity = time.monotonic()
+                try:
+                    cmds = parse(data)
+                except ProtocolError as err:
+                    out = self._handle(err.commands) if err.commands else []
+                    self._audit.emit("db.session.query", self.ctx.user, source_addr=self.ctx.source_addr,
+                                     success=False, error=f"protocol error: {err}",
+                                     fields=dict(self._afields, db_name=str(self._logical_db), command=""))
+                    self._local(err.reply())
+                    if out:
+                        uwriter.write(b"".join(out))
                     await self._finish_replies()
-                    raise _End("client quit")
+                    raise _End(f"protocol error: {err}") from None
+                if cmds:
+                    idle = not self._q
+                    out = self._handle(cmds)
+                    if out:
+                        uwriter.write(out[0] if len(out) == 1 else b"".join(out))
+                        if idle and self._m_on and not self._probe:
+                            now = time.perf_counter()
+                            if now >= self._probe_next:
+                                self._probe = now
+                        await uwriter.drain()
+                    if self._closing:
+                        await self._finish_replies()
+                        raise _End("client quit")
+                pending = parser.pending
+                if pending or held:
+                    if pending > held and not budget.take(pending - held):
+                        parser.discard("request buffer full")
+                        budget.give(held)
+                        held = 0
+                        await self._refuse_request(
+                            "request_buffer",
+                            "Cachegate closed this session: the proxy's memory for incomplete commands "
+                            f"({_mib(budget.limit)}, shared by all sessions) is full; this command was "
+                            "not run: try again later, or send smaller values")
+                    if pending < held:
+                        budget.give(held - pending)
+                    if pending and (cmds or not held):  # a new command began
+                        deadline = loop.time() + timeout
+                    held = pending
+        finally:
+            parser.discard("session ended")  # its memory goes now, then the budget is given back
+            budget.give(held)
+
+    async def _refuse_request(self, reason: str, message: str) -> None:
+        """End the session over its incomplete command (discarded: nothing of it went
+        upstream); the error follows the replies already due. ``reason``: for the metrics."""
+        self._metrics.session_refused(reason)
+        self._audit.emit("db.session.query", self.ctx.user, source_addr=self.ctx.source_addr,
+                         success=False, error=message,
+                         fields=dict(self._afields, db_name=str(self._logical_db), command=""))
+        self._local(encode_error(message))
+        await self._finish_replies()
+        raise _End(reason.replace("_", " "))
 
     async def _finish_replies(self, timeout: float = 2.0) -> None:
         """Wait (bounded) until every expected reply reached the client."""
@@ -1187,6 +1240,10 @@ class _Handlers:
     @staticmethod
     def replication(s: Session, cmd: Command, out: list[bytes]) -> None:
         s._deny(cmd, cmd.name, f"{cmd.name} (replication) is not supported by Cachegate")
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):g}MiB" if n >= 1 << 20 else f"{n}B"
 
 
 def _known(counts: dict[str, int]) -> dict[str, int]:

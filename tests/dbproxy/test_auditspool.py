@@ -125,3 +125,28 @@ async def test_a_batch_the_receiver_rejects_is_set_aside_and_later_events_flow(t
     assert aside and sum(len(read_spool_file(f)) for f in aside) == 5  # kept, not dropped
     assert "AUDIT EVENTS REJECTED" in caplog.text and spool.lost == 0
     await spool.close()
+
+
+async def test_spool_is_readable_by_its_owner_only(tmp_path):
+    import os
+    import stat
+
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    spool_dir = tmp_path / "audit-spool"
+    sink = FlakySink()
+    sink.up = False
+    spool = AuditSpool(sink.send, spool_dir, flush_interval=0.02, retry_interval=10)
+    await spool.start()
+    spool.emit("db.session.query", "alice", fields={"args": ["SET", "k", "secret value"]})
+    await _until(lambda: spool.spooled == 1)
+    assert mode(spool_dir) == 0o700
+    [first] = list(spool_dir.glob("*.batch"))
+    assert mode(first) == 0o600
+    await spool.close(timeout=1)
+    # A spool left world-readable (by an older version) is tightened on start.
+    os.chmod(spool_dir, 0o755)
+    os.chmod(first, 0o644)
+    spool = AuditSpool(sink.send, spool_dir, flush_interval=0.02, retry_interval=10)
+    await spool.start()
+    assert mode(spool_dir) == 0o700 and mode(first) == 0o600
+    await spool.close(timeout=1)

@@ -1302,6 +1302,10 @@ def test_max_connections_is_the_smallest_set(options, expected):
     assert RoleSet([role(f"r{i}", **o) for i, o in enumerate(options)]).max_connections == expected
 
 
+def test_max_connections_from_role_yaml():
+    assert load_role_yaml(MINIMAL + "spec:\n  options:\n    max_connections: 2\n").options.max_connections == 2
+
+
 @pytest.mark.parametrize("bad", [-1, "many", True, 1.5])
 def test_max_connections_must_be_a_count(bad):
     with pytest.raises(RoleError, match="max_connections"):

@@ -227,3 +227,24 @@ def test_encoders():
     assert encode_error("NOPERM x\ny") == b"-NOPERM x y\r\n"
     assert encode_array([b"a", 1, None, [b"b"]]) == b"*4\r\n$1\r\na\r\n:1\r\n$-1\r\n*1\r\n$1\r\nb\r\n"
     assert encode_array(None, 3) == b"_\r\n"
+
+
+def test_large_values_split_anywhere_parse_the_same_and_pending_counts_what_is_held():
+    import random
+
+    from services.dbproxy.resp import CommandParser, Limits, encode_command
+
+    rnd = random.Random(7)
+    big = bytes(rnd.getrandbits(8) for _ in range(300_000))
+    stream = encode_command("SET", "k", big) + encode_command("PING") + encode_command("SET", "k2", big[:5000])
+    for _ in range(5):
+        p = CommandParser(Limits(max_buffer=1 << 20))
+        got, pos = [], 0
+        while pos < len(stream):
+            n = rnd.choice((1, 7, 100, 4095, 4096, 20_000, 65_536))
+            got += p.feed(stream[pos:pos + n])
+            pos += n
+            done = sum(len(c.raw) for c in got)
+            assert p.pending == min(pos, len(stream)) - done
+        assert [c.argv for c in got] == [[b"SET", b"k", big], [b"PING"], [b"SET", b"k2", big[:5000]]]
+        assert b"".join(c.raw for c in got) == stream
