@@ -191,6 +191,20 @@ class SessionCore:
         return not self._q and not self._framer.in_frame
 
     @property
+    def pending(self) -> int:
+        """Bytes held for an incomplete command from the client."""
+        return self._parser.pending
+
+    def discard(self, reason: str) -> None:
+        """Drop the incomplete command (its memory goes now); the session must end."""
+        self._parser.discard(reason)
+
+    def reply_local(self, data: bytes) -> bytes:
+        """A reply of the proxy's own in its place; returns what goes to the client now."""
+        self._local(data)
+        return self._take_down() if self._down else b""
+
+    @property
     def mid_reply(self) -> bool:
         """The client is in the middle of a reply: nothing of the proxy's may be written now."""
         return self._framer.in_frame or bool(self._held)
