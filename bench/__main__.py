@@ -46,10 +46,16 @@ TESTS = ("get", "set")
 STEP_TIMEOUT = 300.0
 
 MODES = {
-    #        rounds  -n at -P 1  -n at -P 16  sessions s  idle counts    audit s
-    "smoke": dict(rounds=1, n_p1=2_000, n_p16=10_000, sess_s=1.0, idle="50,100", audit_s=1.0, settle=0.5),
-    "quick": dict(rounds=1, n_p1=20_000, n_p16=100_000, sess_s=4.0, idle="1000,5000", audit_s=4.0, settle=2.0),
-    "full": dict(rounds=3, n_p1=100_000, n_p16=500_000, sess_s=10.0, idle="1000,5000", audit_s=10.0, settle=3.0),
+    # rounds: interleaved rounds of redis-benchmark (the median is kept); step_s: seconds each
+    # redis-benchmark test should last (-n is sized from a short calibration run per target,
+    # within n_min..n_max); sess_s: seconds of new sessions per target; idle: idle session
+    # counts, opened within idle_s; audit_s: seconds of audit ingest per backend.
+    "smoke": dict(rounds=1, step_s=0.5, n_min=1_000, n_max=10_000, sess_s=1.0, idle="50,100", idle_s=20.0,
+                  audit_s=1.0, settle=0.5),
+    "quick": dict(rounds=1, step_s=3.0, n_min=2_000, n_max=1_000_000, sess_s=3.0, idle="1000,5000",
+                  idle_s=45.0, audit_s=3.0, settle=2.0),
+    "full": dict(rounds=3, step_s=15.0, n_min=10_000, n_max=5_000_000, sess_s=15.0, idle="1000,5000",
+                 idle_s=400.0, audit_s=15.0, settle=3.0),
 }
 
 
@@ -236,13 +242,38 @@ def run(mode: str, clients_n: int) -> dict:
                 client("sessions", *t.client_args(), "--duration", "5", "--max", "1", "--concurrency", "1",
                        timeout=30)
 
+            # --- idle sessions (first, while the proxy's memory has not grown under load) ---
+            log(f"idle sessions through Cachegate: {cfg['idle']}")
+            idle = client("idle", *targets["cachegate"].client_args(), "--counts", cfg["idle"], "--pid",
+                          str(proxy.pid), "--concurrency", "32", "--settle", str(cfg["settle"]),
+                          "--duration", str(cfg["idle_s"]), timeout=cfg["idle_s"] + 120)
+            results["idle"] = idle
+            if idle["errors"]:
+                notes.append(f"idle sessions: {idle['errors']} failed, first: {idle['first_error']}")
+            for lv in idle["levels"]:
+                if lv["sessions"] < lv["wanted"]:
+                    notes.append(f"idle sessions: {lv['sessions']} of {lv['wanted']} opened within "
+                                 f"{cfg['idle_s']:.0f}s; the RSS figure is at {lv['sessions']}")
+            per_idle = {lv["sessions"]: lv["kib_per_session"] for lv in idle["levels"]}
+
             # --- throughput and latency, interleaved -----------------------------------------
+            # A short run per target and depth warms it up and sizes -n so that each test
+            # lasts about step_s seconds (the same time, not the same count, for each target).
+            sizes: dict = {}
+            for p in (1, 16):
+                floor = cfg["n_min"] * (8 if p == 16 else 1)  # enough pipelines per client at -P 16
+                for name in TARGETS:
+                    log(f"calibration: redis-benchmark -P {p} -n {floor} against {name}")
+                    cal = redis_benchmark(targets[name], p, floor, clients_n)
+                    rate = mean(r["rps"] for r in cal.values())
+                    sizes[(name, p)] = int(min(max(rate * cfg["step_s"], floor), cfg["n_max"]))
+            results["requests_per_test"] = {f"{name}_p{p}": n for (name, p), n in sizes.items()}
             tput: dict = {}  # (target, P, test) -> list of rows
             stalls: list[dict] = []
             for rnd in range(cfg["rounds"]):
                 for p in (1, 16):
-                    n = cfg["n_p1"] if p == 1 else cfg["n_p16"]
                     for name in TARGETS:
+                        n = sizes[(name, p)]
                         log(f"round {rnd + 1}/{cfg['rounds']}: redis-benchmark -P {p} -n {n} against {name}")
                         probe = Probe(targets[name], STEP_TIMEOUT) if name == "cachegate" else None
                         rows = redis_benchmark(targets[name], p, n, clients_n)
@@ -275,16 +306,6 @@ def run(mode: str, clients_n: int) -> dict:
                     notes.append(f"{name} sessions: {sess[name]['errors']} failed, first: {sess[name]['first_error']}")
             results["sessions"] = sess
 
-            # --- idle sessions ----------------------------------------------------------------
-            log(f"idle sessions through Cachegate: {cfg['idle']}")
-            idle = client("idle", *targets["cachegate"].client_args(), "--counts", cfg["idle"], "--pid",
-                          str(proxy.pid), "--concurrency", "32", "--settle", str(cfg["settle"]),
-                          "--duration", "240", timeout=400)
-            results["idle"] = idle
-            if idle["errors"]:
-                notes.append(f"idle sessions: {idle['errors']} failed, first: {idle['first_error']}")
-            per_idle = {lv["wanted"]: lv["kib_per_session"] for lv in idle["levels"] if lv["sessions"] == lv["wanted"]}
-
             # --- audit events per second that auth stores --------------------------------------
             audit: dict = {}
             log(f"audit events into auth (SQLite) for {cfg['audit_s']:.0f}s")
@@ -309,10 +330,10 @@ def run(mode: str, clients_n: int) -> dict:
                 proxy2 = cg.start_proxy(sessions_per_user=256, workers=2, tag="dbproxy-w2")
                 t2 = Target("cachegate_w2", int(proxy2.info["redis_port"]), dbcfg["ca"], dbcfg["cert"], dbcfg["key"])
                 w1, w2 = [], []
+                n = sizes[("cachegate", 16)]
                 for _ in range(cfg["rounds"]):
-                    w1.append(mean(r["rps"] for r in redis_benchmark(targets["cachegate"], 16, cfg["n_p16"],
-                                                                     clients_n).values()))
-                    w2.append(mean(r["rps"] for r in redis_benchmark(t2, 16, cfg["n_p16"], clients_n).values()))
+                    w1.append(mean(r["rps"] for r in redis_benchmark(targets["cachegate"], 16, n, clients_n).values()))
+                    w2.append(mean(r["rps"] for r in redis_benchmark(t2, 16, n, clients_n).values()))
                 proxy2.stop()
                 results["workers"] = {"workers1_rps_p16": statistics.median(w1), "workers2_rps_p16": statistics.median(w2)}
                 w_ratio = ratio(statistics.median(w2), statistics.median(w1))
@@ -342,7 +363,7 @@ def run(mode: str, clients_n: int) -> dict:
         "p50_ms": round(p50["cachegate"], 3),
         "p99_ms": round(p99["cachegate"], 3),
         "max_stall_s": stall,
-        "rss_kib_per_idle_session": per_idle.get(idle_max),
+        "rss_kib_per_idle_session": per_idle[max(per_idle)] if per_idle else None,
         "rss_kib_per_idle_session_at": {str(k): v for k, v in per_idle.items()},
         "audit_events_per_s_sqlite": audit["sqlite"]["per_s"],
         "audit_events_per_s_postgres": audit["postgres"]["per_s"],
@@ -373,8 +394,9 @@ def print_table(res: dict) -> None:
     print(f"Cachegate benchmark ({res['mode']}): {m['cpus']} CPUs {m['cpu_model']}, {m['mem_total_mib']} MiB, "
           f"Linux {m['kernel']}, Python {m['python']}, load {m['load_avg_at_start']} at start")
     print(f"{m['redis_server']}; {m['stunnel']}")
-    print(f"redis-benchmark -c {res['settings']['clients']}, {res['settings']['rounds']} round(s), "
-          f"-n {res['settings']['n_p1']} at -P 1, {res['settings']['n_p16']} at -P 16 (median of rounds)")
+    print(f"redis-benchmark -c {res['settings']['clients']}, {res['settings']['rounds']} round(s) (median), "
+          f"about {res['settings']['step_s']:g}s per test; -n per target: "
+          + ", ".join(f"{k} {v:,}" for k, v in res["requests_per_test"].items()))
     print()
     head = f"{'test':<5}{'-P':>4}  " + "".join(f"{t + ' rps':>16}" for t in TARGETS) + \
            f"{'p50 cg/st/dir ms':>24}{'p99 cg ms':>11}"
@@ -438,7 +460,8 @@ def main() -> None:
     print_table(res)
     line = {**res["summary"], "mode": mode, "machine": res["machine"], "seconds": res["seconds"],
             "details": {k: res[k] for k in ("throughput", "sessions", "idle", "audit", "workers", "stall_probe",
-                                            "proxy_rss_kib_at_end", "settings", "notes")}}
+                                            "proxy_rss_kib_at_end", "settings", "requests_per_test",
+                                            "notes")}}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(line, indent=2) + "\n")
     print(json.dumps(line, separators=(",", ":")))

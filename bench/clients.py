@@ -119,15 +119,19 @@ async def idle(args) -> dict:
     started = time.perf_counter()
     sem = asyncio.Semaphore(args.concurrency)
 
+    deadline = started + args.duration
+
     async def one() -> None:
         async with sem:
+            if time.perf_counter() > deadline:
+                return
             try:
                 held.append(await asyncio.wait_for(_open(args, ctx, hello, want), 30))
             except Exception as exc:  # noqa: BLE001
                 errors.append(f"{type(exc).__name__}: {exc}"[:200])
 
     for n in counts:
-        if time.perf_counter() - started > args.duration:
+        if time.perf_counter() > deadline:
             break
         need = n - len(held)
         t0 = time.perf_counter()
