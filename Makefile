@@ -21,6 +21,10 @@ test: setup protos-check
 test-quick: setup
 	$(VENV)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+## make bench: the benchmark against stunnel and direct TLS, about two minutes (docs/performance.md)
+bench: setup
+	$(VENV)/python -m bench --quick
+
 protos: setup
 	scripts/gen_protos.sh
 

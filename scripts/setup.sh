@@ -7,13 +7,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-DEBS=(redis-server redis-tools postgresql jq)
+DEBS=(redis-server redis-tools postgresql jq stunnel4)
 
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v jq >/dev/null || missing+=(jq)
+command -v stunnel4 >/dev/null || missing+=(stunnel4)  # python -m bench: the baseline
 if ((${#missing[@]})); then
   echo "setup: installing Debian packages: ${missing[*]}" >&2
   SUDO=""
@@ -24,6 +25,7 @@ if ((${#missing[@]})); then
   # The packages' own system services are not used: tests and `cachegate dev`
   # start their own servers on free loopback ports.
   $SUDO service redis-server stop >/dev/null 2>&1 || true
+  $SUDO service stunnel4 stop >/dev/null 2>&1 || true
 fi
 
 stamp=.venv/.installed
