@@ -38,7 +38,7 @@ from services.dbproxy.keys import AzureKeyCache, credentials_for
 from services.dbproxy.limits import ProxyLimits
 from services.dbproxy.listener import Refused, RespListener, server_ssl_context
 from services.dbproxy.session import Session, SessionContext
-from services.dbproxy.upstream import UpstreamTarget
+from services.dbproxy.upstream import UpstreamPool, UpstreamTarget
 
 log = logging.getLogger("cachegate.dbproxy")
 
@@ -90,6 +90,8 @@ class DataPlane:
         # session joining ``listener.sessions`` is applied to the context itself.
         self._contexts: weakref.WeakSet[ClusterSessionContext] = weakref.WeakSet()
         self.azure_keys = AzureKeyCache(pcfg.azure_endpoints)
+        # Upstream connections opened and authenticated ahead of the sessions that take them.
+        self.pool = UpstreamPool(timeout=self.limits.upstream_connect_timeout)
         spool_dir = Path(pcfg.audit_spool_dir) if pcfg.audit_spool_dir else folder / "audit-spool"
 
         # Batches go to auth already serialized (the spool writes the wire format itself:
@@ -124,6 +126,7 @@ class DataPlane:
 
     async def stop(self) -> None:
         await self.listener.close(5.0)
+        await self.pool.close()
         await self.cache.stop()
         await self.audit.close()
         await self.azure_keys.close()
@@ -174,13 +177,17 @@ class DataPlane:
         ctx = ClusterSessionContext(
             user=user, database=db.name, db_user=route.db_user, db_name=route.db_name, roles=roles,
             db_labels=labels, target=self.target_for(db), credentials=credentials_for(db, self.azure_keys),
-            lock_check=lock_check, extra_audit_fields={"db_uri": db.uri}, identity=ident)
+            lock_check=lock_check, extra_audit_fields={"db_uri": db.uri}, identity=ident,
+            connect=self.pool.get)
         self._contexts.add(ctx)
         return ctx
 
     # --- live sessions follow the cluster ------------------------------------------------------
     def _on_change(self, kind: str, changes: Changes) -> None:
         """Re-evaluate the sessions a change to roles, users or databases touches."""
+        if kind == "databases":  # connections made ahead for an old record are not used
+            for name, _, _ in changes:
+                self.pool.forget(name)
         reasons: dict[str, str] = {}
         for name, before, after in changes:
             reason = change_reason(kind, name, before, after)

@@ -14,6 +14,7 @@ run (``nc -zv HOST PORT``), within ``timeout`` seconds.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 from collections.abc import Callable
@@ -25,8 +26,11 @@ from opentelemetry import trace
 
 from services.dbproxy.resp import encode_command
 
+log = logging.getLogger("cachegate.dbproxy.upstream")
+
 __all__ = [
     "CredentialProvider",
+    "UpstreamPool",
     "StaticCredentials",
     "Upstream",
     "UpstreamError",
@@ -249,3 +253,105 @@ async def _authenticate(
             "auth",
         )
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+class UpstreamPool:
+    """Upstream connections opened and authenticated ahead of need, so that a new session
+    costs the client's handshake only.
+
+    Per database (name and address) up to ``size`` connections wait, filled in the
+    background after each session takes one; a connection is given to one session and
+    never reused after it (its state is that session's). A waiting connection older than
+    ``max_age`` seconds, or one the database closed or wrote to, is dropped; with none
+    ready, :meth:`get` connects as :func:`connect_upstream` does (and reports its errors
+    the same way). :meth:`forget` drops a database's connections (its record changed)."""
+
+    def __init__(self, size: int = 4, max_age: float = 60.0, *, timeout: float = 10.0) -> None:
+        self.size = size
+        self.max_age = max_age
+        self.timeout = timeout
+        self._ready: dict[tuple, list[tuple[float, Upstream]]] = {}
+        self._filling: dict[tuple, asyncio.Task] = {}
+
+    @staticmethod
+    def _key(target: UpstreamTarget) -> tuple:
+        return (target.name, target.host, target.port, target.ssl is not None)
+
+    async def get(self, target: UpstreamTarget, credentials: CredentialProvider, logical_db: int = 0, *,
+                  timeout: float = 10.0, on_auth_refused: Callable[[], None] | None = None,
+                  tracer: trace.Tracer | None = None) -> Upstream:
+        key = self._key(target)
+        ready = self._ready.get(key)
+        now = asyncio.get_running_loop().time()
+        up = None
+        while ready:
+            created, candidate = ready.pop()
+            if now - created < self.max_age and _usable(candidate):
+                up = candidate
+                break
+            candidate.close()
+        self._fill(key, target, credentials)
+        if up is None:
+            return await connect_upstream(target, credentials, logical_db, timeout=timeout,
+                                          on_auth_refused=on_auth_refused, tracer=tracer)
+        if logical_db:
+            try:
+                async with asyncio.timeout(timeout):
+                    up.writer.write(encode_command("SELECT", str(logical_db)))
+                    (reply,) = await _read_replies(up.reader, 1)
+            except (TimeoutError, OSError, UpstreamError):
+                up.close()
+                return await connect_upstream(target, credentials, logical_db, timeout=timeout,
+                                              on_auth_refused=on_auth_refused, tracer=tracer)
+            if isinstance(reply, hiredis.ReplyError):
+                up.close()
+                raise UpstreamError(f'cannot select logical database {logical_db} on "{target.name}": '
+                                    f"{_err_text(reply)}", "select")
+            up.logical_db = logical_db
+        return up
+
+    def _fill(self, key: tuple, target: UpstreamTarget, credentials: CredentialProvider) -> None:
+        task = self._filling.get(key)
+        if task is not None and not task.done():
+            return
+        self._filling[key] = asyncio.get_running_loop().create_task(
+            self._fill_up(key, target, credentials), name=f"upstream-pool {target.name}")
+
+    async def _fill_up(self, key: tuple, target: UpstreamTarget, credentials: CredentialProvider) -> None:
+        loop = asyncio.get_running_loop()
+        ready = self._ready.setdefault(key, [])
+        while len(ready) < self.size:
+            try:
+                up = await connect_upstream(target, credentials, 0, timeout=self.timeout)
+            except UpstreamError as exc:
+                # The next session connects itself and reports the problem to its user.
+                log.debug("could not open a spare connection to %s: %s", target.name, exc.reason)
+                return
+            if self._ready.get(key) is not ready:  # forgotten meanwhile
+                up.close()
+                return
+            ready.append((loop.time(), up))
+
+    def forget(self, name: str) -> None:
+        """Drop the waiting connections of database ``name``."""
+        for key in [k for k in self._ready if k[0] == name]:
+            for _, up in self._ready.pop(key):
+                up.close()
+            task = self._filling.pop(key, None)
+            if task is not None:
+                task.cancel()
+
+    async def close(self) -> None:
+        for key in list(self._ready):
+            self.forget(key[0])
+        tasks = [t for t in self._filling.values() if not t.done()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._filling.clear()
+
+
+def _usable(up: Upstream) -> bool:
+    """Still connected, and nothing was said on it since it was set up."""
+    reader = up.reader
+    return not up.writer.is_closing() and not reader.at_eof() and not reader._buffer  # noqa: SLF001
