@@ -160,7 +160,8 @@ def compat(tmp_path_factory):
     try:
         cl.start_auth()
         proxy = cl.start_joiner("dbproxy", cl.token("proxy"), extra_env={SECRET_ENV: REDIS_PASSWORD},
-                                database_ca_files=[str(rdir / "ca.pem")])
+                                database_ca_files=[str(rdir / "ca.pem")],
+                                limits={"sessions_per_user": 200})  # the pool scenario opens 50 at once
         proxy_addr = f"127.0.0.1:{proxy.info['public_port']}"
         home = root / "home"
         docs = [
@@ -170,8 +171,7 @@ def compat(tmp_path_factory):
                       "ca_cert_file": str(rdir / "ca.pem"), "secret": f"env:{SECRET_ENV}"}},
             {"kind": "role", "version": "v1", "metadata": {"name": "compat-monitor"},
              "spec": {"allow": {"db_labels": {"*": "*"}, "db_users": ["{{internal.db_users}}"],
-                                "db_names": ["{{internal.db_names}}"], "db_commands": ["MONITOR"]},
-                      "options": {"max_connections": 500}}},
+                                "db_names": ["{{internal.db_names}}"], "db_commands": ["MONITOR"]}}},
         ]
         for i, doc in enumerate(docs):
             cl.cgctl("create", "-f", str(write_yaml(root / f"doc{i}.yaml", doc)))
