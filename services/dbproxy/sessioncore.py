@@ -546,7 +546,7 @@ class _Handlers:
         ver = _parse_int(argv[1])
         if ver not in (2, 3):
             s._audit_query(cmd, "HELLO", None, error="unsupported protocol version")
-            s._local(encode_error("NOPROTO sorry, this protocol version is not supported."))
+            s._local(encode_error("NOPROTO unsupported protocol version"))
             return
         forward: list[bytes] = [b"HELLO", argv[1]]
         i = 2
