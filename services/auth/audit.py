@@ -26,7 +26,7 @@ log = logging.getLogger("cachegate.audit")
 
 # Event types only auth itself records: other services may not emit them.
 AUTH_ONLY_PREFIXES = ("join", "user.", "role.", "lock.")
-TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
+TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*\Z")  # \Z: "$" would take a final newline
 # What str(uuid.UUID(x)) gives back: an id already in this form is valid as it is.
 CANONICAL_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 TYPE_FILTER_RE = re.compile(r"^([a-z][a-z0-9_.]*)?\*?$")

@@ -91,6 +91,9 @@ async def test_a_bad_event_in_the_middle_refuses_the_whole_batch(env):
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details == f"event 2: id {'0' * 31!r} is not a UUID (leave it empty to have one set)"
     evs[2].id = ""
+    evs[3].type = "db.session.query\n"  # not a dotted lower-case name, even with the newline at the end
+    err = await env.fails(env.audit.EmitAuditEvents, au.EmitAuditEventsRequest(events=evs))
+    assert err.details.startswith("event 3: invalid event type")
     evs[3].type = "role.put"
     err = await env.fails(env.audit.EmitAuditEvents, au.EmitAuditEventsRequest(events=evs))
     assert err.details == "event 3: events of type role.put are recorded by auth itself"
