@@ -8,7 +8,7 @@
 loopback port, then stopped and deleted). ``events`` is how many events to store, in
 batches of 1000 (auth's maximum, what dbproxy sends under load). Returns events per
 second of :meth:`services.auth.audit.AuditLog.ingest` (check + store) over the whole
-run, wall clock. Self-contained: it starts what it needs and removes it afterwards;
+run, wall clock, one batch after the other. Self-contained: it starts what it needs and removes it afterwards;
 nothing is left behind on success or failure. Raises RuntimeError when PostgreSQL's
 binaries are not installed.
 
@@ -25,6 +25,7 @@ From the command line (each run is bounded by ``--events``)::
     .venv/bin/python bench/audit_store.py                       # sqlite and postgres, 50000 events
     .venv/bin/python bench/audit_store.py --events 200000 --backends sqlite
     .venv/bin/python bench/audit_store.py --profile /tmp/ingest.prof --backends sqlite
+    .venv/bin/python bench/audit_store.py --in-flight 8        # 8 batches at once, as dbproxy may send
 
 It prints events/s for each backend (wall clock), the time per event, and auth's own CPU
 time per event (this process: all the work with SQLite, the client side with PostgreSQL,
@@ -171,7 +172,8 @@ class _Postgres:
 
 
 # --- the measurement ---------------------------------------------------------------------------
-async def _ingest_all(log: AuditLog, requests: list[bytes], profile: str | None = None) -> tuple[float, float, int]:
+async def _ingest_all(log: AuditLog, requests: list[bytes], profile: str | None = None,
+                      in_flight: int = 1) -> tuple[float, float, int]:
     parsed = [audit_service_pb2.EmitAuditEventsRequest.FromString(r) for r in requests]
     prof = None
     if profile:
@@ -182,9 +184,18 @@ async def _ingest_all(log: AuditLog, requests: list[bytes], profile: str | None 
     stored = 0
     c0 = time.process_time()
     t0 = time.perf_counter()
-    for req in parsed:
-        # As AuditService.EmitAuditEvents does: the parsed request is auth's own, checked in place.
-        stored += await log.ingest(req.events, in_place=True)
+    if in_flight <= 1:
+        for req in parsed:
+            # As AuditService.EmitAuditEvents does: the parsed request is auth's own, checked in place.
+            stored += await log.ingest(req.events, in_place=True)
+    else:  # several batches at once, as dbproxy sends them (max_in_flight)
+        slots = asyncio.Semaphore(in_flight)
+
+        async def one(req) -> int:
+            async with slots:
+                return await log.ingest(req.events, in_place=True)
+
+        stored = sum(await asyncio.gather(*(one(r) for r in parsed)))
     elapsed = time.perf_counter() - t0
     cpu = time.process_time() - c0
     if prof is not None:
@@ -193,7 +204,7 @@ async def _ingest_all(log: AuditLog, requests: list[bytes], profile: str | None 
     return elapsed, cpu, stored
 
 
-async def _run(backend_kind: str, events: int, profile: str | None = None) -> tuple[float, float]:
+async def _run(backend_kind: str, events: int, profile: str | None = None, in_flight: int = 1) -> tuple[float, float]:
     """(events/s by the wall clock, events/s by this process's CPU time)."""
     if events <= 0:
         raise ValueError("events must be positive")
@@ -217,7 +228,7 @@ async def _run(backend_kind: str, events: int, profile: str | None = None) -> tu
         log = AuditLog(backend, CLUSTER)
         # Warm up (connections, statement caches) with a batch that is not counted.
         await log.ingest(audit_service_pb2.EmitAuditEventsRequest.FromString(build_requests(BATCH)[0]).events)
-        elapsed, cpu, stored = await _ingest_all(log, requests, profile)
+        elapsed, cpu, stored = await _ingest_all(log, requests, profile, in_flight)
         if stored != events:
             raise RuntimeError(f"stored {stored} events of {events}")
         rows = await backend.search_audit(None, None, ["db.session.query"], "", None, events + BATCH + 1)
@@ -243,10 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=50_000, help="events per backend (default 50000)")
     ap.add_argument("--backends", default="sqlite,postgres", help="comma-separated: sqlite,postgres")
+    ap.add_argument("--in-flight", type=int, default=1,
+                    help="batches ingested at once (dbproxy sends up to 8); default 1, as measure() does")
     ap.add_argument("--profile", help="write a cProfile of the timed part to this file (one backend)")
     args = ap.parse_args(argv)
     for kind in [b.strip() for b in args.backends.split(",") if b.strip()]:
-        rate, cpu_rate = asyncio.run(_run(kind, args.events, args.profile))
+        rate, cpu_rate = asyncio.run(_run(kind, args.events, args.profile, args.in_flight))
         print(f"{kind:9s} {args.events:8d} events  {rate:8.0f} events/s  {1e6 / rate:6.1f} us/event (wall)  "
               f"auth CPU {1e6 / cpu_rate:6.1f} us/event ({cpu_rate:.0f} events/s per core)")
     return 0
