@@ -208,6 +208,8 @@ async def _run(backend_kind: str, events: int, profile: str | None = None, in_fl
     """(events/s by the wall clock, events/s by this process's CPU time)."""
     if events <= 0:
         raise ValueError("events must be positive")
+    if backend_kind not in ("sqlite", "postgres", "postgresql", "pg"):
+        raise ValueError(f"unknown backend_kind {backend_kind!r}: use 'sqlite' or 'postgres'")
     requests = build_requests(events)
     tmp = Path(tempfile.mkdtemp(prefix="cg-bench-audit-"))
     pg = None
