@@ -17,6 +17,7 @@ import uuid
 from cachegate.types.v1 import types_pb2
 from google.protobuf import struct_pb2
 
+from services.auth.backend import AuditRow
 from services.common.auditcodes import CODES, code_for  # noqa: F401 (CODES: part of this module's API)
 from services.common.grpcutil import page_size, ts
 
@@ -25,7 +26,9 @@ log = logging.getLogger("cachegate.audit")
 
 # Event types only auth itself records: other services may not emit them.
 AUTH_ONLY_PREFIXES = ("join", "user.", "role.", "lock.")
-TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
+TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*\Z")  # \Z: "$" would take a final newline
+# What str(uuid.UUID(x)) gives back: an id already in this form is valid as it is.
+CANONICAL_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 TYPE_FILTER_RE = re.compile(r"^([a-z][a-z0-9_.]*)?\*?$")
 MAX_BATCH = 1000
 MAX_EVENT_BYTES = 256 * 1024
@@ -58,47 +61,68 @@ class AuditLog:
         await self.backend.append_audit(ev.id, when, ev.type, ev.actor, ev.SerializeToString())
 
     # --- events from other services ---------------------------------------------------------
-    def check_batch(self, events) -> list[types_pb2.AuditEvent]:
+    def check_batch(self, events, in_place: bool = False) -> list[types_pb2.AuditEvent]:
         """Validate a batch from another service and fill in what the server sets.
 
         All or nothing: one bad event refuses the batch (AuditError). Ids must be UUIDs (the
         same id sent again is stored once, so a retried batch is not duplicated); a missing id
-        or time is set here; the cluster name is always ours."""
+        or time is set here; the cluster name is always ours. ``in_place``: fill in the given
+        messages themselves instead of copies (for a request nobody else reads)."""
+        return [ev for ev, _row in self._checked(events, in_place)]
+
+    def _checked(self, events, in_place: bool) -> list[tuple[types_pb2.AuditEvent, AuditRow]]:
+        """:meth:`check_batch`, with each event's storage row (id, time, type, actor, data)."""
         if len(events) > MAX_BATCH:
             raise AuditError(f"too many events in one batch ({len(events)}): send at most {MAX_BATCH}")
         out = []
-        for i, src in enumerate(events):
-            ev = types_pb2.AuditEvent()
-            ev.CopyFrom(src)
-            where = f"event {i}"
-            if not TYPE_RE.match(ev.type) or len(ev.type) > 100:
-                raise AuditError(f"{where}: invalid event type {ev.type[:100]!r}: use dotted lower-case names "
-                                 "like db.session.query")
-            if ev.type.startswith(AUTH_ONLY_PREFIXES):
-                raise AuditError(f"{where}: events of type {ev.type} are recorded by auth itself")
-            if ev.id:
-                try:
-                    ev.id = str(uuid.UUID(ev.id))
-                except ValueError:
-                    raise AuditError(f"{where}: id {ev.id[:64]!r} is not a UUID (leave it empty to have one set)") from None
+        append = out.append
+        cluster = self.cluster_name
+        uuid_ok = CANONICAL_UUID_RE.fullmatch
+        types_ok: set[str] = set()  # types already checked in this batch (a batch has few)
+        new_event = types_pb2.AuditEvent
+        for i, ev in enumerate(events):
+            if not in_place:
+                src, ev = ev, new_event()
+                ev.CopyFrom(src)
+            type_ = ev.type
+            if type_ not in types_ok:
+                if not TYPE_RE.match(type_) or len(type_) > 100:
+                    raise AuditError(f"event {i}: invalid event type {type_[:100]!r}: use dotted lower-case names "
+                                     "like db.session.query")
+                if type_.startswith(AUTH_ONLY_PREFIXES):
+                    raise AuditError(f"event {i}: events of type {type_} are recorded by auth itself")
+                types_ok.add(type_)
+            event_id = ev.id
+            if event_id:
+                # An id in canonical form (what uuid.UUID would give back) needs no parsing.
+                if not uuid_ok(event_id):
+                    try:
+                        ev.id = event_id = str(uuid.UUID(event_id))
+                    except ValueError:
+                        raise AuditError(f"event {i}: id {event_id[:64]!r} is not a UUID (leave it empty to have "
+                                         "one set)") from None
             else:
-                ev.id = str(uuid.uuid4())
-            if not ev.HasField("time") or (ev.time.seconds == 0 and ev.time.nanos == 0):
-                ev.time.CopyFrom(ts(time.time()))
+                ev.id = event_id = str(uuid.uuid4())
+            t = ev.time
+            sec, nanos = t.seconds, t.nanos
+            if sec == 0 and nanos == 0:  # missing (or the zero timestamp, the same on the wire)
+                t.CopyFrom(ts(time.time()))
+                sec, nanos = t.seconds, t.nanos
             if not ev.code:
-                ev.code = code_for(ev.type, ev.success)
-            ev.cluster_name = self.cluster_name
-            if ev.ByteSize() > MAX_EVENT_BYTES:
-                raise AuditError(f"{where}: event is larger than {MAX_EVENT_BYTES // 1024} KiB: shorten its fields")
-            out.append(ev)
+                ev.code = code_for(type_, ev.success)
+            ev.cluster_name = cluster
+            data = ev.SerializeToString()
+            if len(data) > MAX_EVENT_BYTES:
+                raise AuditError(f"event {i}: event is larger than {MAX_EVENT_BYTES // 1024} KiB: shorten its fields")
+            append((ev, (event_id, sec + nanos / 1e9, type_, ev.actor, data)))
         return out
 
-    async def ingest(self, events) -> int:
-        """Check and store a batch; the number stored. AuditError, or the storage error."""
-        batch = self.check_batch(events)
-        for ev in batch:
-            await self.store(ev)
-        return len(batch)
+    async def ingest(self, events, in_place: bool = False) -> int:
+        """Check and store a batch, in one transaction; the number stored. AuditError (nothing
+        stored), or the storage error (nothing stored either). ``in_place``: see check_batch."""
+        checked = self._checked(events, in_place)
+        await self.backend.append_audit_many([row for _ev, row in checked])
+        return len(checked)
 
     # --- search -----------------------------------------------------------------------------
     async def search(self, since: float | None, until: float | None, types: list[str], user: str,

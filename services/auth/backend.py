@@ -13,7 +13,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
+
+# One audit event as the backends store it: (id, time, type, actor, serialized AuditEvent).
+AuditRow = tuple[str, float, str, str, bytes]
 
 
 @dataclass
@@ -40,6 +43,14 @@ class Backend:
     async def delete(self, key: str) -> bool: ...
     async def list(self, prefix: str, after: str = "", limit: int = 0) -> list[Item]: ...
     async def append_audit(self, event_id: str, when: float, type_: str, actor: str, data: bytes) -> None: ...
+
+    async def append_audit_many(self, rows: Sequence[AuditRow]) -> None:
+        """Store a batch of audit events, ``(id, time, type, actor, data)`` each, in one
+        transaction: all of them or (raising) none. An id already stored, or repeated in
+        ``rows``, is kept once (the first one stored wins), so a retried batch is not
+        duplicated."""
+        raise NotImplementedError(f"{type(self).__name__} does not store audit batches")
+
     async def search_audit(self, since: float | None, until: float | None, types: list[str], actor: str,
                            after: tuple[float, str] | None, limit: int) -> list[tuple[float, str, bytes]]: ...
     async def close(self) -> None: ...
@@ -183,10 +194,26 @@ class SQLiteBackend(Backend):
             rows = self._db.execute(sql, args).fetchall()
         return [i for i in (self._live(r) for r in rows) if i is not None]
 
+    _INSERT_AUDIT = "INSERT OR IGNORE INTO audit (id, time, type, actor, data) VALUES (?, ?, ?, ?, ?)"
+
     async def append_audit(self, event_id: str, when: float, type_: str, actor: str, data: bytes) -> None:
         with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO audit (id, time, type, actor, data) VALUES (?, ?, ?, ?, ?)",
-                             (event_id, when, type_, actor, data))
+            self._db.execute(self._INSERT_AUDIT, (event_id, when, type_, actor, data))
+
+    async def append_audit_many(self, rows: Sequence[AuditRow]) -> None:
+        # The connection is in autocommit mode: without BEGIN each INSERT would be its own
+        # transaction (a WAL commit per event). One transaction for the batch, all or nothing.
+        if not rows:
+            return
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(self._INSERT_AUDIT, rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     async def search_audit(self, since, until, types, actor, after, limit):
         sql, args = audit_search_sql("audit", "?", since, until, types, actor, after, limit)

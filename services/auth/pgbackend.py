@@ -20,12 +20,13 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 
 import psycopg
 from psycopg import conninfo as pgconninfo
 
-from services.auth.backend import Backend, Change, Item, audit_search_sql
+from services.auth.backend import AuditRow, Backend, Change, Item, audit_search_sql
 from services.common.config import ConfigError
 
 log = logging.getLogger("cachegate.auth")
@@ -302,9 +303,27 @@ class PostgresBackend(Backend):
         return [Item(k, bytes(v), e) for k, v, e in rows]
 
     # --- the audit log --------------------------------------------------------------------
+    _INSERT_AUDIT = (f"INSERT INTO {AUDIT} (id, time, type, actor, data) VALUES (%s, %s, %s, %s, %s) "
+                     "ON CONFLICT (id) DO NOTHING")
+    # A whole batch in one statement: five arrays (sent in binary), unnested by the server.
+    # Measured with bench/audit_store.py (1000-event batches): auth's CPU per event 14 us,
+    # against 15 us for COPY into a temporary table + INSERT ... SELECT, and 37 us for
+    # executemany (pipelined); by the wall clock 16,600 events/s, 13,400 and 10,200.
+    _INSERT_AUDIT_MANY = (
+        f"INSERT INTO {AUDIT} (id, time, type, actor, data) "
+        "SELECT * FROM unnest(%b::text[], %b::float8[], %b::text[], %b::text[], %b::bytea[]) "
+        "ON CONFLICT (id) DO NOTHING")
+
     async def append_audit(self, event_id: str, when: float, type_: str, actor: str, data: bytes) -> None:
-        await self._fetch(f"INSERT INTO {AUDIT} (id, time, type, actor, data) VALUES (%s, %s, %s, %s, %s) "
-                          "ON CONFLICT (id) DO NOTHING", (event_id, when, type_, actor, bytes(data)))
+        await self._fetch(self._INSERT_AUDIT, (event_id, when, type_, actor, bytes(data)))
+
+    async def append_audit_many(self, rows: Sequence[AuditRow]) -> None:
+        # One statement is one transaction (autocommit): all the rows or none. A repeated id,
+        # in the batch or already stored, is skipped by ON CONFLICT DO NOTHING.
+        if not rows:
+            return
+        ids, whens, types, actors, datas = (list(c) for c in zip(*rows))
+        await self._fetch(self._INSERT_AUDIT_MANY, (ids, whens, types, actors, [bytes(d) for d in datas]))
 
     async def search_audit(self, since, until, types, actor, after, limit):
         sql, args = audit_search_sql(AUDIT, "%s", since, until, types, actor, after, limit)

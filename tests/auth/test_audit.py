@@ -67,8 +67,74 @@ async def test_bad_batches_are_refused_whole(env):
     assert (await search(env)).events == []  # nothing of a refused batch was stored
 
 
+async def test_repeated_ids_are_stored_once_within_a_batch_and_across_batches(env):
+    env.as_proxy()
+    a, b, c = (str(uuid.uuid4()) for _ in range(3))
+    t0 = time.time() - 60
+    resp = await env.call(env.audit.EmitAuditEvents, au.EmitAuditEventsRequest(events=[
+        event(id_=a, when=t0, n=0), event(id_=b, when=t0 + 1, n=1),
+        event(id_=a.upper(), when=t0 + 2, n=2),  # the same UUID, written differently
+        event(id_="{" + b + "}", when=t0 + 3, n=3)]))
+    assert resp.stored == 4  # all were taken (and are safely stored), duplicates once
+    env.as_proxy()
+    await env.call(env.audit.EmitAuditEvents, au.EmitAuditEventsRequest(events=[
+        event(id_=b, when=t0 + 4, n=4), event(id_=c, when=t0 + 5, n=5)]))
+    found = (await search(env, types=["db.session.query"])).events
+    assert [(e.id, int(e.fields["n"])) for e in found] == [(a, 0), (b, 1), (c, 5)]  # the first stored wins
+
+
+async def test_a_bad_event_in_the_middle_refuses_the_whole_batch(env):
+    env.as_proxy()
+    evs = [event(id_=str(uuid.uuid4()), n=i) for i in range(5)]
+    evs[2].id = "0" * 31
+    err = await env.fails(env.audit.EmitAuditEvents, au.EmitAuditEventsRequest(events=evs))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details == f"event 2: id {'0' * 31!r} is not a UUID (leave it empty to have one set)"
+    evs[2].id = ""
+    evs[3].type = "db.session.query\n"  # not a dotted lower-case name, even with the newline at the end
+    err = await env.fails(env.audit.EmitAuditEvents, au.EmitAuditEventsRequest(events=evs))
+    assert err.details.startswith("event 3: invalid event type")
+    evs[3].type = "role.put"
+    err = await env.fails(env.audit.EmitAuditEvents, au.EmitAuditEventsRequest(events=evs))
+    assert err.details == "event 3: events of type role.put are recorded by auth itself"
+    evs[3].type = "db.session.query"
+    evs[4].fields["big"] = "x" * (256 * 1024)
+    err = await env.fails(env.audit.EmitAuditEvents, au.EmitAuditEventsRequest(events=evs))
+    assert err.details == "event 4: event is larger than 256 KiB: shorten its fields"
+    assert (await search(env)).events == []  # nothing of a refused batch was stored
+
+
+async def test_check_batch_leaves_the_callers_events_alone_unless_in_place(env):
+    given = [event(), event(id_=str(uuid.uuid4()).upper())]
+    before = [e.SerializeToString() for e in given]
+    checked = env.state.audit.check_batch(given)
+    assert [e.SerializeToString() for e in given] == before
+    assert all(e.cluster_name == "unit" and e.code == "T5001I" and e.id == str(uuid.UUID(e.id)) for e in checked)
+    filled = env.state.audit.check_batch(given, in_place=True)
+    assert [e.SerializeToString() for e in filled] == [e.SerializeToString() for e in given]
+    assert given[1].id == given[1].id.lower() and given[0].cluster_name == "unit" and given[0].HasField("time")
+
+
+async def test_storage_failure_in_the_middle_of_a_batch_stores_nothing_of_it(env):
+    ids = [str(uuid.uuid4()) for _ in range(5)]
+    env.backend._db.execute(f"CREATE TRIGGER fail_audit BEFORE INSERT ON audit WHEN NEW.id = '{ids[3]}' "
+                            "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    env.as_proxy()
+    req = au.EmitAuditEventsRequest(events=[event(id_=i) for i in ids])
+    err = await env.fails(env.audit.EmitAuditEvents, req)
+    assert err.code == grpc.StatusCode.UNAVAILABLE and "send them again" in err.details
+    assert (await search(env)).events == []
+    env.backend._db.execute("DROP TRIGGER fail_audit")
+    env.as_proxy()
+    assert (await env.call(env.audit.EmitAuditEvents, req)).stored == 5  # the sender's retry
+    assert [e.id for e in (await search(env, types=["db.*"])).events] == ids
+
+
 class BrokenBackend(SQLiteBackend):
     async def append_audit(self, *a, **kw):
+        raise OSError("disk full")
+
+    async def append_audit_many(self, *a, **kw):
         raise OSError("disk full")
 
 

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -254,6 +255,98 @@ async def test_audit_append_and_search(backend):
     got = await backend.search_audit(now, now, [], "", None, 10)
     assert [r[:2] for r in got] == [(now, "n1"), (now, "n2")]
     assert [r[1] for r in await backend.search_audit(None, None, [], "", (now, "n1"), 10)] == ["n2"]
+
+
+# --- audit batches: one transaction each ----------------------------------------------------------
+async def _fail_audit_insert_of(backend, event_id: str) -> None:
+    """Make the database itself refuse to store the event ``event_id`` (a trigger), so that
+    a batch fails in its middle, after the rows before it were inserted."""
+    if isinstance(backend, SQLiteBackend):
+        backend._db.execute(f"CREATE TRIGGER fail_audit BEFORE INSERT ON audit WHEN NEW.id = '{event_id}' "
+                            "BEGIN SELECT RAISE(ABORT, 'injected storage failure'); END")
+    else:
+        from services.auth.pgbackend import AUDIT
+
+        await backend._fetch(
+            "CREATE FUNCTION fail_audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "RAISE EXCEPTION 'injected storage failure'; END $$", ())
+        await backend._fetch(f"CREATE TRIGGER fail_audit BEFORE INSERT ON {AUDIT} FOR EACH ROW "
+                             f"WHEN (NEW.id = '{event_id}') EXECUTE FUNCTION fail_audit()", ())
+
+
+async def _drop_audit_failure(backend) -> None:
+    if isinstance(backend, SQLiteBackend):
+        backend._db.execute("DROP TRIGGER fail_audit")
+    else:
+        from services.auth.pgbackend import AUDIT
+
+        await backend._fetch(f"DROP TRIGGER fail_audit ON {AUDIT}", ())
+
+
+async def test_audit_batch_stores_a_repeated_id_once(backend):
+    t0 = 1_700_000_000.0
+    await backend.append_audit_many([("a", t0, "db.session.query", "alice", b"a-first"),
+                                     ("b", t0 + 1, "db.session.query", "alice", b"b"),
+                                     ("a", t0 + 2, "db.session.query", "alice", b"a-again"),  # in the batch
+                                     ("c", t0 + 3, "db.session.query", "bob", b"c")])
+    # A retried batch, partly stored already, and a new event.
+    await backend.append_audit_many([("b", t0 + 9, "x", "y", b"b-retried"), ("d", t0 + 4, "db.session.end", "bob", b"d"),
+                                     ("c", t0 + 9, "x", "y", b"c-retried")])
+    await backend.append_audit("d", t0, "x", "y", b"d-single")  # the single-event path agrees
+    got = await backend.search_audit(None, None, [], "", None, 100)
+    assert got == [(t0, "a", b"a-first"), (t0 + 1, "b", b"b"), (t0 + 3, "c", b"c"), (t0 + 4, "d", b"d")]
+    await backend.append_audit_many([])  # nothing to do
+    assert len(await backend.search_audit(None, None, [], "", None, 100)) == 4
+
+
+async def test_audit_batch_storage_failure_in_the_middle_stores_nothing_and_raises(backend):
+    t0 = 1_700_000_000.0
+    await backend.append_audit("old", t0 - 1, "x", "y", b"old")
+    await _fail_audit_insert_of(backend, "e3")
+    rows = [(f"e{i}", t0 + i, "db.session.query", "alice", b"data") for i in range(6)]
+    with pytest.raises(Exception, match="injected storage failure"):
+        await backend.append_audit_many(rows)
+    assert [r[1] for r in await backend.search_audit(None, None, [], "", None, 100)] == ["old"]
+    # The backend is still usable, and the retried batch is stored whole once the cause is gone.
+    await _drop_audit_failure(backend)
+    await backend.append_audit_many(rows)
+    assert [r[1] for r in await backend.search_audit(None, None, [], "", None, 100)] == \
+        ["old", "e0", "e1", "e2", "e3", "e4", "e5"]
+
+
+async def test_audit_log_ingest_is_all_or_nothing(backend):
+    """AuditLog.ingest over each backend: one bad event refuses the batch, a storage failure
+    stores nothing of it and raises, repeated ids are stored once."""
+    from cachegate.types.v1 import types_pb2
+
+    from services.auth.audit import AuditError, AuditLog
+    from services.common.grpcutil import ts
+
+    audit = AuditLog(backend, "unit")
+    ids = [str(uuid.uuid4()) for _ in range(5)]
+
+    def batch(event_ids, bad_at=None, start=0):
+        evs = [types_pb2.AuditEvent(id=i, type="db.session.query", actor="alice", time=ts(1_700_000_000 + start + n))
+               for n, i in enumerate(event_ids)]
+        if bad_at is not None:
+            evs[bad_at].id = "not-a-uuid"
+        return evs
+
+    with pytest.raises(AuditError, match=r"^event 2: id 'not-a-uuid' is not a UUID"):
+        await audit.ingest(batch(ids, bad_at=2))
+    assert await backend.search_audit(None, None, [], "", None, 100) == []
+
+    await _fail_audit_insert_of(backend, ids[2])
+    with pytest.raises(Exception, match="injected storage failure"):
+        await audit.ingest(batch(ids), in_place=True)
+    assert await backend.search_audit(None, None, [], "", None, 100) == []
+    await _drop_audit_failure(backend)
+
+    assert await audit.ingest(batch(ids[:3] + ids[:1])) == 4  # a repeated id inside the batch
+    assert await audit.ingest(batch(ids[1:], start=10), in_place=True) == 4  # a retry overlapping the first
+    got = await backend.search_audit(None, None, [], "", None, 100)
+    assert [r[1] for r in got] == ids
+    assert [r[0] for r in got] == [1_700_000_000.0 + n for n in (0, 1, 2, 12, 13)]  # first stored wins
 
 
 async def test_watchers_see_writes_under_their_prefix(backend):
