@@ -369,7 +369,6 @@ async def test_watchers_see_writes_under_their_prefix(backend):
 
 
 # --- PostgreSQL only ---------------------------------------------------------------------------
-@pytest.mark.slow
 async def _converges(rec: "Recorder", want: dict, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -385,6 +384,7 @@ async def _converges(rec: "Recorder", want: dict, timeout: float = 10.0) -> None
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.slow
 async def test_two_backends_on_one_database_see_each_others_writes(pg_dsn):
     a, b = _postgres_backend(pg_dsn), _postgres_backend(pg_dsn)
     await a.start()
