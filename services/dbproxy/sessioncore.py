@@ -28,6 +28,7 @@ core with byte strings.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -473,6 +474,10 @@ class SessionCore:
 # Commands with protocol meaning
 
 
+# An integer as Redis reads one (string2ll): no sign but "-", no leading zeros, no blanks.
+_INTEGER = re.compile(rb"-?[1-9][0-9]{0,18}|0")
+
+
 def _parse_int(arg: bytes) -> int | None:
     if arg.isdigit() and len(arg) < 12:
         return int(arg)
@@ -544,6 +549,10 @@ class _Handlers:
             _Handlers._forward(s, cmd, "HELLO", out)
             return
         ver = _parse_int(argv[1])
+        if ver is None and not _INTEGER.fullmatch(argv[1]):
+            s._audit_query(cmd, "HELLO", None, error="protocol version is not an integer")
+            s._local(encode_error("ERR Protocol version is not an integer or out of range"))
+            return
         if ver not in (2, 3):
             s._audit_query(cmd, "HELLO", None, error="unsupported protocol version")
             s._local(encode_error("NOPROTO unsupported protocol version"))

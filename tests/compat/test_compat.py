@@ -624,8 +624,6 @@ PY = {
 PY_CASES = [pytest.param(name, proto, id=f"{name}-resp{proto}") for name, (_, protos) in PY.items()
             for proto in protos]
 
-# Differences found through the proxy (both paths), reported in docs/compatibility.md: the
-# test keeps asserting Redis's behaviour; strict, so a fix shows up as XPASS.
 # Scenarios that still differ through the proxy (name -> what differs): strict expected
 # failures on the proxy's paths until fixed. Empty: none is known.
 KNOWN_DIFFERENCES: dict[str, str] = {}
