@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -37,7 +38,7 @@ from services.dbproxy import metrics as dbmetrics
 from services.dbproxy.commands import KNOWN_NAMES, audit_args, lookup
 from services.dbproxy.limits import ProxyLimits, RequestBudget
 from services.dbproxy.metrics import ProxyMetrics
-from services.dbproxy.resp import Command, encode_error
+from services.dbproxy.resp import Command, encode_command, encode_error
 from services.dbproxy.sessioncore import End, SessionCore
 from services.dbproxy.upstream import (
     CredentialProvider,
@@ -328,12 +329,17 @@ class Session:
         self.core.upstream_auth, self.core.client_id = self._up.auth_command, self._up.client_id
         self._audit_start(True, "")
         m.session_started(ctx.database)
-        watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+        tasks = [asyncio.create_task(self._watchdog(), name="watchdog")]
+        expiring = getattr(ctx.credentials, "expiring", None)
+        if expiring is not None and self._up.auth_expires_at is not None:
+            self.core.block_cap = _block_cap(self._up.auth_expires_at - time.time())
+            tasks.append(asyncio.create_task(self._reauth_loop(expiring), name="reauth"))
         try:
             await self._relay()
         finally:
-            watchdog.cancel()
-            await asyncio.gather(watchdog, return_exceptions=True)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             self._release_budget()
             self.core.discard("session ended")  # its memory goes now
             self._close()
@@ -480,6 +486,9 @@ class Session:
         if down:
             self._ct.write(down)
             self.bytes_out += len(down)
+        up = core.take_upstream()
+        if up:
+            self._ut.write(up)
         if core.ending is not None:
             self._end(core.ending)
         if core.idle:
@@ -594,6 +603,45 @@ class Session:
                 next_flush = now + 1.0
             await asyncio.sleep(max(wait, 0.01))
 
+    async def _reauth_loop(self, expiring: Callable[..., Awaitable[tuple[str, str, float]]]) -> None:
+        """Authenticate the upstream connection again, in band, before its token expires:
+        a third of the token's life early, at most 3 minutes (Microsoft's advice), with
+        jitter so that sessions do not all refresh at once. A token that cannot be had in
+        time ends the session with one line once the old one expired."""
+        assert self._up is not None
+        expires_at = self._up.auth_expires_at or time.time()
+        retry_at: float | None = None
+        while True:
+            now = time.time()
+            if retry_at is None:
+                margin = min(180.0, max((expires_at - now) / 3, 1.0))
+                wake = expires_at - margin - random.uniform(0, margin / 3)
+            else:
+                wake = retry_at
+            await asyncio.sleep(max(wake - now, 0))
+            try:
+                user, token, new_expiry = await expiring()
+                if new_expiry <= expires_at:  # the shared cache still holds the old one
+                    user, token, new_expiry = await expiring(force_refresh=True)
+            except Exception as exc:  # noqa: BLE001 - one line for the client, the provider logs
+                left = expires_at - time.time()
+                if left <= 0:
+                    first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+                    self._end(End("Entra ID token could not be renewed",
+                                  f"Cachegate ended this session: its Entra ID token expired and a new one "
+                                  f"could not be obtained: {first}"))
+                    return
+                retry_at = time.time() + min(5.0, max(left / 4, 0.2))
+                continue
+            retry_at = None
+            if self._ct is None or self._stop is None or self._stop.done():
+                return
+            up = self.core.reauth(_auth_command(user, token))
+            if up and self._ut is not None:
+                self._ut.write(up)
+            expires_at = new_expiry
+            self.core.block_cap = _block_cap(new_expiry - time.time())
+
     def _close(self) -> None:
         """Close both sides; a TLS peer that does not answer the close is cut off after a
         moment, so that nothing more is read from it (as Redis closes at once)."""
@@ -606,6 +654,17 @@ class Session:
             return
         ct.close()
         loop.call_later(_CLOSE_GRACE, _abort, ct)
+
+
+def _block_cap(token_life: float) -> float:
+    """How long a blocking command may block at most while tokens need renewing: short enough
+    that an AUTH queued behind it (a third of the token's life early, at most 3 minutes) runs
+    before the token expires."""
+    return max(min(token_life / 6, 60.0), 0.5)
+
+
+def _auth_command(user: str, token: str) -> bytes:
+    return encode_command("AUTH", user, token)
 
 
 def _abort(transport: asyncio.Transport) -> None:

@@ -112,8 +112,61 @@ _MAX_HELD = 1 << 20
 _MAX_TRANSFORMED = 64 << 20  # a CLIENT LIST of many thousand connections fits
 
 _REPLY_OFF, _REPLY_SKIP = 1, 2
+_DISCARD = encode_command("DISCARD")
+_MULTI = encode_command("MULTI")
+_MAX_REPLAY = 16 << 20  # a transaction larger than this is not replayed (AUTH after its EXEC)
+_NILS = frozenset((b"*-1\r\n", b"$-1\r\n", b"_\r\n"))
 _SUBSCRIBE = {"SUBSCRIBE": 0, "PSUBSCRIBE": 1, "SSUBSCRIBE": 2}
 _UNSUBSCRIBE = {"UNSUBSCRIBE": 0, "PUNSUBSCRIBE": 1, "SUNSUBSCRIBE": 2}
+
+
+class _Blocked:
+    """A blocking command sent with a capped timeout: its arguments, where its timeout is
+    (``millis``: XREAD's BLOCK), and when the client's own timeout ends (None: never)."""
+
+    __slots__ = ("argv", "index", "millis", "deadline", "hold_from", "entry")
+
+    def __init__(self, argv: list[bytes], index: int, millis: bool, deadline: float | None) -> None:
+        self.argv, self.index, self.millis, self.deadline = argv, index, millis, deadline
+        self.hold_from = 0
+        self.entry: _Entry | None = None  # its place in the reply queue
+
+    def capped(self, cap: float, now: float) -> bytes:
+        left = cap if self.deadline is None else max(min(cap, self.deadline - now), 0.001)
+        argv = list(self.argv)
+        argv[self.index] = (b"%d" % max(int(left * 1000), 1)) if self.millis else (b"%.3f" % left)
+        return encode_command(*argv)
+
+
+# Blocking commands: where their timeout is (an index, or the word before it) and its unit.
+_LAST = -1
+_BLOCKING = {"BLPOP": _LAST, "BRPOP": _LAST, "BZPOPMIN": _LAST, "BZPOPMAX": _LAST,
+             "BRPOPLPUSH": _LAST, "BLMOVE": _LAST, "BLMPOP": 1, "BZMPOP": 1,
+             "XREAD": b"BLOCK", "XREADGROUP": b"BLOCK"}
+
+
+def _block_timeout(cmd: Command) -> tuple[int, float, bool] | None:
+    """(index of the timeout, seconds (0: forever), in milliseconds?) of a blocking command,
+    or None when it does not block or its timeout is not a plain number (Redis's error)."""
+    where = _BLOCKING.get(cmd.name)
+    argv = cmd.argv
+    if where is None or len(argv) < 3:
+        return None
+    if isinstance(where, bytes):
+        index = next((i + 1 for i in range(1, len(argv) - 1) if argv[i].upper() == where), None)
+        if index is None or index >= len(argv):
+            return None
+        millis = True
+    else:
+        index = where if where > 0 else len(argv) + where
+        millis = False
+    try:
+        value = float(argv[index])
+    except ValueError:
+        return None
+    if value < 0 or value != value:
+        return None
+    return index, value / 1000 if millis else value, millis
 
 
 class SessionCore:
@@ -171,6 +224,22 @@ class SessionCore:
         self._sub2 = False  # RESP2 subscribed mode: message arrays are out of band
         self._monitor = False
         self._down: list[bytes] = []  # local replies that go out at once
+        self._up_out: list[bytes] = []  # bytes for the database decided on the reply side
+        # Re-authentication in band (Entra ID tokens): what a RESET or a MULTI replay needs.
+        self._client_name: bytes | None = None
+        self._multi_cmds: list[bytes] = []  # raw commands queued in the open MULTI
+        self._multi_size = 0
+        self._watching = False
+        self._watch_broken = False  # the open transaction's WATCH was lost to a replay
+        self._monitor_oks = 0  # +OK replies of the proxy's AUTH still to drop in MONITOR mode
+        self._reauth_after_exec: bytes | None = None
+        # Blocking commands are capped at this many seconds (None: as sent) so that an AUTH
+        # queued behind one runs in time; later commands wait in the proxy meanwhile.
+        self.block_cap: float | None = None
+        self.clock: Callable[[], float] = time.monotonic
+        self._blocked: _Blocked | None = None
+        self._held_up: list[bytes] = []
+        self._held_up_size = 0
         # Per-command counts for the metrics (read and reset by the shell).
         self._m_on = count_commands
         self.allowed_counts: dict[str, int] = {}
@@ -313,6 +382,127 @@ class SessionCore:
         self._down = []
         return down[0] if len(down) == 1 else b"".join(down)
 
+    def take_upstream(self) -> bytes:
+        """Bytes for the database that the replies decided (a re-issued blocking command, the
+        commands held behind it): the shell sends them after each :meth:`feed_upstream`."""
+        if not self._up_out:
+            return b""
+        out = self._up_out
+        self._up_out = []
+        return b"".join(out)
+
+    # -- re-authentication in band ------------------------------------------------------------
+
+    def reauth(self, auth_cmd: bytes) -> bytes:
+        """Bytes for the database that authenticate this connection again (a fresh Entra ID
+        token) without the client seeing anything, whatever state the session is in:
+
+        * plain, RESP3 subscribed, MONITOR: AUTH, its reply dropped;
+        * RESP2 subscribed (where Redis takes no AUTH): RESET, AUTH, SELECT, CLIENT SETNAME and
+          the subscriptions again, in one write, so no message is lost in between;
+        * inside MULTI (where AUTH would be queued): DISCARD, AUTH, MULTI and the queued
+          commands again; a WATCH of that transaction cannot be carried over, so its EXEC
+          fails as a WATCH conflict does (the client retries);
+        * behind a blocking command: AUTH waits in the database's input behind it, and runs
+          when the capped block ends (:attr:`block_cap`).
+        """
+        self.upstream_auth = auth_cmd
+        if self._noreply == _REPLY_OFF:
+            return auth_cmd  # no reply will come
+        if self._noreply == _REPLY_SKIP:
+            self._noreply = 0  # the AUTH is the command whose reply is skipped
+            return auth_cmd
+        if self._monitor or self._monitor_cmd:
+            self._monitor_oks += 1
+            return auth_cmd
+        if self._in_multi:
+            return self._reauth_in_multi(auth_cmd)
+        if self._proto == 2 and any(self._subs):
+            return self._reauth_subscribed(auth_cmd)
+        entry = _Entry(1, False, swallow=True, hook=self._reauth_answered)
+        if self._blocked is None:
+            self._q.append(entry)
+        else:
+            # It waits in the database's input right behind the blocking command, before the
+            # commands the proxy holds: its reply comes right after the block's.
+            self._insert_after_block(self._blocked.entry, entry)
+        return auth_cmd
+
+    def _reauth_answered(self, kind: str, done: bool) -> None:
+        if kind == "-" and self.ending is None:
+            self.ending = End("the database refused the proxy's new credentials",
+                              "Cachegate ended this session: the database refused the proxy's renewed "
+                              "Entra ID token; connect again")
+
+    def _insert_after_block(self, block_entry: _Entry, entry: _Entry) -> None:
+        q = self._q
+        try:
+            i = q.index(block_entry) + 1
+        except ValueError:
+            i = 0
+        while i < len(q) and q[i].swallow:
+            i += 1
+        q.insert(i, entry)
+
+    def _end_multi(self, out: list[bytes]) -> None:
+        self._in_multi = self._multi_bad = False
+        self._watching = self._watch_broken = False
+        self._multi_cmds, self._multi_size = [], 0
+
+    def _forward_and_end_multi(self, cmd: Command, name: str, out: list[bytes]) -> None:
+        """EXEC or DISCARD, then an AUTH that had to wait for the transaction's end."""
+        self._end_multi(out)
+        _Handlers._forward(self, cmd, name, out)
+        auth, self._reauth_after_exec = self._reauth_after_exec, None
+        if auth is not None:
+            out.append(auth)
+            self._expect(1, swallow=True)
+
+    def _block_reply(self, blocked: _Blocked, frame: bytes) -> bytes:
+        """The reply of a capped blocking command: a timeout the client did not ask for is
+        dropped and the command sent again (after what waited, the proxy's AUTH); anything
+        else is the client's reply, and the commands held behind the block go out."""
+        now = self.clock()
+        if frame in _NILS and (blocked.deadline is None or now < blocked.deadline - 0.001):
+            entry = _Entry(1, False, transform=lambda f: self._block_reply(blocked, f))
+            # After the swallowed replies already due (the AUTH behind the block), before
+            # any local reply of a later command. (The block's own entry is at the head.)
+            self._insert_after_block(blocked.entry, entry)
+            blocked.entry = entry
+            self._up_out.append(blocked.capped(self.block_cap or 0, now))
+            return b""
+        self._blocked = None
+        if self._held_up:
+            self._up_out += self._held_up
+            self._held_up, self._held_up_size = [], 0
+        return frame
+
+    def _reauth_subscribed(self, auth_cmd: bytes) -> bytes:
+        out = [encode_command("RESET"), auth_cmd]
+        n = 2
+        if self._logical_db:
+            out.append(encode_command("SELECT", str(self._logical_db)))
+            n += 1
+        if self._client_name:
+            out.append(encode_command("CLIENT", "SETNAME", self._client_name))
+            n += 1
+        for verb, chans in zip((b"SUBSCRIBE", b"PSUBSCRIBE", b"SSUBSCRIBE"), self._subs):
+            if chans:
+                out.append(encode_command(verb, *sorted(chans)))
+                n += len(chans)
+        self._q.append(_Entry(n, False, swallow=True))
+        return b"".join(out)
+
+    def _reauth_in_multi(self, auth_cmd: bytes) -> bytes:
+        if self._multi_size > _MAX_REPLAY:
+            self._reauth_after_exec = auth_cmd  # too big to replay: right after EXEC/DISCARD
+            return b""
+        replay = self._multi_cmds
+        self._q.append(_Entry(3 + len(replay), False, swallow=True))
+        if self._watching:
+            self._watch_broken = True
+        return b"".join([_DISCARD, auth_cmd, _MULTI, *replay])
+
     def _local(self, data: bytes) -> None:
         """A reply the proxy gives itself, in its place in the reply stream."""
         if self._noreply:
@@ -359,7 +549,7 @@ class SessionCore:
         for cmd in cmds:
             name = cmd.name
             handler = special.get(name)
-            if handler is not None or self._monitor_cmd or self._noreply:
+            if handler is not None or self._monitor_cmd or self._noreply or self._in_multi:
                 if audited:
                     self._aq.commands(now, self._logical_db, audited)
                     audited = []
@@ -396,6 +586,16 @@ class SessionCore:
             q.append(_Entry(1))
         if audited:
             self._aq.commands(now, self._logical_db, audited)
+        if self._blocked is not None:
+            # Behind a blocking command the database would not run these yet either: they wait
+            # here, so that the block can be re-issued before them.
+            start = self._blocked.hold_from
+            self._blocked.hold_from = 0
+            held = out[start:]
+            del out[start:]
+            for b in held:
+                self._held_up_size += len(b)
+            self._held_up += held
         return out
 
 
@@ -413,6 +613,13 @@ class SessionCore:
             else:
                 oob = (self._monitor or k == "|"
                        or (self._sub2 and k == "*" and f.tag in _PUBSUB_MESSAGES))
+            if self._monitor_oks and k == "+" and f.raw_len == 5 and end >= 5 and data[end - 5:end] == b"+OK\r\n":
+                # The reply to the proxy's own AUTH, among MONITOR's lines.
+                self._monitor_oks -= 1
+                if end - 5 > pos:
+                    out.append(data[pos:end - 5])
+                pos = end
+                continue
             if oob or not q or q[0].n == 0:
                 if held:
                     out.append(held)
@@ -513,6 +720,9 @@ class _Handlers:
     def _forward(s: SessionCore, cmd: Command, name: str, out: list[bytes], n: int = 1, **kw: Any) -> None:
         s._audit_query(cmd, name, None)
         out.append(cmd.raw)
+        if s._in_multi and name != "MULTI":
+            s._multi_cmds.append(cmd.raw)
+            s._multi_size += len(cmd.raw)
         s._expect(n, **kw)
 
     @staticmethod
@@ -570,6 +780,7 @@ class _Handlers:
                 i += 3
             elif opt == b"SETNAME" and i + 1 < len(argv):
                 forward += [b"SETNAME", argv[i + 1]]
+                s._client_name = argv[i + 1] or None
                 i += 2
             else:
                 s._audit_query(cmd, "HELLO", None, error="syntax error")
@@ -653,6 +864,7 @@ class _Handlers:
         if ok:
             if not s._in_multi:
                 s._in_multi, s._multi_bad = True, False
+                s._multi_cmds, s._multi_size = [], 0
             _Handlers._forward(s, cmd, name, out)
 
     @staticmethod
@@ -661,20 +873,63 @@ class _Handlers:
         if not ok:
             return
         if s._in_multi and s._multi_bad:
-            s._in_multi = s._multi_bad = False
+            s._end_multi(out)
             s._audit_query(cmd, name, None, error="transaction aborted: a command in it was denied")
-            out.append(encode_command("DISCARD"))
+            out.append(_DISCARD)
             s._expect(1, swallow=True, local=_EXECABORT)
             return
-        s._in_multi = s._multi_bad = False
-        _Handlers._forward(s, cmd, name, out)
+        if s._in_multi and s._watch_broken:
+            s._end_multi(out)
+            s._audit_query(cmd, name, None, error="transaction aborted: its WATCH did not survive "
+                           "the proxy's re-authentication")
+            out.append(_DISCARD)
+            s._expect(1, swallow=True, local=b"_\r\n" if s._proto >= 3 else b"*-1\r\n")
+            return
+        s._forward_and_end_multi(cmd, name, out)
 
     @staticmethod
     def discard(s: SessionCore, cmd: Command, out: list[bytes]) -> None:
         name, ok = _Handlers._rbac(s, cmd)
         if ok:
-            s._in_multi = s._multi_bad = False
+            s._forward_and_end_multi(cmd, name, out)
+
+    @staticmethod
+    def watch(s: SessionCore, cmd: Command, out: list[bytes]) -> None:
+        name, ok = _Handlers._rbac(s, cmd)
+        if ok:
+            if not s._in_multi:
+                s._watching = True
             _Handlers._forward(s, cmd, name, out)
+
+    @staticmethod
+    def unwatch(s: SessionCore, cmd: Command, out: list[bytes]) -> None:
+        name, ok = _Handlers._rbac(s, cmd)
+        if ok:
+            if not s._in_multi:
+                s._watching = False
+            _Handlers._forward(s, cmd, name, out)
+
+    @staticmethod
+    def blocking(s: SessionCore, cmd: Command, out: list[bytes]) -> None:
+        """BLPOP, XREAD BLOCK...: with :attr:`SessionCore.block_cap` set, a longer block is
+        sent capped and sent again (for the time left) when the cap ends it, so that what
+        waits behind it (the proxy's AUTH) runs in time; the client sees one command."""
+        name, ok = _Handlers._rbac(s, cmd)
+        if not ok:
+            return
+        cap = s.block_cap
+        spec = _block_timeout(cmd) if cap is not None and not s._in_multi and not s._noreply else None
+        if spec is None:
+            _Handlers._forward(s, cmd, name, out)
+            return
+        index, seconds, millis = spec
+        s._audit_query(cmd, name, None)
+        blocked = _Blocked(cmd.argv, index, millis, None if seconds == 0 else s.clock() + seconds)
+        out.append(blocked.capped(cap, s.clock()))
+        s._blocked = blocked
+        blocked.hold_from = len(out)
+        blocked.entry = _Entry(1, False, transform=lambda frame: s._block_reply(blocked, frame))
+        s._q.append(blocked.entry)
 
     @staticmethod
     def subscribe(s: SessionCore, cmd: Command, out: list[bytes]) -> None:
@@ -751,6 +1006,8 @@ class _Handlers:
                 s._framer.protocol = 2
 
         s._proto = 2
+        s._watching = s._watch_broken = False
+        s._client_name = None
         s._noreply = 0  # RESET turns replies back on, and answers
         s._skip_next = False
         s._in_multi = s._multi_bad = False
@@ -795,6 +1052,8 @@ class _Handlers:
                 return
             _Handlers._forward(s, cmd, name, out)
             return
+        if name == "CLIENT|SETNAME" and len(cmd.argv) == 3:
+            s._client_name = cmd.argv[2] or None  # set again after a RESET of the proxy's
         if name == "CLIENT|LIST" and not s._access.explicitly_allows(name, lookup(cmd.name, cmd.argv).categories):
             # Every session reaches the database as the proxy: other connections are other
             # people's sessions. Only a role that names CLIENT LIST sees them.
@@ -868,6 +1127,9 @@ _SPECIAL: dict[str, Callable[[SessionCore, Command, list[bytes]], None]] = {
     "COPY": _Handlers.other_db,
     "FLUSHALL": _Handlers.flushall,
     "MULTI": _Handlers.multi,
+    "WATCH": _Handlers.watch,
+    "UNWATCH": _Handlers.unwatch,
+    **{name: _Handlers.blocking for name in _BLOCKING},
     "EXEC": _Handlers.exec_,
     "DISCARD": _Handlers.discard,
     "SUBSCRIBE": _Handlers.subscribe,

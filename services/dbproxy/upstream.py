@@ -96,6 +96,7 @@ class Upstream:
     logical_db: int
     auth_command: bytes = field(repr=False, default=b"")
     client_id: int = -1  # the database's CLIENT ID of this connection (-1: unknown)
+    auth_expires_at: float | None = None  # when its AUTH's credential expires (Entra ID tokens)
 
     def close(self) -> None:
         try:
@@ -180,7 +181,8 @@ async def connect_upstream(
                 sock = writer.get_extra_info("socket")
                 if sock is not None:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                auth_cmd = await _authenticate(reader, writer, target, credentials, tracer, on_auth_refused)
+                auth_cmd, expires_at = await _authenticate(reader, writer, target, credentials, tracer,
+                                                           on_auth_refused)
                 # One round trip: the logical database, and the connection's id (a session is
                 # shown only its own line of CLIENT LIST).
                 setup = [encode_command("SELECT", str(logical_db))] if logical_db else []
@@ -208,7 +210,7 @@ async def connect_upstream(
             f"the connection to {where} failed during setup ({_why(exc)}); check it with: {nc}",
             "unreachable",
         ) from None
-    return Upstream(reader, writer, target, logical_db, auth_cmd, client_id)
+    return Upstream(reader, writer, target, logical_db, auth_cmd, client_id, expires_at)
 
 
 async def _authenticate(
@@ -218,12 +220,18 @@ async def _authenticate(
     credentials: CredentialProvider,
     tracer: trace.Tracer,
     on_auth_refused: Callable[[], None] | None,
-) -> bytes:
-    """AUTH with the provider's credentials; on WRONGPASS/NOAUTH refresh once."""
+) -> tuple[bytes, float | None]:
+    """AUTH with the provider's credentials; on WRONGPASS/NOAUTH refresh once. Returns the AUTH
+    command and, for a credential that expires (an Entra ID token), when it does."""
+    expiring = getattr(credentials, "expiring", None)
     for attempt in (0, 1):
+        expires_at = None
         try:
             with tracer.start_as_current_span("credentials", attributes={"refresh": bool(attempt)}):
-                username, password = await credentials.get(force_refresh=bool(attempt))
+                if expiring is not None:
+                    username, password, expires_at = await expiring(force_refresh=bool(attempt))
+                else:
+                    username, password = await credentials.get(force_refresh=bool(attempt))
         except UpstreamError:
             raise
         except Exception as exc:  # noqa: BLE001 - the provider's failure, reported in one line
@@ -233,13 +241,13 @@ async def _authenticate(
                 "credentials",
             ) from None
         if not password:
-            return b""
+            return b"", None
         cmd = encode_command("AUTH", username, password) if username else encode_command("AUTH", password)
         with tracer.start_as_current_span("upstream auth") as span:
             writer.write(cmd)
             (reply,) = await _read_replies(reader, 1)
             if not isinstance(reply, hiredis.ReplyError):
-                return cmd
+                return cmd, expires_at
             text = str(reply)
             span.set_status(trace.Status(trace.StatusCode.ERROR, text.split(" ", 1)[0] if text else "ERR"))
         if on_auth_refused is not None:

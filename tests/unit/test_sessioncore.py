@@ -36,9 +36,23 @@ class Recorder:
         self.events.append((name, error))
 
 
+OPS = load_role_yaml("""
+kind: role
+version: v1
+metadata: {name: ops}
+spec:
+  allow:
+    db_labels: {'*': '*'}
+    db_users: ['*']
+    db_names: ['*']
+    db_commands: [MONITOR]
+""")
+
+
 def core(roles=("access",), db_names=("*",)) -> tuple[SessionCore, Recorder]:
     rec = Recorder()
-    rs = RoleSet([BUILTIN_ROLES["access"] if r == "access" else LIMITED for r in roles],
+    known = {"access": BUILTIN_ROLES["access"], "limited": LIMITED, "ops": OPS}
+    rs = RoleSet([known[r] for r in roles],
                  {"db_users": ["*"], "db_names": list(db_names)})
     c = SessionCore(database="d", db_user="default", db_name="", roles=rs, db_labels={}, queries=rec)
     c.upstream_auth, c.client_id = C("AUTH", "secret"), 7
@@ -125,3 +139,93 @@ def test_update_access_narrows_the_next_command():
     assert c.update_access(narrowed, {})
     up, down = c.feed_client(C("FLUSHALL"))
     assert up == b"" and down.startswith(b"-ERR command FLUSHALL denied")
+
+
+# -- re-authentication in band (Entra ID tokens) ---------------------------------------------
+
+AUTH2 = C("AUTH", "oid", "token-2")
+
+
+def test_reauth_when_plain_is_invisible_to_the_client():
+    c, _ = core()
+    assert c.feed_client(C("GET", "k")) == (C("GET", "k"), b"")
+    assert c.reauth(AUTH2) == AUTH2
+    assert c.feed_upstream(b"$1\r\nv\r\n+OK\r\n") == b"$1\r\nv\r\n" and c.idle
+    assert c.feed_client(C("RESET"))[0] == C("RESET") + AUTH2  # a later RESET uses the new token
+
+
+def test_reauth_resp2_subscribed_resubscribes_in_one_write():
+    c, _ = core()
+    c.feed_client(C("SELECT", "2") + C("CLIENT", "SETNAME", "app") + C("SUBSCRIBE", "a", "b")
+                  + C("PSUBSCRIBE", "p*"))
+    confirm = (b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n*3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n"
+               b"*3\r\n$10\r\npsubscribe\r\n$2\r\np*\r\n:3\r\n")
+    assert c.feed_upstream(b"+OK\r\n+OK\r\n" + confirm) == b"+OK\r\n+OK\r\n" + confirm
+    up = c.reauth(AUTH2)
+    assert up == (C("RESET") + AUTH2 + C("SELECT", "2") + C("CLIENT", "SETNAME", "app")
+                  + C("SUBSCRIBE", "a", "b") + C("PSUBSCRIBE", "p*"))
+    message = b"*3\r\n$7\r\nmessage\r\n$1\r\na\r\n$2\r\nhi\r\n"
+    assert c.feed_upstream(b"+RESET\r\n+OK\r\n+OK\r\n+OK\r\n" + confirm + message) == message
+    assert c.idle
+
+
+def test_reauth_inside_multi_replays_the_transaction():
+    c, _ = core()
+    c.feed_client(C("MULTI") + C("SET", "k", "1") + C("INCR", "k"))
+    assert c.feed_upstream(b"+OK\r\n+QUEUED\r\n+QUEUED\r\n") == b"+OK\r\n+QUEUED\r\n+QUEUED\r\n"
+    up = c.reauth(AUTH2)
+    assert up == C("DISCARD") + AUTH2 + C("MULTI") + C("SET", "k", "1") + C("INCR", "k")
+    assert c.feed_upstream(b"+OK\r\n+OK\r\n+OK\r\n+QUEUED\r\n+QUEUED\r\n") == b""
+    assert c.feed_client(C("EXEC"))[0] == C("EXEC")
+    assert c.feed_upstream(b"*2\r\n+OK\r\n:2\r\n") == b"*2\r\n+OK\r\n:2\r\n" and c.idle
+
+
+def test_reauth_inside_a_watched_multi_fails_exec_like_a_conflict():
+    c, _ = core()
+    c.feed_client(C("WATCH", "k") + C("MULTI") + C("SET", "k", "1"))
+    c.feed_upstream(b"+OK\r\n+OK\r\n+QUEUED\r\n")
+    c.reauth(AUTH2)
+    c.feed_upstream(b"+OK\r\n+OK\r\n+OK\r\n+QUEUED\r\n")
+    up, down = c.feed_client(C("EXEC"))
+    assert up == C("DISCARD")
+    assert c.feed_upstream(b"+OK\r\n") == b"*-1\r\n" and c.idle
+
+
+def test_reauth_behind_a_blocking_command():
+    c, _ = core()
+    t = [100.0]
+    c.clock = lambda: t[0]
+    c.block_cap = 5.0
+    up, _ = c.feed_client(C("BLPOP", "q", "0") + C("GET", "x"))
+    assert up == C("BLPOP", "q", "5.000")  # GET waits in the proxy, as it would in Redis
+    assert c.reauth(AUTH2) == AUTH2  # queued behind the block in the database's input
+    t[0] += 5
+    assert c.feed_upstream(b"*-1\r\n+OK\r\n") == b""  # the cap's timeout and the AUTH: dropped
+    assert c.take_upstream() == C("BLPOP", "q", "5.000")
+    value = b"*2\r\n$1\r\nq\r\n$1\r\nv\r\n"
+    assert c.feed_upstream(value) == value
+    assert c.take_upstream() == C("GET", "x")
+    assert c.feed_upstream(b"$-1\r\n") == b"$-1\r\n" and c.idle
+
+
+def test_a_capped_block_keeps_the_clients_own_timeout():
+    c, _ = core()
+    t = [0.0]
+    c.clock = lambda: t[0]
+    c.block_cap = 5.0
+    assert c.feed_client(C("XREAD", "BLOCK", "7000", "STREAMS", "s", "$"))[0] == C(
+        "XREAD", "BLOCK", "5000", "STREAMS", "s", "$")
+    t[0] = 5.0
+    assert c.feed_upstream(b"*-1\r\n") == b""
+    assert c.take_upstream() == C("XREAD", "BLOCK", "2000", "STREAMS", "s", "$")
+    t[0] = 7.0
+    assert c.feed_upstream(b"*-1\r\n") == b"*-1\r\n" and c.idle  # the client's own timeout
+
+
+def test_reauth_in_monitor_drops_only_its_ok():
+    c, _ = core(roles=("access", "ops"))
+    c.feed_client(C("MONITOR"))
+    c.feed_upstream(b"+OK\r\n")
+    c.reauth(AUTH2)
+    line = b'+1700000000.123456 [0 127.0.0.1:5000] "GET" "k"\r\n'
+    assert c.feed_upstream(line + b"+OK\r\n" + line) == line + line
