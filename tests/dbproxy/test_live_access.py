@@ -22,6 +22,7 @@ from services.dbproxy.cache import ClusterCache, UserAccess
 from services.dbproxy.dataplane import DataPlane
 from services.dbproxy.listener import RespListener
 from services.dbproxy.resp import encode_command
+from services.dbproxy.upstream import UpstreamPool
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +46,7 @@ def plane(proxy, certs, redis_server):
     p.pcfg = SimpleNamespace(database_ca_files=[])
     p.verifier = CertVerifier(certs.server_ca.cert, certs.user_ca.cert)
     p.azure_keys = None
+    p.pool = UpstreamPool(size=1)
     p._contexts = weakref.WeakSet()
     p.cache = ClusterCache(None, on_change=p._on_change)
     for ev in p.cache.ready.values():
@@ -63,6 +65,7 @@ def plane(proxy, certs, redis_server):
     p.port = proxy.call(start())
     yield p
     proxy.call(p.listener.close(2))
+    proxy.call(p.pool.close())
     os.environ.pop(SECRET_ENV, None)
 
 

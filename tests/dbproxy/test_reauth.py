@@ -98,7 +98,8 @@ class Enforcer(threading.Thread):
                 if c.get("user") != OID:
                     continue
                 addr = c["addr"]
-                if now - self.last_auth.get(addr, 0.0) > LIFETIME:
+                # Seen before its AUTH line was read: counted from now (the MONITOR line is due).
+                if now - self.last_auth.setdefault(addr, now) > LIFETIME:
                     try:
                         admin.client_kill(addr)
                     except redis.ResponseError:  # gone already
@@ -185,7 +186,7 @@ def test_sessions_stay_up_across_token_refreshes_in_every_state(proxy, redis_ser
         try:
             fn(*args)
         except Exception as exc:  # noqa: BLE001
-            errors.append(f"{fn.__name__}{args}: {exc!r}")
+            errors.append(f"{fn.__name__}{args}: {type(exc).__name__}: {exc}")
 
     threads = [threading.Thread(target=run, args=a) for a in
                ((plain,), (subscribed, 2), (subscribed, 3), (blocked,), (transaction,))]
