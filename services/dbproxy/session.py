@@ -41,6 +41,7 @@ from services.dbproxy.metrics import ProxyMetrics
 from services.dbproxy.resp import Command, encode_command, encode_error
 from services.dbproxy.sessioncore import End, SessionCore
 from services.dbproxy.upstream import (
+    CLEAR_NAME,
     CredentialProvider,
     Upstream,
     UpstreamError,
@@ -327,6 +328,8 @@ class Session:
         finally:
             span.end()
         self.core.upstream_auth, self.core.client_id = self._up.auth_command, self._up.client_id
+        if self._up.spare:  # the pool's name for it goes, before the client's first command
+            self._up.writer.write(self.core.swallowed(CLEAR_NAME))
         self._audit_start(True, "")
         m.session_started(ctx.database)
         tasks = [asyncio.create_task(self._watchdog(), name="watchdog")]

@@ -382,6 +382,11 @@ class SessionCore:
         self._down = []
         return down[0] if len(down) == 1 else b"".join(down)
 
+    def swallowed(self, command: bytes) -> bytes:
+        """A command of the proxy's own, sent now, whose reply the client never sees."""
+        self._q.append(_Entry(1, False, swallow=True))
+        return command
+
     def take_upstream(self) -> bytes:
         """Bytes for the database that the replies decided (a re-issued blocking command, the
         commands held behind it): the shell sends them after each :meth:`feed_upstream`."""

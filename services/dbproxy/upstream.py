@@ -30,6 +30,7 @@ log = logging.getLogger("cachegate.dbproxy.upstream")
 
 __all__ = [
     "CredentialProvider",
+    "SPARE_NAME",
     "UpstreamPool",
     "StaticCredentials",
     "Upstream",
@@ -97,6 +98,7 @@ class Upstream:
     auth_command: bytes = field(repr=False, default=b"")
     client_id: int = -1  # the database's CLIENT ID of this connection (-1: unknown)
     auth_expires_at: float | None = None  # when its AUTH's credential expires (Entra ID tokens)
+    spare: bool = False  # opened ahead by a pool, named SPARE_NAME until a session takes it
 
     def close(self) -> None:
         try:
@@ -144,6 +146,7 @@ async def connect_upstream(
     timeout: float = 10.0,
     on_auth_refused: Callable[[], None] | None = None,
     tracer: trace.Tracer | None = None,
+    name: str = "",
 ) -> Upstream:
     """Connect, AUTH (retrying once with refreshed credentials), SELECT; all within
     ``timeout`` seconds. Raises :class:`UpstreamError`. ``on_auth_refused`` is called
@@ -186,6 +189,8 @@ async def connect_upstream(
                 # One round trip: the logical database, and the connection's id (a session is
                 # shown only its own line of CLIENT LIST).
                 setup = [encode_command("SELECT", str(logical_db))] if logical_db else []
+                if name:
+                    setup.append(encode_command("CLIENT", "SETNAME", name))
                 setup.append(_CLIENT_ID)
                 writer.write(b"".join(setup))
                 replies = await _read_replies(reader, len(setup))
@@ -210,7 +215,7 @@ async def connect_upstream(
             f"the connection to {where} failed during setup ({_why(exc)}); check it with: {nc}",
             "unreachable",
         ) from None
-    return Upstream(reader, writer, target, logical_db, auth_cmd, client_id, expires_at)
+    return Upstream(reader, writer, target, logical_db, auth_cmd, client_id, expires_at, bool(name))
 
 
 async def _authenticate(
@@ -261,6 +266,12 @@ async def _authenticate(
             "auth",
         )
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+# The client name of a spare connection while it waits (CLIENT LIST tells them from sessions);
+# the session that takes one clears it.
+SPARE_NAME = "cachegate-spare"
+CLEAR_NAME = encode_command("CLIENT", "SETNAME", "")
 
 
 class UpstreamPool:
@@ -330,7 +341,7 @@ class UpstreamPool:
         ready = self._ready.setdefault(key, [])
         while len(ready) < self.size:
             try:
-                up = await connect_upstream(target, credentials, 0, timeout=self.timeout)
+                up = await connect_upstream(target, credentials, 0, timeout=self.timeout, name=SPARE_NAME)
             except UpstreamError as exc:
                 # The next session connects itself and reports the problem to its user.
                 log.debug("could not open a spare connection to %s: %s", target.name, exc.reason)

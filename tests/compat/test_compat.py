@@ -424,11 +424,12 @@ def py_client_cache(t: Target, p: str, compat: Compat, protocol: int):
 
 
 def client_count(compat: Compat) -> int:
-    """Connections Redis has (this admin connection not counted)."""
+    """Connections Redis has (this admin connection not counted, nor the proxy's spare
+    connections opened ahead of new sessions, named cachegate-spare)."""
     admin = getattr(compat, "_admin", None)
     if admin is None:
         admin = compat._admin = compat.direct.redis(2)
-    return len(admin.client_list()) - 1
+    return len([c for c in admin.client_list() if c.get("name") != "cachegate-spare"]) - 1
 
 
 def py_pool(t: Target, p: str, compat: Compat, protocol: int):
