@@ -52,6 +52,7 @@ def main_options(
 
 def connect() -> AuthClient:
     conn = resolve(_opts.get("auth_server"), _opts.get("identity"), _opts.get("config"))
+    _opts["conn"] = conn
     return AuthClient(conn.auth_server, conn.creds)
 
 
@@ -70,12 +71,14 @@ async def status(fmt: Format = typer.Option(Format.text, "--format", help="text,
         info = await call(c, c.cluster.GetClusterInfo, cluster_service_pb2.GetClusterInfoRequest())
         hosts = await list_all(c.databases.ListFetcherStatuses, database_service_pb2.ListFetcherStatusesRequest,
                                "hosts", c)
+    conn = _opts["conn"]
     data = {"cluster": info.cluster_name, "version": info.server_version, "ca_pin": info.ca_pin,
+            "auth_server": conn.auth_server, "identity": conn.source,
             "discovery": cgctl_db.fetcher_statuses_to_list(hosts)}
 
     def text():
-        out_console.print(f"Cluster  {info.cluster_name}\nVersion  {info.server_version}\nCA pin   {info.ca_pin}\n",
-                          markup=False)
+        out_console.print(f"Cluster  {info.cluster_name}\nVersion  {info.server_version}\nCA pin   {info.ca_pin}\n"
+                          f"Auth     {conn.auth_server}\nIdentity {conn.source}\n", markup=False)
         cgctl_db.print_fetcher_statuses(hosts, "text")
 
     emit(data, fmt, text)
