@@ -20,6 +20,7 @@ from google.protobuf import struct_pb2
 from services.auth.backend import AuditRow
 from services.common.auditcodes import CODES, code_for  # noqa: F401 (CODES: part of this module's API)
 from services.common.grpcutil import page_size, ts
+from services.common.logs import event_line
 
 log = logging.getLogger("cachegate.audit")
 
@@ -51,6 +52,7 @@ class AuditLog:
             id=str(uuid.uuid4()), type=type_, code=code_for(type_, success), time=ts(time.time()), actor=actor,
             source_addr=source_addr, success=success, error=error, fields=st, cluster_name=self.cluster_name)
         await self.store(ev)
+        event_line(type_, actor, source_addr, success, error, fields)
         return ev
 
     async def store(self, ev: types_pb2.AuditEvent) -> None:

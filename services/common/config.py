@@ -64,6 +64,9 @@ class LogConfig(_Model):
 class TelemetryConfig(_Model):
     # Traces of gRPC calls and sessions: off (default, nearly free), console or otlp.
     traces: Literal["off", "console", "otlp"] = "off"
+    # traces: console writes one JSON object per span, one a line, to this file (empty =
+    # stdout); never into the service log.
+    traces_output: str = ""
     metrics: Literal["off", "console", "otlp", "prometheus"] = "off"
     # metrics: prometheus serves /metrics here (host:port).
     prometheus_listen_addr: str = "127.0.0.1:9464"
