@@ -33,6 +33,8 @@ def tool(name: str) -> str:
 def env(**extra) -> dict:
     e = dict(os.environ)
     e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    # The machine's /etc/cachegate.yaml is none of the tests' business.
+    e.setdefault("CACHEGATE_SYSTEM_CONFIG", str(REPO / "tests" / "no-such-system-config.yaml"))
     e.update({k: str(v) for k, v in extra.items()})
     return e
 

@@ -20,6 +20,7 @@ from google.protobuf import struct_pb2
 from services.auth.backend import AuditRow
 from services.common.auditcodes import CODES, code_for  # noqa: F401 (CODES: part of this module's API)
 from services.common.grpcutil import page_size, ts
+from services.common.logs import event_line
 
 log = logging.getLogger("cachegate.audit")
 
@@ -51,6 +52,7 @@ class AuditLog:
             id=str(uuid.uuid4()), type=type_, code=code_for(type_, success), time=ts(time.time()), actor=actor,
             source_addr=source_addr, success=success, error=error, fields=st, cluster_name=self.cluster_name)
         await self.store(ev)
+        event_line(type_, actor, source_addr, success, error, fields)
         return ev
 
     async def store(self, ev: types_pb2.AuditEvent) -> None:
@@ -126,19 +128,24 @@ class AuditLog:
 
     # --- search -----------------------------------------------------------------------------
     async def search(self, since: float | None, until: float | None, types: list[str], user: str,
-                     size: int, token: str) -> tuple[list[types_pb2.AuditEvent], str]:
-        """Events oldest first, filtered; (page, next_page_token). AuditError for bad input."""
+                     size: int, token: str, newest_first: bool = False) -> tuple[list[types_pb2.AuditEvent], str]:
+        """Events oldest (or newest) first, filtered; (page, next_page_token). AuditError for
+        bad input, an event type that does not exist included."""
         types = [t.strip() for t in types if t.strip()]
         for t in types:
             if not TYPE_FILTER_RE.match(t):
                 raise AuditError(f"invalid event type filter {t!r}: use a type (user.login) or a prefix (user.*)")
+            known = any(c.startswith(t[:-1]) for c in CODES) if t.endswith("*") else t in CODES
+            if not known:
+                raise AuditError(f"unknown event type {t!r}: use one of {', '.join(sorted(CODES))}, "
+                                 "or a prefix such as user.*")
         if "*" in types:
             types = []
         if since is not None and until is not None and until < since:
             raise AuditError("until is before since: swap them")
         after = decode_cursor(token)
         n = page_size(size)
-        rows = await self.backend.search_audit(since, until, types, user, after, n + 1)
+        rows = await self.backend.search_audit(since, until, types, user, after, n + 1, desc=newest_first)
         page = []
         for when, _id, data in rows[:n]:
             ev = types_pb2.AuditEvent()

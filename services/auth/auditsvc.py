@@ -38,7 +38,8 @@ class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
         until = from_ts(request.until) if request.HasField("until") else None
         try:
             page, nxt = await self.state.audit.search(since, until, list(request.types), request.user.strip(),
-                                                      request.page_size, request.page_token)
+                                                      request.page_size, request.page_token,
+                                                      newest_first=request.newest_first)
         except AuditError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return audit_service_pb2.SearchAuditEventsResponse(events=page, next_page_token=nxt)

@@ -52,7 +52,8 @@ class Backend:
         raise NotImplementedError(f"{type(self).__name__} does not store audit batches")
 
     async def search_audit(self, since: float | None, until: float | None, types: list[str], actor: str,
-                           after: tuple[float, str] | None, limit: int) -> list[tuple[float, str, bytes]]: ...
+                           after: tuple[float, str] | None, limit: int,
+                           desc: bool = False) -> list[tuple[float, str, bytes]]: ...
     async def close(self) -> None: ...
 
     # --- watchers -------------------------------------------------------------
@@ -76,9 +77,11 @@ class Backend:
                 cb(change)
 
 
-def audit_search_sql(table: str, ph: str, since, until, types, actor, after, limit) -> tuple[str, list]:
+def audit_search_sql(table: str, ph: str, since, until, types, actor, after, limit,
+                     desc: bool = False) -> tuple[str, list]:
     """The audit search query of both backends (``ph``: the driver's placeholder), oldest
-    first with a (time, id) cursor; a type ending in ``*`` is an exact, case-sensitive prefix."""
+    (``desc``: newest) first with a (time, id) cursor; a type ending in ``*`` is an exact,
+    case-sensitive prefix."""
     sql = f"SELECT time, id, data FROM {table} WHERE 1=1"
     args: list = []
     if since is not None:
@@ -88,7 +91,8 @@ def audit_search_sql(table: str, ph: str, since, until, types, actor, after, lim
         sql += f" AND time <= {ph}"
         args.append(until)
     if after is not None:
-        sql += f" AND (time > {ph} OR (time = {ph} AND id > {ph}))"
+        op = "<" if desc else ">"
+        sql += f" AND (time {op} {ph} OR (time = {ph} AND id {op} {ph}))"
         args += [after[0], after[0], after[1]]
     if actor:
         sql += f" AND actor = {ph}"
@@ -103,7 +107,7 @@ def audit_search_sql(table: str, ph: str, since, until, types, actor, after, lim
                 parts.append(f"type = {ph}")
                 args.append(t)
         sql += " AND (" + " OR ".join(parts) + ")"
-    sql += f" ORDER BY time, id LIMIT {ph}"
+    sql += f" ORDER BY time DESC, id DESC LIMIT {ph}" if desc else f" ORDER BY time, id LIMIT {ph}"
     args.append(limit)
     return sql, args
 
@@ -215,8 +219,8 @@ class SQLiteBackend(Backend):
                     self._db.execute("ROLLBACK")
                 raise
 
-    async def search_audit(self, since, until, types, actor, after, limit):
-        sql, args = audit_search_sql("audit", "?", since, until, types, actor, after, limit)
+    async def search_audit(self, since, until, types, actor, after, limit, desc=False):
+        sql, args = audit_search_sql("audit", "?", since, until, types, actor, after, limit, desc)
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         return [(r[0], r[1], bytes(r[2])) for r in rows]

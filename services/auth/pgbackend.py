@@ -325,8 +325,8 @@ class PostgresBackend(Backend):
         ids, whens, types, actors, datas = (list(c) for c in zip(*rows))
         await self._fetch(self._INSERT_AUDIT_MANY, (ids, whens, types, actors, [bytes(d) for d in datas]))
 
-    async def search_audit(self, since, until, types, actor, after, limit):
-        sql, args = audit_search_sql(AUDIT, "%s", since, until, types, actor, after, limit)
+    async def search_audit(self, since, until, types, actor, after, limit, desc=False):
+        sql, args = audit_search_sql(AUDIT, "%s", since, until, types, actor, after, limit, desc)
         rows = await self._fetch(sql, args)
         return [(r[0], r[1], bytes(r[2])) for r in rows]
 

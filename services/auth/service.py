@@ -26,7 +26,8 @@ from services.common.config import Config
 from services.common.creds import private_dir
 from services.common.grpcserver import GrpcServer, ServiceBinding
 from services.common.grpcutil import from_dur, paginate
-from services.common.telemetry import server_interceptors, setup_tracing
+from services.auth import metrics as auth_metrics
+from services.common.telemetry import server_interceptors, setup_metrics, setup_tracing
 from services.common.version import VERSION
 
 log = logging.getLogger("cachegate.auth")
@@ -171,9 +172,10 @@ def bindings(state: AuthState) -> list[ServiceBinding]:
 async def run_auth(cfg: Config, stop: asyncio.Event, ready=None) -> None:
     """Run the auth service until ``stop`` is set. ``ready(info)`` gets the bound ports."""
     tracing = setup_tracing("auth", cfg.telemetry)
+    setup_metrics("auth", cfg.telemetry)
     folder = cfg.service_dir("auth")
     private_dir(folder, tighten_files=True)  # CA keys in the database, the admin identity
-    backend = open_backend(cfg.auth_service.storage, folder)
+    backend = auth_metrics.default().instrument_backend(open_backend(cfg.auth_service.storage, folder))
     state = AuthState(cfg, backend)
     await state.init()
     admin_path = state.write_admin_identity()

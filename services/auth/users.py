@@ -29,6 +29,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from cachegate.auth.v1 import user_service_pb2, user_service_pb2_grpc
 from cachegate.types.v1 import types_pb2
 
+from services.auth import metrics as auth_metrics
 from services.auth.backend import Backend
 from services.auth.locks import LockStore, locked_message
 from services.auth.ratelimit import FailureLimiter
@@ -396,9 +397,13 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
     # --- login -------------------------------------------------------------------------------
     async def _login_failed(self, context, name: str, source: str, reason: str, code=grpc.StatusCode.UNAUTHENTICATED,
                             message: str = LOGIN_FAILED, count: bool = True, **fields):
+        m = auth_metrics.default()
+        m.login(False, reason)
         if count:
-            await self.user_limiter.failure(name)
-            await self.addr_limiter.failure(source)
+            if await self.user_limiter.failure(name):
+                m.lockout("user")
+            if await self.addr_limiter.failure(source):
+                m.lockout("addr")
         await self.audit.emit("user.login", name if NAME_RE.match(name) else "", source, success=False, error=reason,
                               user=name[:128], **fields)
         await context.abort(code, message)
@@ -466,6 +471,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         expires = cert.not_valid_after_utc.timestamp()
         await self.audit.emit("user.login", name, source, user=name, method=method, roles=list(ident.roles),
                               ttl_seconds=round(expires - time.time()))
+        auth_metrics.default().login(True, method)
         return user_service_pb2.LoginResponse(
             cert_pem=cert_to_pem(cert).decode(), user_ca_pem=self.state.user_ca.cert_pem.decode(),
             host_ca_pem=self.state.host_ca.cert_pem.decode(), identity=ident, expire_time=ts(expires))
@@ -548,6 +554,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         await self.audit.emit("user.cert.database", name, source, user=name, database=route.service_name,
                               db_user=route.db_user, db_name=route.db_name or None,
                               ttl_seconds=round(expires - time.time()))
+        auth_metrics.default().database_cert(True)
         return user_service_pb2.GenerateDatabaseCertResponse(
             cert_pem=cert_to_pem(cert).decode(), user_ca_pem=self.state.user_ca.cert_pem.decode(),
             host_ca_pem=self.state.host_ca.cert_pem.decode(), expire_time=ts(expires))
@@ -555,6 +562,8 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
     async def _cert_refused(self, context, name, source, route, reason, message):
         await self.audit.emit("user.cert.database", name, source, success=False, error=reason, user=name,
                               database=route.service_name, db_user=route.db_user, db_name=route.db_name or None)
+        auth_metrics.default().database_cert(False, reason if reason in ("user does not exist", "user locked")
+                                             else "denied")
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
 
 

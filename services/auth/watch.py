@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from services.auth import metrics as auth_metrics
 from services.auth.backend import Backend, Change
 
 # A watcher that falls this far behind is ended; it reconnects and gets the current state again.
@@ -21,6 +22,9 @@ class Subscription:
 
     def __init__(self, backend: Backend, prefix: str):
         self._loop = asyncio.get_running_loop()
+        self._kind = prefix.strip("/").split("/")[0] or "all"
+        self._closed = False
+        auth_metrics.default().watch(self._kind, 1)
         self._queue: asyncio.Queue[Change | None] = asyncio.Queue()
         self._overflow = False
         self._cancel: Callable[[], None] = backend.subscribe(prefix, self._on_change)
@@ -56,6 +60,9 @@ class Subscription:
 
     def close(self) -> None:
         self._cancel()
+        if not self._closed:
+            self._closed = True
+            auth_metrics.default().watch(self._kind, -1)
 
     def __enter__(self) -> Subscription:  # noqa: PYI034
         return self

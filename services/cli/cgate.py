@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import sys
 from typing import Optional
@@ -158,10 +159,24 @@ async def login(
     ca_pem = await asyncio.to_thread(_proxy_ca, proxy, ca_pin, known, not password_stdin and sys.stdin.isatty())
     prof = existing or open_profile(proxy, create=True)
     assert prof is not None
+    try:
+        done = await _login(prof, proxy, ca_pem, user, seconds, password_stdin, otp, invite, enable_totp)
+    except BaseException:
+        if existing is None:
+            prof.remove()  # a failed first login leaves nothing behind
+            with contextlib.suppress(OSError):
+                prof.folder.parent.rmdir()  # profiles/, if this was the only one
+        raise
+    if done:
+        _print_status(prof, Format.text)
+
+
+async def _login(prof, proxy, ca_pem, user, seconds, password_stdin, otp, invite, enable_totp) -> bool:
+    """The login itself; False when it ended early on purpose (invite with TOTP set up)."""
     from services.common.creds import write_private
 
     write_private(prof.folder / "cas.pem", ca_pem)
-    prof.save_meta()  # the CA is trusted from now on, even if this login fails
+    prof.save_meta()
     async with prof.public_channel() as ch:
         stub = proxy_service_pb2_grpc.ProxyServiceStub(ch)
         info = await rpc(stub.GetClusterInfo, cluster_service_pb2.GetClusterInfoRequest(), proxy, "proxy")
@@ -182,7 +197,7 @@ async def login(
                 prof.save_meta()
                 out_console.print(f"Password and one-time codes are set for {user}. Log in with:\n"
                                   f"  cgate login --proxy={proxy} --user={user} --otp=CODE", markup=False)
-                return
+                return False
             err_console.print(f"Password set for {user}.", markup=False)
         else:
             if not user:
@@ -201,7 +216,7 @@ async def login(
         write_private(prof.folder / "cas.pem", resp.host_ca_pem.encode())
     prof.save_session(key_to_pem(key), resp.cert_pem.encode(), resp.user_ca_pem.encode())
     set_current(prof)
-    _print_status(prof, Format.text)
+    return True
 
 
 def _status_data(prof: Profile) -> dict:

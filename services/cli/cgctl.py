@@ -52,6 +52,7 @@ def main_options(
 
 def connect() -> AuthClient:
     conn = resolve(_opts.get("auth_server"), _opts.get("identity"), _opts.get("config"))
+    _opts["conn"] = conn
     return AuthClient(conn.auth_server, conn.creds)
 
 
@@ -70,12 +71,14 @@ async def status(fmt: Format = typer.Option(Format.text, "--format", help="text,
         info = await call(c, c.cluster.GetClusterInfo, cluster_service_pb2.GetClusterInfoRequest())
         hosts = await list_all(c.databases.ListFetcherStatuses, database_service_pb2.ListFetcherStatusesRequest,
                                "hosts", c)
+    conn = _opts["conn"]
     data = {"cluster": info.cluster_name, "version": info.server_version, "ca_pin": info.ca_pin,
+            "auth_server": conn.auth_server, "identity": conn.source,
             "discovery": cgctl_db.fetcher_statuses_to_list(hosts)}
 
     def text():
-        out_console.print(f"Cluster  {info.cluster_name}\nVersion  {info.server_version}\nCA pin   {info.ca_pin}\n",
-                          markup=False)
+        out_console.print(f"Cluster  {info.cluster_name}\nVersion  {info.server_version}\nCA pin   {info.ca_pin}\n"
+                          f"Auth     {conn.auth_server}\nIdentity {conn.source}\n", markup=False)
         cgctl_db.print_fetcher_statuses(hosts, "text")
 
     emit(data, fmt, text)
@@ -448,31 +451,47 @@ def event_dict(e: types_pb2.AuditEvent) -> dict:
 @run
 async def audit_search(
     since: Optional[str] = typer.Option(None, "--since", help="From this time, or this long ago (default 24h)."),
-    until: Optional[str] = typer.Option(None, "--until", help="Up to this time, or this long ago."),
+    until: Optional[str] = typer.Option(None, "--until", help="Up to this time, or this long ago (default now)."),
     type_: Optional[list[str]] = typer.Option(None, "--type", help="Event types (repeat or comma-separate), "
                                                                     "e.g. user.login; a prefix ending in * matches many."),
     user: Optional[str] = typer.Option(None, "--user", help="Events by or about this user."),
-    limit: int = typer.Option(1000, "--limit", help="At most this many events."),
+    limit: int = typer.Option(1000, "--limit", min=1, help="At most this many events (a page)."),
+    oldest_first: bool = typer.Option(False, "--oldest-first", help="Oldest first (default: newest first)."),
+    page_token: Optional[str] = typer.Option(None, "--page-token", help="The next page, as the last search printed."),
     fmt: Format = typer.Option(Format.text, "--format", help="text, json or yaml."),
 ):
-    """Search the audit log (oldest first)."""
+    """Search the audit log, newest first; says how to get the next page when more events match."""
     req = audit_service_pb2.SearchAuditEventsRequest(
         types=[t for v in (type_ or []) for t in split_list(v)], user=user or "",
-        page_size=min(limit, 500))
+        page_size=min(limit, 500), newest_first=not oldest_first, page_token=page_token or "")
     start = parse_when(since or "24h", "--since")
     req.since.CopyFrom(ts(start))
     end = parse_when(until, "--until")
     if end:
         req.until.CopyFrom(ts(end))
     events: list = []
+    more = ""
     async with connect() as c:
-        while len(events) < limit:
+        while True:
+            req.page_size = min(limit - len(events), 500)
             resp = await call(c, c.audit.SearchAuditEvents, req)
             events.extend(resp.events)
-            if not resp.next_page_token:
+            more = resp.next_page_token
+            if not more or len(events) >= limit:
                 break
-            req.page_token = resp.next_page_token
-    data = [event_dict(e) for e in events[:limit]]
+            req.page_token = more
+    data = [event_dict(e) for e in events]
+    if more:
+        args = [f"--since={since}" if since else "", f"--until={until}" if until else "",
+                *(f"--type={t}" for t in req.types), f"--user={user}" if user else "",
+                f"--limit={limit}" if limit != 1000 else "", "--oldest-first" if oldest_first else ""]
+        err_console.print(f"{len(data)} events shown ({'oldest' if oldest_first else 'newest'} first); more match. "
+                          f"Next page: cgctl audit search {' '.join(a for a in args if a)} --page-token={more}".replace(
+                              "  ", " "), markup=False)
+    elif not data:
+        err_console.print("No events match"
+                          + (f" between {fmt_time(start)} and {fmt_time(end) if end else 'now'}")
+                          + ": widen --since, or check --type and --user.", markup=False)
 
     def text():
         table(["Time", "Type", "Actor", "Source", "Result", "Details"], [

@@ -79,7 +79,7 @@ def start(
         err_console.print("ERROR: no service is enabled in the config: set auth_service.enabled, "
                           "discovery_service.enabled or dbproxy_service.enabled to true", markup=False)
         raise typer.Exit(1)
-    setup_logging("+".join(chosen), cfg.log.level, cfg.log.format, cfg.log.output)
+    setup_logging("+".join(chosen), cfg.log.level, cfg.log.format, cfg.log.output, route_stderr=True)
     try:
         import uvloop
 

@@ -23,7 +23,17 @@ ENV_PREFIX = "CACHEGATE_"
 # Variables with the prefix that are not config keys.
 # Passwords of admin-defined databases (secret: env:CACHEGATE_DB_NAME), read by dbproxy.
 ENV_DB_SECRET_PREFIX = "CACHEGATE_DB_"
-ENV_NOT_CONFIG = {"CACHEGATE_CONFIG", "CACHEGATE_HOME", "CACHEGATE_IDENTITY", "CACHEGATE_AUTH_SERVER", "CACHEGATE_PROXY"}
+ENV_NOT_CONFIG = {"CACHEGATE_CONFIG", "CACHEGATE_HOME", "CACHEGATE_IDENTITY", "CACHEGATE_AUTH_SERVER", "CACHEGATE_PROXY",
+                  "CACHEGATE_SYSTEM_CONFIG"}
+# The host's config file (`cachegate db configure create -o file` writes it); the variable
+# moves it (tests, containers with a read-only /etc).
+SYSTEM_CONFIG_ENV = "CACHEGATE_SYSTEM_CONFIG"
+SYSTEM_CONFIG = "/etc/cachegate.yaml"
+
+
+def system_config_path() -> Path:
+    """Where this host's config file lives: $CACHEGATE_SYSTEM_CONFIG, else /etc/cachegate.yaml."""
+    return Path(os.environ.get(SYSTEM_CONFIG_ENV) or SYSTEM_CONFIG)
 
 DEFAULT_AUTH_PORT = 3025
 DEFAULT_JOIN_PORT = 3026
@@ -54,6 +64,9 @@ class LogConfig(_Model):
 class TelemetryConfig(_Model):
     # Traces of gRPC calls and sessions: off (default, nearly free), console or otlp.
     traces: Literal["off", "console", "otlp"] = "off"
+    # traces: console writes one JSON object per span, one a line, to this file (empty =
+    # stdout); never into the service log.
+    traces_output: str = ""
     metrics: Literal["off", "console", "otlp", "prometheus"] = "off"
     # metrics: prometheus serves /metrics here (host:port).
     prometheus_listen_addr: str = "127.0.0.1:9464"

@@ -121,11 +121,9 @@ class Creds:
 
 
 def channel_options(server_role: str) -> list[tuple[str, object]]:
-    return [
-        ("grpc.ssl_target_name_override", internal_name(server_role)),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-    ]
+    from services.common import keepalive
+
+    return [("grpc.ssl_target_name_override", internal_name(server_role)), *keepalive.client_options()]
 
 
 def secure_channel(addr: str, creds: grpc.ChannelCredentials, server_role: str, interceptors=None) -> grpc.aio.Channel:

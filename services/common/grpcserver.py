@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common import keepalive
 from services.common.authz import AuthzInterceptor, CertVerifier, Policy, default_admin_check
 
 log = logging.getLogger("cachegate.grpc")
@@ -58,6 +59,7 @@ class GrpcServer:
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
                 ("grpc.so_reuseport", 0),
+                *keepalive.server_options(),
             ],
         )
         self.credentials = server_credentials

@@ -11,6 +11,7 @@ from typing import Any
 
 from cachegate.types.v1 import types_pb2
 from services.common import rbac
+from services.common.durations import format_duration
 from services.common.grpcutil import dur, from_dur
 
 
@@ -51,9 +52,10 @@ def role_document(msg: types_pb2.Role) -> dict[str, Any]:
     """The role message as a role document (the YAML form), unvalidated."""
     options: dict[str, Any] = {"disconnect_expired_cert": msg.options.disconnect_expired_cert}
     if msg.options.HasField("max_session_ttl"):
-        options["max_session_ttl"] = from_dur(msg.options.max_session_ttl)
+        options["max_session_ttl"] = format_duration(from_dur(msg.options.max_session_ttl))
     if msg.options.HasField("client_idle_timeout"):
-        options["client_idle_timeout"] = from_dur(msg.options.client_idle_timeout)
+        # As people write them (12h, 30m), the way a role file has them.
+        options["client_idle_timeout"] = format_duration(from_dur(msg.options.client_idle_timeout))
     if msg.options.max_connections:
         options["max_connections"] = msg.options.max_connections
     metadata: dict[str, Any] = {"name": msg.name}

@@ -11,6 +11,7 @@ without installing it (tests, embedding)."""
 from __future__ import annotations
 
 import logging
+import sys
 
 from services.common.config import TelemetryConfig
 
@@ -36,7 +37,9 @@ def setup_tracing(service: str, cfg: TelemetryConfig) -> bool:
         sampler=ParentBasedTraceIdRatio(cfg.sample_ratio),
     )
     if cfg.traces == "console":
-        exporter = ConsoleSpanExporter()
+        # One line per span, to its own stream: multi-line span JSON must never land in the log.
+        out = open(cfg.traces_output, "a", buffering=1) if cfg.traces_output else sys.stdout  # noqa: SIM115
+        exporter = ConsoleSpanExporter(out=out, formatter=lambda span: span.to_json(indent=None) + "\n")
     else:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 

@@ -51,6 +51,7 @@ from google.protobuf import struct_pb2
 
 from cachegate.auth.v1 import audit_service_pb2
 from cachegate.types.v1 import types_pb2
+from services.common.logs import LOGGED_EVENTS, event_line
 from services.common.auditcodes import CODES
 from services.common.creds import private_dir
 from services.dbproxy.commands import SECRET_COMMANDS, SUBCOMMAND_PARENTS, audit_args, audit_text, lookup
@@ -375,6 +376,8 @@ class AuditSpool:
         ``base``: fields shared by many events (a session's id, user, database); pass the
         same dict object each time (and never change it) so its Struct is built once."""
         self._queue.append((_GEN, type_, actor, source_addr, success, error, fields, when or time.time(), base))
+        if type_ in LOGGED_EVENTS:  # session start and end: one line in the log too
+            event_line(type_, actor, source_addr, success, error, {**(base or {}), **(fields or {})})
         self._pending += 1
         if self._pending >= self._trigger:
             self._queued_a_batch()

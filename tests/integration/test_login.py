@@ -138,7 +138,7 @@ spec:
 """)
     assert 'role "short-sessions" has been created' in c.cgctl("create", "-f", str(role)).stdout
     got = json.loads(c.cgctl("get", "roles", "short-sessions", "--format=json").stdout)
-    assert got["metadata"]["name"] == "short-sessions" and got["spec"]["options"]["max_session_ttl"] == 3
+    assert got["metadata"]["name"] == "short-sessions" and got["spec"]["options"]["max_session_ttl"] == "3s"
     invite = add_user(c, "carol", "--roles=access,short-sessions")
     cgate(c, "login", f"--proxy={c.proxy}", f"--invite={invite}", f"--ca-pin={c.ca_pin}", "--password-stdin",
           "--ttl=8h", input=PASSWORD + "\n")

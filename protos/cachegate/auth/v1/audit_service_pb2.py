@@ -26,7 +26,7 @@ from cachegate.types.v1 import types_pb2 as cachegate_dot_types_dot_v1_dot_types
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%cachegate/auth/v1/audit_service.proto\x12\x11\x63\x61\x63hegate.auth.v1\x1a\x1e\x63\x61\x63hegate/types/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\x16\x45mitAuditEventsRequest\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.cachegate.types.v1.AuditEvent\")\n\x17\x45mitAuditEventsResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x05\"\xb4\x01\n\x18SearchAuditEventsRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05types\x18\x03 \x03(\t\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"d\n\x19SearchAuditEventsResponse\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.cachegate.types.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xe8\x01\n\x0c\x41uditService\x12h\n\x0f\x45mitAuditEvents\x12).cachegate.auth.v1.EmitAuditEventsRequest\x1a*.cachegate.auth.v1.EmitAuditEventsResponse\x12n\n\x11SearchAuditEvents\x12+.cachegate.auth.v1.SearchAuditEventsRequest\x1a,.cachegate.auth.v1.SearchAuditEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%cachegate/auth/v1/audit_service.proto\x12\x11\x63\x61\x63hegate.auth.v1\x1a\x1e\x63\x61\x63hegate/types/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\x16\x45mitAuditEventsRequest\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.cachegate.types.v1.AuditEvent\")\n\x17\x45mitAuditEventsResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x05\"\xca\x01\n\x18SearchAuditEventsRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05types\x18\x03 \x03(\t\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x14\n\x0cnewest_first\x18\x07 \x01(\x08\"d\n\x19SearchAuditEventsResponse\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.cachegate.types.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xe8\x01\n\x0c\x41uditService\x12h\n\x0f\x45mitAuditEvents\x12).cachegate.auth.v1.EmitAuditEventsRequest\x1a*.cachegate.auth.v1.EmitAuditEventsResponse\x12n\n\x11SearchAuditEvents\x12+.cachegate.auth.v1.SearchAuditEventsRequest\x1a,.cachegate.auth.v1.SearchAuditEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,9 +38,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMITAUDITEVENTSRESPONSE']._serialized_start=199
   _globals['_EMITAUDITEVENTSRESPONSE']._serialized_end=240
   _globals['_SEARCHAUDITEVENTSREQUEST']._serialized_start=243
-  _globals['_SEARCHAUDITEVENTSREQUEST']._serialized_end=423
-  _globals['_SEARCHAUDITEVENTSRESPONSE']._serialized_start=425
-  _globals['_SEARCHAUDITEVENTSRESPONSE']._serialized_end=525
-  _globals['_AUDITSERVICE']._serialized_start=528
-  _globals['_AUDITSERVICE']._serialized_end=760
+  _globals['_SEARCHAUDITEVENTSREQUEST']._serialized_end=445
+  _globals['_SEARCHAUDITEVENTSRESPONSE']._serialized_start=447
+  _globals['_SEARCHAUDITEVENTSRESPONSE']._serialized_end=547
+  _globals['_AUDITSERVICE']._serialized_start=550
+  _globals['_AUDITSERVICE']._serialized_end=782
 # @@protoc_insertion_point(module_scope)
