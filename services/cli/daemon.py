@@ -105,10 +105,18 @@ async def _run_services(cfg, chosen: list[str], ready_file: Path | None) -> None
     stop = asyncio.Event()
     install_signal_handlers(stop)
     ready: dict = {}
+    probe = None
+    if cfg.health_listen_addr:
+        from services.common.healthport import HealthPort
+
+        probe = HealthPort(chosen)
+        ready["health_port"] = await probe.start(cfg.health_listen_addr)
 
     def on_ready(info: dict) -> None:
         ready[info["service"]] = info
-        if ready_file and set(ready) == set(chosen):
+        if probe is not None:
+            asyncio.get_running_loop().create_task(probe.service_ready(info["service"]))
+        if ready_file and set(ready) >= set(chosen):
             write_private(ready_file, json.dumps(ready).encode())
 
     tasks = []
@@ -117,13 +125,40 @@ async def _run_services(cfg, chosen: list[str], ready_file: Path | None) -> None
         if name == "auth":
             while "auth" not in ready and not tasks[-1].done():
                 await asyncio.sleep(0.05)
+    if probe is not None:
+        async def not_serving_on_stop() -> None:
+            await stop.wait()
+            await probe.stopping()
+
+        tasks.append(asyncio.create_task(not_serving_on_stop(), name="health"))
     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
+    if probe is not None:
+        await probe.stop()
     shutdown()
     for t in done:
         if t.exception():
             raise t.exception()
+
+
+@app.command()
+def health(
+    addr: str = typer.Option("127.0.0.1:3090", "--addr", help="host:port of the health port (health_listen_addr)."),
+    service: str = typer.Option("", "--service", help="One service's status (auth, discovery, dbproxy); default: the process."),
+    timeout: float = typer.Option(5.0, "--timeout", help="Seconds to wait for the answer."),
+):
+    """Ask a process's plaintext health port whether it serves (exit 0 when SERVING): for
+    compose healthchecks and scripts. Kubelet probes call the same port with grpc probes."""
+    from services.common.healthport import check
+
+    try:
+        status = asyncio.run(check(addr, service, timeout))
+    except grpc.aio.AioRpcError as exc:
+        err_console.print(f"ERROR: health check of {addr} failed: {exc.code().name}: {exc.details()}", markup=False)
+        raise typer.Exit(1) from None
+    print(status)
+    raise typer.Exit(0 if status == "SERVING" else 1)
 
 
 # --- the local dev cluster ---------------------------------------------------------------
@@ -370,6 +405,29 @@ cluster ready""", markup=False, highlight=False)
 
 def main() -> None:
     app()
+
+
+DEFAULT_CONFIG = "/etc/cachegate.yaml"
+
+
+def _service_main(name: str) -> None:
+    """``cachegate-<service> [options of start]``: ``cachegate start -c $CACHEGATE_CONFIG
+    --service <service>``, the entrypoint of one container or unit per service."""
+    config = os.environ.get("CACHEGATE_CONFIG") or DEFAULT_CONFIG
+    sys.argv = [f"cachegate-{name}", "start", "-c", config, "--service", name, *sys.argv[1:]]
+    app()
+
+
+def main_auth() -> None:
+    _service_main("auth")
+
+
+def main_discovery() -> None:
+    _service_main("discovery")
+
+
+def main_dbproxy() -> None:
+    _service_main("dbproxy")
 
 
 if __name__ == "__main__":

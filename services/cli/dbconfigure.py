@@ -100,6 +100,21 @@ HEADER = """\
 """
 
 
+def _inline_token(token: str) -> str:
+    """The token itself when ``token`` names a readable file (the guide's /tmp/token): the
+    config (0600) then needs no other file, and services that run with a private /tmp
+    (systemd's PrivateTmp) or as another user still find it."""
+    path = Path(token)
+    try:
+        if "/" in token and path.is_file():
+            value = path.read_text().strip()
+            if value:
+                return value
+    except OSError:
+        pass
+    return token
+
+
 @app.command()
 def create(
     output: str = typer.Option("file", "-o", "--output",
@@ -127,6 +142,7 @@ def create(
         _fail("--azure-redis-discovery is required: the regions to search, e.g. eastus, eastus,westus or '*'")
     if "*" in regions:
         regions = ["*"]
+    token = _inline_token(token)
     try:
         doc = build_config(proxy=proxy, token=token, regions=regions, subscriptions=_split(azure_subscription),
                            resource_groups=_split(azure_resource_group), labels=parse_labels(labels),

@@ -42,6 +42,7 @@ DEFAULT_PROXY_PORT = 3080
 DEFAULT_REDIS_PORT = 3081
 DEFAULT_API_PORT = 3082
 DEFAULT_WEB_PORT = 3443
+DEFAULT_HEALTH_PORT = 3090
 
 class ConfigError(ValueError):
     """A config problem, with a one-line message that says what to fix."""
@@ -79,7 +80,8 @@ class TelemetryConfig(_Model):
 class JoinParams(_Model):
     # The join token, or a path to a file that holds it.
     token: str = ""
-    # "sha256:<hex>" pin of the cluster's host CA (printed by `cgctl tokens add`).
+    # "sha256:<hex>" pin of the cluster's host CA (printed by `cgctl tokens add`), or a path
+    # to a file that holds it.
     ca_pin: str = ""
 
 
@@ -268,6 +270,9 @@ class Config(_Model):
     # host:port of the auth join port (default: auth_server's host, port 3026).
     join_server: str = ""
     join: JoinParams = Field(default_factory=JoinParams)
+    # Plaintext grpc.health.v1 for probes that cannot present a client certificate (kubelet,
+    # compose healthchecks), e.g. 0.0.0.0:3090 in a pod or 127.0.0.1:3090 on a host. Empty = off.
+    health_listen_addr: str = ""
     log: LogConfig = Field(default_factory=LogConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     auth_service: AuthServiceConfig = Field(default_factory=AuthServiceConfig)

@@ -47,6 +47,19 @@ def read_token(value: str) -> str:
     return value
 
 
+def read_pin(value: str) -> str:
+    """A CA pin given as ``sha256:<hex>`` or as the path of a file that holds it (a mounted
+    Secret, a file a one-shot join step wrote)."""
+    value = (value or "").strip()
+    if value.startswith("/") or value.startswith("./"):
+        try:
+            return Path(value).read_text().strip()
+        except OSError as exc:
+            raise JoinError(f"cannot read the CA pin file {value}: {exc.strerror}; write the pin printed by "
+                            "`cgctl tokens add` there") from None
+    return value
+
+
 def verify_pin(join_addr: str, ca_pin: str) -> bytes:
     """Return the host CA (PEM) that the server at ``join_addr`` chains to, if it matches the pin."""
     host, port = split_hostport(join_addr, 3026)
@@ -110,7 +123,7 @@ async def ensure_joined(folder: Path, join_addr: str, token_value: str, ca_pin: 
         token = read_token(token_value)
     except JoinError:
         raise
-    creds = await join(join_addr, token, ca_pin, role, addresses)
+    creds = await join(join_addr, token, read_pin(ca_pin), role, addresses)
     creds.save_dir(folder)
     return creds
 

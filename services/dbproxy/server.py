@@ -2,7 +2,8 @@
 
 Ports: the public gRPC API (server TLS: cluster info, login, invites, proxy
 settings), the authenticated gRPC API (mutual TLS with a session certificate),
-the HTTPS web port (``/v1/webapi/find``) and the RESP listener (TLS with database
+the HTTPS web port (``/v1/webapi/find``, and ``/scripts/install.sh`` with the wheel it
+installs) and the RESP listener (TLS with database
 certificates; see dataplane.py).
 """
 
@@ -12,6 +13,7 @@ import asyncio
 import gc
 import json
 import logging
+import re
 import ssl
 import tempfile
 import time
@@ -144,7 +146,47 @@ def public_hostport(public_addr: str, listen_addr: str, port: int) -> str:
     return join_hostport(host, port)
 
 
-def web_app(servicer: ProxyServicer, settings: proxy_service_pb2.GetProxySettingsResponse) -> web.Application:
+_HOST_HEADER = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+class Installer:
+    """``/scripts/install.sh`` and the wheel it installs: this proxy's own code and version
+    (services/installer). The wheel is built once, on the first request."""
+
+    def __init__(self, ca_pem: str):
+        self.ca_pem = ca_pem
+        self._wheel = None
+        self._lock = asyncio.Lock()
+
+    async def wheel(self):
+        async with self._lock:
+            if self._wheel is None:
+                from services.installer.wheel import build_wheel
+
+                self._wheel = await asyncio.to_thread(build_wheel, VERSION)
+            return self._wheel
+
+    async def script(self, request: web.Request) -> web.Response:
+        from services.installer import render_script
+
+        host = request.headers.get("Host", "")
+        if not _HOST_HEADER.fullmatch(host):
+            raise web.HTTPBadRequest(text="a Host header (host:port) is needed to serve install.sh\n")
+        wheel = await self.wheel()
+        text = render_script(version=VERSION, wheel_name=wheel.name, wheel_sha256=wheel.sha256,
+                             base_url=f"https://{host}", ca_pem=self.ca_pem)
+        return web.Response(text=text, content_type="text/x-shellscript")
+
+    async def package(self, request: web.Request) -> web.Response:
+        wheel = await self.wheel()
+        if request.match_info["name"] != wheel.name:
+            raise web.HTTPNotFound(text=f"this proxy serves {wheel.name}\n")
+        return web.Response(body=wheel.data, content_type="application/zip",
+                            headers={"Content-Disposition": f'attachment; filename="{wheel.name}"'})
+
+
+def web_app(servicer: ProxyServicer, settings: proxy_service_pb2.GetProxySettingsResponse,
+            installer: Installer | None = None) -> web.Application:
     async def find(request: web.Request) -> web.Response:
         try:
             info = await servicer.cluster_info()
@@ -168,6 +210,9 @@ def web_app(servicer: ProxyServicer, settings: proxy_service_pb2.GetProxySetting
     app["public"] = ""
     app.router.add_get("/v1/webapi/find", find)
     app.router.add_get("/webapi/find", find)
+    if installer is not None:
+        app.router.add_get("/scripts/install.sh", installer.script)
+        app.router.add_get("/scripts/{name}", installer.package)
     return app
 
 
@@ -229,7 +274,9 @@ async def run_dbproxy(cfg: Config, stop: asyncio.Event, ready=None) -> None:
     api_port = await api.start(pcfg.api_listen_addr)
     whost, wport = split_hostport(pcfg.web_listen_addr, 3443)
     tmp = tempfile.TemporaryDirectory(prefix="cachegate-web-")
-    runner = web.AppRunner(web_app(servicer, settings), access_log=None)
+    # install.sh trusts the host CA for its downloads unless the web port has its own certificate.
+    installer = Installer("" if pcfg.web_cert_file else creds.host_ca_pem.decode())
+    runner = web.AppRunner(web_app(servicer, settings, installer), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, whost, wport, ssl_context=web_ssl_context(pcfg, creds, Path(tmp.name)))
     await site.start()

@@ -114,7 +114,8 @@ def test_print_dbs_and_statuses(capsys):
 def test_db_configure_create_writes_a_loadable_config(tmp_path):
     runner = CliRunner()
     out = tmp_path / "c.yaml"
-    r = runner.invoke(dbconfigure.app, ["create", "-o", str(out), "--proxy=proxy.example.com:3080", "--token=/tmp/token",
+    missing = tmp_path / "no-such-token"
+    r = runner.invoke(dbconfigure.app, ["create", "-o", str(out), "--proxy=proxy.example.com:3080", f"--token={missing}",
                                         "--azure-redis-discovery=eastus,westus", "--azure-subscription=sub1",
                                         "--azure-resource-group=rg1", "--labels=env=prod,team=c*",
                                         "--ca-pin=sha256:ab"])
@@ -125,7 +126,7 @@ def test_db_configure_create_writes_a_loadable_config(tmp_path):
                                                                        {"env": "prod", "team": "c*"})
     assert cfg.discovery_service.enabled and cfg.dbproxy_service.enabled
     assert cfg.auth_server == "proxy.example.com:3025" and cfg.join_address() == "proxy.example.com:3026"
-    assert cfg.join.token == "/tmp/token" and cfg.join.ca_pin == "sha256:ab"
+    assert cfg.join.token == str(missing) and cfg.join.ca_pin == "sha256:ab"
     assert cfg.dbproxy_service.public_addr == "proxy.example.com:3080"
     assert oct(out.stat().st_mode & 0o777) == "0o600"
     r = runner.invoke(dbconfigure.app, ["create", "-o", str(out), "--proxy=p:1", "--token=t", "--azure-redis-discovery=*"])
