@@ -43,7 +43,7 @@ def to_proto(record: DiscoveredDatabase, owner: str) -> types_pb2.Database:
         azure=types_pb2.AzureDatabase(
             resource_id=a.resource_id, subscription_id=a.subscription_id, resource_group=a.resource_group,
             region=a.region, kind=a.kind, clustering_policy=a.clustering_policy or "",
-            access_key_auth_disabled=a.access_key_auth_disabled))
+            access_key_auth_disabled=a.access_key_auth_disabled, auth=a.auth))
 
 
 def from_proto(db: types_pb2.Database) -> DiscoveredDatabase:
@@ -55,7 +55,7 @@ def from_proto(db: types_pb2.Database) -> DiscoveredDatabase:
         azure=AzureInfo(resource_id=a.resource_id, subscription_id=a.subscription_id,
                         resource_group=a.resource_group, region=a.region, kind=a.kind,
                         clustering_policy=a.clustering_policy or None,
-                        access_key_auth_disabled=a.access_key_auth_disabled))
+                        access_key_auth_disabled=a.access_key_auth_disabled, auth=a.auth))
 
 
 async def list_by_owner(stub, owner: str) -> list[types_pb2.Database]:
@@ -209,7 +209,7 @@ class StaticPublisher:
 
 def status_proto(st: FetcherStatus) -> types_pb2.FetcherStatus:
     out = types_pb2.FetcherStatus(name=st.name, kind=st.kind or st.name.split("/")[0],
-                                  databases_found=st.databases_found)
+                                  databases_found=st.databases_found, unpublished=list(st.unpublished))
     if st.last_success is not None:
         out.last_success_time.CopyFrom(ts(st.last_success))
     if st.last_error:

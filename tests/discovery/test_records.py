@@ -99,7 +99,7 @@ def test_print_dbs_and_statuses(capsys):
            types_pb2.Database(name="a", uri="h:1", secret_ref="env:CACHEGATE_DB_A", origin=types_pb2.DATABASE_ORIGIN_DYNAMIC)]
     cgctl_db.print_dbs(dbs, "text")
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["Name", "Description", "Origin", "URI", "Labels"]
+    assert out[0].split() == ["Name", "Description", "Origin", "Auth", "URI", "Labels"]
     assert out[2].startswith("a") and "dynamic" in out[2] and "x=1" in out[3]
     cgctl_db.print_dbs(dbs, "json")
     data = json.loads(capsys.readouterr().out)
