@@ -73,11 +73,12 @@ def db_from_yaml(doc: dict, base_dir: Path | None = None) -> types_pb2.Database:
     if bad:
         raise DbDocumentError(f"unknown field spec.{sorted(bad)[0]}: use protocol, uri, tls, ca_cert, "
                               "ca_cert_file, secret, auth")
-    auth = str(spec.get("auth") or "").strip().lower().replace("-", "_")
-    if auth not in ("", "entra", "secret"):
-        raise DbDocumentError("spec.auth must be entra (an Entra ID token of the proxy's identity) or secret")
-    if auth == "entra" and spec.get("secret"):
-        raise DbDocumentError("spec.secret and spec.auth: entra exclude each other: an Entra ID database needs no secret")
+    if str(spec.get("auth") or "").strip().lower() not in ("", "secret"):
+        # The proxy's Entra ID token opens every cache its identity may use: it goes only to
+        # addresses Azure or the proxy host's operator named, never to one in an admin record.
+        raise DbDocumentError("spec.auth: entra is not accepted in an administrator's record (the proxy's token "
+                              "would go to the address it names): tag the Azure cache cachegate-auth=entra, or set "
+                              "auth: entra on the database in discovery_service.static of the host's config")
     name = str(meta.get("name") or "").strip()
     if not name:
         raise DbDocumentError("metadata.name is required")
@@ -110,8 +111,7 @@ def db_from_yaml(doc: dict, base_dir: Path | None = None) -> types_pb2.Database:
     return types_pb2.Database(
         name=name, description=str(meta.get("description") or ""), protocol="redis", uri=uri,
         labels={str(k): str(v) for k, v in labels.items()}, origin=types_pb2.DATABASE_ORIGIN_DYNAMIC,
-        ca_cert_pem=ca, secret_ref=secret, tls=tls_value,
-        azure=types_pb2.AzureDatabase(auth="entra") if auth == "entra" else None)
+        ca_cert_pem=ca, secret_ref=secret, tls=tls_value)
 
 
 def db_to_dict(db: types_pb2.Database) -> dict:

@@ -116,6 +116,14 @@ class AzureCredentials:
         return None, password
 
 
+class _Refusing:
+    def __init__(self, message: str):
+        self.message = message
+
+    async def get(self, force_refresh: bool = False):
+        raise CredentialError(self.message)
+
+
 AUTH_ACCESS_KEY = "access_key"
 AUTH_ENTRA = "entra"
 
@@ -141,6 +149,9 @@ def credentials_for(db: types_pb2.Database, azure: AzureKeyCache, entra=None):
     if auth == AUTH_ENTRA:
         from services.dbproxy.entra import EntraCredentials, EntraTokenCache
 
+        if not db.tls:
+            return _Refusing(f'database "{db.name}" takes Entra ID tokens, which the proxy sends over TLS only: '
+                             "set tls: true on its record")
         if entra is None:
             entra = EntraTokenCache(azure.endpoints)
         return EntraCredentials(entra, db.name)

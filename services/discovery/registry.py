@@ -129,11 +129,22 @@ def static_record(entry: Any, owner: str, base_dir: Path | None = None) -> types
         # Never echo the value: it may be the password itself.
         raise StaticDatabaseError(f"static database {entry.name}: secret must be env:NAME or file:/path "
                                   "(a reference, not the password itself)")
+    auth = (getattr(entry, "auth", "") or "").strip().lower().replace("-", "_")
+    if auth not in ("", "secret", "entra"):
+        raise StaticDatabaseError(f"static database {entry.name}: auth must be entra or secret, not {auth!r}")
+    if auth == "entra" and secret:
+        raise StaticDatabaseError(f"static database {entry.name}: auth: entra needs no secret; remove one of them")
+    if auth == "entra" and not entry.tls:
+        raise StaticDatabaseError(f"static database {entry.name}: Entra ID tokens are sent over TLS only; "
+                                  "set tls: true")
     labels = {"cloud": "static", **entry.labels}
+    if auth == "entra":
+        labels["auth"] = "entra"
     return types_pb2.Database(
         name=entry.name, description=entry.description or f"Redis server at {entry.uri}", protocol="redis",
         uri=entry.uri, labels=labels, origin=types_pb2.DATABASE_ORIGIN_CONFIG, ca_cert_pem=ca_pem,
-        secret_ref=secret, owner=owner, tls=entry.tls)
+        secret_ref=secret, owner=owner, tls=entry.tls,
+        azure=types_pb2.AzureDatabase(auth="entra") if auth == "entra" else None)
 
 
 def _same(a: types_pb2.Database, b: types_pb2.Database) -> bool:
