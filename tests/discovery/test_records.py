@@ -140,7 +140,8 @@ def test_db_configure_azure_role():
     r = CliRunner().invoke(dbconfigure.app, ["azure-role", "--subscription=11111111-2222-3333-4444-555555555555",
                                              "--service", "dbproxy"])
     assert r.exit_code == 0
-    role = json.loads(r.output)
+    role = json.loads(r.stdout)  # the Entra ID steps go to stderr
+    assert "Data Access Configuration" in r.stderr
     assert role["properties"]["permissions"][0]["actions"] == [
         "Microsoft.Cache/redis/listKeys/action", "Microsoft.Cache/redisEnterprise/databases/listKeys/action"]
     r = CliRunner().invoke(dbconfigure.app, ["azure-role", "--subscription=nope"])
