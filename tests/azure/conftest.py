@@ -171,7 +171,6 @@ def entra_redis(tmp_path_factory):
     import subprocess
     import time
 
-    from tests.dbproxy.conftest import RedisServer, certs  # noqa: F401
     from tests.helpers import free_port
 
     pki_dir = tmp_path_factory.mktemp("entra-pki")
