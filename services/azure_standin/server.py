@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import fnmatch
-import hashlib
 import hmac
 import ipaddress
 import json
@@ -34,7 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from .entra_redis import REDIS_AUDIENCE, EntraRedisEnforcer, IssuedToken, TokenBook
 from .state import (
     Cache,
     EnterpriseCluster,
@@ -140,7 +142,11 @@ class AzureStandin:
         self._runner: web.AppRunner | None = None
         self._imds_runner: web.AppRunner | None = None
         self._certs: CertBundle | None = None
-        self._signing_key = secrets.token_bytes(32)
+        # Tokens are RS256 JWTs signed with a key made here (its public half at .../keys).
+        self._signing_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self._kid = secrets.token_hex(8)
+        self.token_book = TokenBook()
+        self.entra_redis: EntraRedisEnforcer | None = None
         self.faults: list[Fault] = []
         self.requests: list[SeenRequest] = []
         self.tokens_issued: list[dict[str, Any]] = []
@@ -188,6 +194,9 @@ class AzureStandin:
         await self._imds_runner.setup()
         await web.TCPSite(self._imds_runner, host, imds_port).start()
         self.imds_port = self._bound_port(self._imds_runner)
+        if self.config.entra_redis.servers:
+            self.entra_redis = EntraRedisEnforcer(self.config.entra_redis, self.token_book, self.principal_oids)
+            await self.entra_redis.start()
         log.info("azure stand-in listening on %s (imds %s)", self.base_url, self.imds_url)
         return self
 
@@ -199,6 +208,9 @@ class AzureStandin:
         raise RuntimeError("stand-in did not bind")
 
     async def stop(self) -> None:
+        if self.entra_redis is not None:
+            await self.entra_redis.stop()
+            self.entra_redis = None
         for runner in (self._runner, self._imds_runner):
             if runner is not None:
                 await runner.cleanup()
@@ -286,6 +298,21 @@ class AzureStandin:
         self.config.client_credentials = [p for p in self.config.client_credentials if p.client_id != client_id]
         self.config.client_credentials.append(sp)
         return sp
+
+    def principal_oids(self) -> set[str]:
+        """Object ids of every principal of the state (the ACL users of Entra ID caches)."""
+        oids = {sp.oid() for sp in self.config.client_credentials}
+        oids.add(self.config.managed_identity.oid())
+        return oids
+
+    def issued_token_values(self, aud: str | None = None) -> list[str]:
+        """Every token issued so far (tests grep the services' output for them)."""
+        return [t.value for t in self.token_book.tokens if aud is None or t.aud == aud]
+
+    def set_token_lifetime(self, seconds: int | None = None, redis_seconds: int | None = None) -> None:
+        if seconds is not None:
+            self.config.token_lifetime = max(1, int(seconds))
+        self.config.redis_token_lifetime = max(1, int(redis_seconds)) if redis_seconds else None
 
     def set_managed_identity(self, enabled: bool = True, client_id: str | None = None) -> None:
         self.config.managed_identity.enabled = enabled
@@ -476,8 +503,15 @@ class AzureStandin:
 
     # ----------------------------------------------------------------- tokens
     def issue_token(self, resource: str, *, oid: str, appid: str, lifetime: int | None = None) -> tuple[str, int]:
-        now = int(time.time())
-        exp = now + int(lifetime or self.config.token_lifetime)
+        """A signed JWT (RS256) for ``resource``; its lifetime is ``token_lifetime`` seconds
+        (``redis_token_lifetime`` for https://redis.azure.com) unless given."""
+        now_f = time.time()
+        now = int(now_f)
+        if lifetime is None:
+            lifetime = self.config.token_lifetime
+            if resource.rstrip("/") == REDIS_AUDIENCE and self.config.redis_token_lifetime:
+                lifetime = self.config.redis_token_lifetime
+        exp = now + int(lifetime)
         claims = {
             "aud": resource,
             "iss": f"{self.authority_host}/{self.tenant}/v2.0",
@@ -489,26 +523,46 @@ class AzureStandin:
             "tid": self.tenant,
             "appid": appid,
             "azp": appid,
-            "scp": f"{resource}/.default",
+            "idtyp": "app",
             "ver": "2.0",
             "uti": uuid.uuid4().hex,
         }
-        header = {"alg": "HS256", "typ": "JWT", "kid": "standin"}
+        header = {"alg": "RS256", "typ": "JWT", "kid": self._kid}
         signing_input = _b64url(json.dumps(header).encode()) + "." + _b64url(json.dumps(claims).encode())
-        sig = hmac.new(self._signing_key, signing_input.encode(), hashlib.sha256).digest()
-        self.tokens_issued.append({"aud": resource, "oid": oid, "appid": appid})
-        return signing_input + "." + _b64url(sig), exp
+        sig = self._signing_key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+        token = signing_input + "." + _b64url(sig)
+        self.tokens_issued.append({"aud": resource, "oid": oid, "appid": appid, "iat": now, "exp": exp})
+        self.token_book.add(IssuedToken(oid=oid, aud=resource.rstrip("/"), issued=now_f, exp=exp, value=token))
+        return token, exp
+
+    async def _token_usable(self, token: str) -> None:
+        """A Redis token works on the data plane before the caller has it."""
+        if self.entra_redis is not None:
+            for t in reversed(self.token_book.tokens):
+                if t.value == token:
+                    await self.entra_redis.wait_token_usable(t)
+                    break
+
+    def jwks(self) -> dict[str, Any]:
+        pub = self._signing_key.public_key().public_numbers()
+
+        def b64int(n: int) -> str:
+            return _b64url(n.to_bytes((n.bit_length() + 7) // 8, "big"))
+
+        return {"keys": [{"kty": "RSA", "use": "sig", "alg": "RS256", "kid": self._kid, "n": b64int(pub.n),
+                          "e": b64int(pub.e)}]}
 
     def verify_token(self, token: str, audiences: set[str] | None = None) -> dict[str, Any]:
         """Claims of a token this stand-in issued; ValueError when invalid, expired or for
         another audience."""
         try:
             head, body, sig = token.split(".")
+            self._signing_key.public_key().verify(_b64url_decode(sig), f"{head}.{body}".encode(),
+                                                  padding.PKCS1v15(), hashes.SHA256())
         except ValueError as exc:
             raise ValueError("malformed token") from exc
-        expected = hmac.new(self._signing_key, f"{head}.{body}".encode(), hashlib.sha256).digest()
-        if not hmac.compare_digest(expected, _b64url_decode(sig)):
-            raise ValueError("bad signature")
+        except Exception as exc:  # InvalidSignature
+            raise ValueError("bad signature") from exc
         claims = json.loads(_b64url_decode(body))
         if claims.get("exp", 0) < time.time():
             raise ValueError("expired")
@@ -821,7 +875,7 @@ class AzureStandin:
             return self._fault_for_plain(request) or await self._token(request, m["tenant"])
         m = re.match(r"^/(?P<tenant>[^/]+)/discovery/v2\.0/keys$", path)
         if m and request.method == "GET":
-            return web.json_response({"keys": []})
+            return web.json_response(self.jwks())
         return None
 
     def _tenant_ok(self, tenant: str) -> bool:
@@ -914,15 +968,21 @@ class AzureStandin:
                 f"The resource principal named {resource or form.get('scope')} was not found in the tenant named {tenant}.",
             )
         token, exp = self.issue_token(resource.rstrip("/"), oid=sp.oid(), appid=sp.client_id)
+        await self._token_usable(token)
         life = exp - int(time.time())
         return web.json_response({"token_type": "Bearer", "expires_in": life, "ext_expires_in": life, "access_token": token})
 
     # ----------------------------------------------------------------- managed identity
     async def _dispatch_identity(self, request: web.Request) -> web.StreamResponse | None:
         if request.path == "/metadata/identity/oauth2/token" and request.method == "GET":
-            return self._fault_for_plain(request) or self._imds_token(request)
-        if request.path == "/msi/token" and request.method == "GET":
-            return self._fault_for_plain(request) or self._app_service_token(request)
+            resp = self._fault_for_plain(request) or self._imds_token(request)
+        elif request.path == "/msi/token" and request.method == "GET":
+            resp = self._fault_for_plain(request) or self._app_service_token(request)
+        else:
+            return None
+        if resp.status == 200:
+            await self._token_usable(json.loads(resp.body)["access_token"])
+        return resp
         return None
 
     def _mi_token_body(self, resource: str) -> dict[str, Any]:
@@ -977,7 +1037,7 @@ class AzureStandin:
         """JSON control endpoint so other processes can drive a stand-in process."""
         op = request.path[len("/_standin/") :].strip("/")
         body: dict[str, Any] = {}
-        if request.method in ("POST", "PUT", "DELETE") and request.can_read_body:
+        if request.method in ("POST", "PUT", "PATCH", "DELETE") and request.can_read_body:
             try:
                 body = await request.json()
             except json.JSONDecodeError:
@@ -1010,6 +1070,24 @@ class AzureStandin:
             return {"ok": True}
         if op == "enterprise" and method == "POST":
             return {"ok": True, "id": self.add_enterprise_cluster(**body).resource_id}
+        if op == "enterprise" and method == "PATCH":
+            name = body.pop("name")
+            sub, rg = body.pop("subscription", None), body.pop("resource_group", None)
+            db_changes = body.pop("database", None)
+            c = self.update_enterprise_cluster(name, subscription=sub, resource_group=rg, **body)
+            if db_changes:
+                self.update_enterprise_database(name, db_changes.pop("name", "default"), **db_changes)
+            return {"ok": True, "id": c.resource_id}
+        if op == "tokens" and method == "GET":  # tests: every token issued, to grep logs for
+            aud = query.get("aud")
+            return {"tokens": [{"oid": t.oid, "aud": t.aud, "exp": t.exp, "token": t.value}
+                               for t in self.token_book.tokens if aud is None or t.aud == aud.rstrip("/")]}
+        if op == "token-lifetime" and method == "POST":
+            self.set_token_lifetime(body.get("token_lifetime"), body.get("redis_token_lifetime"))
+            return {"token_lifetime": self.config.token_lifetime,
+                    "redis_token_lifetime": self.config.redis_token_lifetime}
+        if op == "entra-redis" and method == "GET":
+            return {"servers": self.entra_redis.status() if self.entra_redis else []}
         if op == "enterprise" and method == "DELETE":
             self.remove_enterprise_cluster(body["name"], **where)
             return {"ok": True}
@@ -1049,7 +1127,7 @@ class AzureStandin:
 
 def _without_keys(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _without_keys(v) for k, v in value.items() if k not in ("keys", "client_secret")}
+        return {k: _without_keys(v) for k, v in value.items() if k not in ("keys", "client_secret", "password")}
     if isinstance(value, list):
         return [_without_keys(v) for v in value]
     return value

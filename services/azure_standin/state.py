@@ -95,6 +95,9 @@ class Cache(_Model):
     sku: Sku = Field(default_factory=Sku)
     shard_count: int | None = None
     disable_access_key_authentication: bool = False
+    # redisConfiguration["aad-enabled"]: Entra ID authentication on (Azure turns it on by
+    # itself when access keys are disabled).
+    aad_enabled: bool = False
     minimum_tls_version: str = "1.2"
     public_network_access: str = "Enabled"
     keys: Keys = Field(default_factory=Keys)
@@ -115,7 +118,7 @@ class Cache(_Model):
             "minimumTlsVersion": self.minimum_tls_version,
             "publicNetworkAccess": self.public_network_access,
             "disableAccessKeyAuthentication": self.disable_access_key_authentication,
-            "redisConfiguration": {},
+            "redisConfiguration": {"aad-enabled": "true"} if (self.aad_enabled or self.disable_access_key_authentication) else {},
             "hostName": self.host_name,
             "instances": [],
         }
@@ -222,6 +225,37 @@ class EnterpriseCluster(_Model):
         }
 
 
+class RedisServer(_Model):
+    """A local redis-server that plays the data plane of Entra ID caches: the stand-in keeps an
+    ACL user per principal (named by its object id) whose passwords are the principal's
+    current Redis tokens, and ends connections whose last AUTH used a token now expired."""
+
+    host: str = "127.0.0.1"
+    port: int
+    tls: bool = True
+    ca_file: str | None = None  # CA of the server's certificate
+    username: str | None = None  # the stand-in's admin login (default user when unset)
+    password: str | None = None
+
+    def __repr__(self) -> str:
+        return f"RedisServer({self.host}:{self.port}, tls={self.tls})"
+
+    __str__ = __repr__
+
+
+class EntraRedis(_Model):
+    """How the stand-in enforces Entra ID on the redis-servers it administers."""
+
+    servers: list[RedisServer] = Field(default_factory=list)
+    # seconds between checks of CLIENT LIST against the tokens' expiry
+    enforce_interval: float = 1.0
+    # a connection is ended this many seconds after its token's exp (the MONITOR feed that
+    # shows a re-AUTH arrives a moment after it)
+    grace: float = 0.5
+    # ACL rules of the principals' users (Azure's "Data Owner" access policy)
+    acl_rules: list[str] = Field(default_factory=lambda: ["~*", "&*", "+@all"])
+
+
 class StandinConfig(_Model):
     """The whole state file."""
 
@@ -233,7 +267,10 @@ class StandinConfig(_Model):
     caches: list[Cache] = Field(default_factory=list)
     enterprise_clusters: list[EnterpriseCluster] = Field(default_factory=list)
     page_size: int = 100
-    token_lifetime: int = 3600
+    token_lifetime: int = 3600  # seconds, every token issued
+    # seconds, tokens for https://redis.azure.com only (unset: token_lifetime)
+    redis_token_lifetime: int | None = None
+    entra_redis: EntraRedis = Field(default_factory=EntraRedis)
     denied_actions: list[str] = Field(default_factory=list)
     examples_dir: str | None = None
 

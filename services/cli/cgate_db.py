@@ -417,18 +417,27 @@ def db_record(a, active: DbLogin | None) -> dict[str, Any]:
     }
 
 
+def db_auth(db) -> str:
+    """How the proxy signs in to the database for you: entra (Entra ID), access_key or -."""
+    a = db.azure if db.HasField("azure") else None
+    auth = (a.auth if a is not None else "") or db.labels.get("auth", "")
+    if not auth and a is not None and a.resource_id:
+        auth = "entra" if a.access_key_auth_disabled else "access_key"
+    return auth or "-"
+
+
 def db_table(dbs: list, verbose: bool, active: dict[str, DbLogin]) -> tuple[list[str], list[list[str]]]:
     """Columns and rows of `cgate db ls`; logged-in databases are marked with ``>``."""
     cols = ["Name", "Description"]
     if verbose:
-        cols += ["Protocol", "Type", "URI"]
+        cols += ["Protocol", "Type", "Auth", "URI"]
     cols += ["Allowed Users", "Labels", "Connect"]
     rows = []
     for a in sorted(dbs, key=lambda a: a.database.name):
         db = a.database
         row = [("> " if db.name in active else "") + db.name, db.description]
         if verbose:
-            row += [db.protocol or "redis", db_type(db), db.uri]
+            row += [db.protocol or "redis", db_type(db), db_auth(db), db.uri]
         row += [users_cell(a.allowed_db_users, a.denied_db_users), labels_cell(db.labels), connect_cmd(db.name)]
         rows.append(row)
     return cols, rows

@@ -69,10 +69,16 @@ def db_from_yaml(doc: dict, base_dir: Path | None = None) -> types_pb2.Database:
     bad = set(meta) - {"name", "description", "labels"}
     if bad:
         raise DbDocumentError(f"unknown field metadata.{sorted(bad)[0]}: use name, description, labels")
-    bad = set(spec) - {"protocol", "uri", "tls", "ca_cert", "ca_cert_file", "secret"}
+    bad = set(spec) - {"protocol", "uri", "tls", "ca_cert", "ca_cert_file", "secret", "auth"}
     if bad:
         raise DbDocumentError(f"unknown field spec.{sorted(bad)[0]}: use protocol, uri, tls, ca_cert, "
-                              "ca_cert_file, secret")
+                              "ca_cert_file, secret, auth")
+    if str(spec.get("auth") or "").strip().lower() not in ("", "secret"):
+        # The proxy's Entra ID token opens every cache its identity may use: it goes only to
+        # addresses Azure or the proxy host's operator named, never to one in an admin record.
+        raise DbDocumentError("spec.auth: entra is not accepted in an administrator's record (the proxy's token "
+                              "would go to the address it names): tag the Azure cache cachegate-auth=entra, or set "
+                              "auth: entra on the database in discovery_service.static of the host's config")
     name = str(meta.get("name") or "").strip()
     if not name:
         raise DbDocumentError("metadata.name is required")
@@ -127,7 +133,10 @@ def db_to_dict(db: types_pb2.Database) -> dict:
         out["status"]["azure"] = {
             "resource_id": a.resource_id, "subscription_id": a.subscription_id, "resource_group": a.resource_group,
             "region": a.region, "kind": a.kind, "clustering_policy": a.clustering_policy,
-            "access_key_auth_disabled": a.access_key_auth_disabled}
+            "access_key_auth_disabled": a.access_key_auth_disabled, "auth": a.auth or (
+                "entra" if a.access_key_auth_disabled else "access_key")}
+    if db.HasField("azure") and db.azure.auth and not db.azure.resource_id:
+        out["spec"]["auth"] = db.azure.auth
     t = from_ts(db.update_time)
     if t:
         out["status"]["updated"] = fmt_time(t)
@@ -148,10 +157,13 @@ def print_dbs(dbs: Iterable[types_pb2.Database], fmt: str = "text", verbose: boo
     if fmt == "yaml":
         sys.stdout.write(yaml.safe_dump_all([db_to_dict(d) for d in dbs], sort_keys=False) if dbs else "")
         return
-    columns = ["Name", "Description", "Origin", "URI", "Labels"]
+    columns = ["Name", "Description", "Origin", "Auth", "URI", "Labels"]
     rows = []
     for d in dbs:
-        row = [d.name, d.description, ORIGINS.get(d.origin, "-"), d.uri, _labels_text(dict(d.labels))]
+        a = d.azure
+        auth = a.auth or ("entra" if a.access_key_auth_disabled else "access_key" if a.resource_id else "") or (
+            "secret" if d.secret_ref else "-")
+        row = [d.name, d.description, ORIGINS.get(d.origin, "-"), auth, d.uri, _labels_text(dict(d.labels))]
         if verbose:
             row.append(d.azure.resource_id if d.HasField("azure") else "")
         rows.append(row)
@@ -169,7 +181,7 @@ def fetcher_statuses_to_list(hosts: Iterable[Any]) -> list[dict]:
                 "host": h.host_id, "fetcher": s.name, "kind": s.kind,
                 "last_success": fmt_time(s.last_success_time),
                 "last_error": s.last_error, "last_error_time": fmt_time(s.last_error_time) if s.last_error else "",
-                "databases_found": s.databases_found})
+                "databases_found": s.databases_found, "unpublished": list(s.unpublished)})
     return out
 
 
@@ -187,9 +199,15 @@ def print_fetcher_statuses(hosts: Iterable[Any], fmt: str = "text") -> None:
         sys.stdout.write("Discovery: no discovery host has reported yet\n")
         return
     sys.stdout.write("Discovery\n")
-    table(["Host", "Fetcher", "Databases", "Last Success", "Last Error"], [
-        [d["host"], d["fetcher"], str(d["databases_found"]), d["last_success"],
+    table(["Host", "Fetcher", "Databases", "Unpublished", "Last Success", "Last Error"], [
+        [d["host"], d["fetcher"], str(d["databases_found"]), str(len(d.get("unpublished", []))), d["last_success"],
          (d["last_error"].splitlines() or [""])[0]] for d in data])
+    # Resources discovery found and could not publish (an invalid or clashing name tag).
+    unpublished = sorted({(d["fetcher"], d["host"], line) for d in data for line in d.get("unpublished", [])})
+    if unpublished:
+        sys.stdout.write(f"\nNot published ({len(unpublished)}):\n")
+        for fetcher, host, line in unpublished:
+            sys.stdout.write(f"  {line} [{fetcher} on {host}]\n")
     # The full message (DefaultAzureCredential's lines, what to check) once per distinct error.
     seen = set()
     for d in data:

@@ -22,7 +22,7 @@ import typer
 import yaml
 
 from services.cli.common import CLIError, dev_dir, err_console, out_console
-from services.cli.devenv import DEV_DB, DevAzure
+from services.cli.devenv import DEV_DB, DEV_ENTRA_DB, DevAzure
 from services.common.config import ConfigError, load_config
 from services.common.creds import Creds, private_dir, write_private
 from services.common.join import JoinError
@@ -334,6 +334,7 @@ class DevCluster:
         }
         info["user"] = self.login_dev_user(info)
         self.wait_for_database(auth["admin_identity"], auth["mesh_port"], DEV_DB, 60)
+        self.wait_for_database(auth["admin_identity"], auth["mesh_port"], DEV_ENTRA_DB, 60)
         write_private(self.home / "cluster.json", json.dumps(info, indent=2).encode())
         return info
 
@@ -367,7 +368,7 @@ def dev(
   CA pin     {info['ca_pin']}
   logs       {cluster.logs}/
 
-  Azure      {info['azure']}   (local stand-in: publishes {DEV_DB}, a TLS redis-server)
+  Azure      {info['azure']}   (local stand-in: publishes {DEV_DB} (access key) and {DEV_ENTRA_DB} (Entra ID), one TLS redis-server)
   you        logged in as "{info['user']}" (roles {DEV_USER_ROLES})
 
 Next, in another terminal:
@@ -375,6 +376,7 @@ Next, in another terminal:
   cgate status
   cgate db ls
   cgate db connect {DEV_DB}        # redis-cli through the proxy; no password typed
+  cgate db connect {DEV_ENTRA_DB}  # the same through Entra ID: the proxy AUTHs with its token
   cgctl status
   curl -s --cacert {info['host_ca']} https://{info['web']}/v1/webapi/find
 

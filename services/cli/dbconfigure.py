@@ -194,3 +194,8 @@ def azure_role(
     except ValueError as exc:
         _fail(str(exc))
     sys.stdout.write(text + "\n")
+    if service in ("all", "dbproxy"):
+        from services.discovery.azure_role import entra_access_instructions
+
+        # After the JSON, on stderr, so that `... > role.json` keeps a file Azure accepts.
+        sys.stderr.write("\n" + entra_access_instructions(subscription, resource_group or None))

@@ -2,7 +2,10 @@
 
 * a local ``redis-server`` with TLS (a dev CA) and a password, like Azure's port 6380;
 * the local Azure stand-in (Resource Manager and Entra ID over HTTPS) that publishes it
-  as the cache ``my-azure-redis``, whose access key is that password;
+  as the cache ``my-azure-redis``, whose access key is that password, and as
+  ``my-azure-redis-entra``, a cache with access keys disabled reached through Entra ID (the
+  stand-in keeps an ACL user per principal on the redis-server, whose passwords are the
+  principal's current tokens, and ends connections whose token expired, as Azure does);
 * the settings discovery and dbproxy need to use the real Azure SDK against the stand-in.
 
 Everything listens on 127.0.0.1; state lives in ``$CACHEGATE_HOME/dev``.
@@ -27,6 +30,7 @@ from services.common import pki
 from services.common.creds import private_dir, write_private
 
 DEV_DB = "my-azure-redis"
+DEV_ENTRA_DB = "my-azure-redis-entra"
 SUBSCRIPTION = "11111111-2222-3333-4444-555555555555"
 TENANT = "72f9aa00-0000-4000-8000-00000000c0de"
 CLIENT_ID = "0d1c5c2e-0000-4000-8000-000000000001"
@@ -117,7 +121,17 @@ class DevAzure:
                 "sslPort": redis_port, "enableNonSslPort": False, "redisVersion": "7.0",
                 "sku": {"name": "Standard", "family": "C", "capacity": 1},
                 "keys": {"primary": keys["primary"], "secondary": keys["secondary"]},
+            }, {
+                "name": DEV_ENTRA_DB, "subscription": SUBSCRIPTION, "resourceGroup": "dev-rg",
+                "location": "East US", "tags": {"env": "dev"}, "provisioningState": "Succeeded",
+                "hostName": "localhost", "sslPort": redis_port, "enableNonSslPort": False, "redisVersion": "7.0",
+                "sku": {"name": "Standard", "family": "C", "capacity": 1},
+                "disableAccessKeyAuthentication": True,
             }],
+            # The data plane of the Entra ID cache: the stand-in administers the redis-server
+            # with its default user's password (the access key of my-azure-redis).
+            "entra_redis": {"servers": [{"host": "127.0.0.1", "port": redis_port, "tls": True,
+                                         "ca_file": str(ca_file), "password": keys["primary"]}]},
         }
         state_file = self.dir / "state.yaml"
         write_private(state_file, yaml.safe_dump(state, sort_keys=False).encode())

@@ -161,6 +161,8 @@ class StaticDatabaseConfig(_Model):
     ca_file: str = ""
     # "env:NAME" or "file:/path" holding the database password.
     secret: str = ""
+    # "entra": dbproxy signs in with its Entra ID token (AUTH <object id> <token>), no secret.
+    auth: str = ""
 
 
 class DiscoveryServiceConfig(_Model):

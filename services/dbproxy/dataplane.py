@@ -34,7 +34,8 @@ from services.common.grpcutil import dur, paginate, ts
 from services.common.locks import lock_applies, locked_message
 from services.dbproxy.auditspool import AuditRejected, AuditSpool
 from services.dbproxy.cache import Changes, ClusterCache
-from services.dbproxy.keys import AzureKeyCache, credentials_for
+from services.dbproxy.entra import EntraTokenCache
+from services.dbproxy.keys import AUTH_ENTRA, AzureKeyCache, credentials_for, database_auth
 from services.dbproxy.limits import ProxyLimits
 from services.dbproxy.listener import Refused, RespListener, server_ssl_context
 from services.dbproxy.session import Session, SessionContext
@@ -90,6 +91,10 @@ class DataPlane:
         # session joining ``listener.sessions`` is applied to the context itself.
         self._contexts: weakref.WeakSet[ClusterSessionContext] = weakref.WeakSet()
         self.azure_keys = AzureKeyCache(pcfg.azure_endpoints)
+        # The proxy's Entra ID token for Redis, shared by every session and database; fetched
+        # well within the upstream connect timeout so that a dead token endpoint is reported.
+        self.entra = EntraTokenCache(pcfg.azure_endpoints,
+                                     timeout=max(1.0, min(8.0, self.limits.upstream_connect_timeout * 0.8)))
         # Upstream connections opened and authenticated ahead of the sessions that take them.
         self.pool = UpstreamPool(timeout=self.limits.upstream_connect_timeout)
         spool_dir = Path(pcfg.audit_spool_dir) if pcfg.audit_spool_dir else folder / "audit-spool"
@@ -122,6 +127,8 @@ class DataPlane:
         self.cache.start()
         if not await self.cache.wait_ready(15):
             log.warning("auth's registry is not loaded yet; sessions are refused until it is")
+        if any(database_auth(db) == AUTH_ENTRA for db in self.cache.databases.values()):
+            self.entra.prefetch()
         return await self.listener.start()
 
     async def stop(self) -> None:
@@ -130,6 +137,7 @@ class DataPlane:
         await self.cache.stop()
         await self.audit.close()
         await self.azure_keys.close()
+        await self.entra.close()
 
     # --- TLS to databases -------------------------------------------------------------------------
     def _db_context(self, ca_pem: str | None) -> ssl.SSLContext:
@@ -176,7 +184,7 @@ class DataPlane:
 
         ctx = ClusterSessionContext(
             user=user, database=db.name, db_user=route.db_user, db_name=route.db_name, roles=roles,
-            db_labels=labels, target=self.target_for(db), credentials=credentials_for(db, self.azure_keys),
+            db_labels=labels, target=self.target_for(db), credentials=credentials_for(db, self.azure_keys, self.entra),
             lock_check=lock_check, extra_audit_fields={"db_uri": db.uri}, identity=ident,
             connect=self.pool.get)
         self._contexts.add(ctx)
@@ -186,8 +194,10 @@ class DataPlane:
     def _on_change(self, kind: str, changes: Changes) -> None:
         """Re-evaluate the sessions a change to roles, users or databases touches."""
         if kind == "databases":  # connections made ahead for an old record are not used
-            for name, _, _ in changes:
+            for name, _, after in changes:
                 self.pool.forget(name)
+                if after is not None and database_auth(after) == AUTH_ENTRA:
+                    self.entra.prefetch()  # the token is there before the first session
         reasons: dict[str, str] = {}
         for name, before, after in changes:
             reason = change_reason(kind, name, before, after)

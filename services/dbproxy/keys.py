@@ -4,6 +4,8 @@
   primary first; cached per database; fetched again once when Redis answers
   WRONGPASS/NOAUTH (a rotated key), falling back to the secondary when the
   primary did not change.
+* Azure databases with ``auth: entra`` (access keys disabled): an Entra ID token for
+  the proxy's principal, ``AUTH <oid> <token>`` (see ``services/dbproxy/entra.py``).
 * Static and admin-defined databases: the secret named by ``secret_ref``
   (``env:NAME`` or ``file:/path``), read when a session starts.
 
@@ -104,9 +106,6 @@ class AzureCredentials:
         self._last: str | None = None
 
     async def get(self, force_refresh: bool = False) -> tuple[str | None, str]:
-        if self.db.azure.access_key_auth_disabled:
-            raise CredentialError(f'access keys are disabled on "{self.db.name}" and Entra ID authentication '
-                                  "to Redis is not supported by this proxy yet: enable access keys on the cache")
         keys = await self.cache.keys(self.db.azure.resource_id, refresh=force_refresh)
         password = keys.primary or keys.secondary
         if force_refresh and password == self._last and keys.secondary:
@@ -117,8 +116,46 @@ class AzureCredentials:
         return None, password
 
 
-def credentials_for(db: types_pb2.Database, azure: AzureKeyCache):
-    if db.azure.resource_id:
+class _Refusing:
+    def __init__(self, message: str):
+        self.message = message
+
+    async def get(self, force_refresh: bool = False):
+        raise CredentialError(self.message)
+
+
+AUTH_ACCESS_KEY = "access_key"
+AUTH_ENTRA = "entra"
+
+
+def database_auth(db: types_pb2.Database) -> str:
+    """How the proxy authenticates to ``db``: "entra", "access_key" (Azure listKeys) or ""
+    (a static secret, or none). The record's ``azure.auth`` wins; a record without it (made
+    before the field existed) takes Entra ID when its access keys are disabled."""
+    auth = (db.azure.auth or "").strip().lower().replace("-", "_")
+    if auth in (AUTH_ENTRA, "entra_id", "aad"):
+        return AUTH_ENTRA
+    if auth == AUTH_ACCESS_KEY:
+        return AUTH_ACCESS_KEY if db.azure.resource_id else ""
+    if db.azure.access_key_auth_disabled:
+        return AUTH_ENTRA
+    return AUTH_ACCESS_KEY if db.azure.resource_id else ""
+
+
+def credentials_for(db: types_pb2.Database, azure: AzureKeyCache, entra=None):
+    """The credential provider of one session to ``db``; ``entra`` is the proxy's
+    :class:`~services.dbproxy.entra.EntraTokenCache`."""
+    auth = database_auth(db)
+    if auth == AUTH_ENTRA:
+        from services.dbproxy.entra import EntraCredentials, EntraTokenCache
+
+        if not db.tls:
+            return _Refusing(f'database "{db.name}" takes Entra ID tokens, which the proxy sends over TLS only: '
+                             "set tls: true on its record")
+        if entra is None:
+            entra = EntraTokenCache(azure.endpoints)
+        return EntraCredentials(entra, db.name)
+    if auth == AUTH_ACCESS_KEY:
         return AzureCredentials(azure, db)
     if db.secret_ref:
         return SecretRefCredentials(db.name, db.secret_ref)

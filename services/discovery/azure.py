@@ -5,9 +5,18 @@ Fetchers list resources with the async management clients (``azure-mgmt-redis``,
 
 * name: the resource name; for Enterprise, the cluster name for database ``default`` and
   ``cluster-database`` otherwise. A ``cachegate-database-name`` (or ``TeleportDatabaseName``)
-  tag overrides it.
+  tag overrides it: an explicit name, made valid when that is unambiguous (``Billing Cache``
+  -> ``Billing-Cache``) and otherwise reported, never rewritten to settle a collision (see
+  ``assign_names``).
+* auth: ``entra`` when access keys are disabled (``disableAccessKeyAuthentication`` /
+  ``accessKeysAuthentication: Disabled``), else ``access_key``; a ``cachegate-auth`` tag
+  overrides it.
 * labels: the resource's tags plus region, resource-group, subscription-id, engine,
-  engine-version, endpoint-type and cloud=Azure (the built-in labels win over tags).
+  engine-version, cloud=Azure and, in one vocabulary for both resource types, auth
+  (access_key | entra), clustering-policy (OSSCluster | EnterpriseCluster | NoCluster),
+  endpoint-type (cluster: clients see Redis Cluster | standalone) and tier (basic, standard,
+  premium, balanced, memoryoptimized, computeoptimized, flashoptimized, enterprise,
+  enterpriseflash). The built-in labels win over tags.
 * uri: ``hostName:sslPort`` (Redis) or ``hostName:port`` (Enterprise database).
 
 Resources that cannot be reached over TLS (no sslPort, clientProtocol Plaintext) or are not
@@ -49,6 +58,11 @@ log = logging.getLogger("cachegate.discovery.azure")
 ENGINE_REDIS = "Microsoft.Cache/Redis"
 ENGINE_ENTERPRISE = "Microsoft.Cache/redisEnterprise"
 NAME_OVERRIDE_TAGS = ("cachegate-database-name", "TeleportDatabaseName")  # first found wins
+AUTH_OVERRIDE_TAGS = ("cachegate-auth",)
+AUTH_ACCESS_KEY = "access_key"
+AUTH_ENTRA = "entra"
+# What auth's registry accepts as a database name.
+VALID_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
 
 # Provisioning / resource states in which a resource is not usable (compared lowercased).
 UNAVAILABLE_STATES = frozenset(
@@ -127,6 +141,7 @@ class AzureInfo:
     kind: str  # "redis" | "redis-enterprise"
     clustering_policy: str | None = None  # OSSCluster | EnterpriseCluster | None (standalone)
     access_key_auth_disabled: bool = False
+    auth: str = ""  # access_key | entra
 
 
 @dataclass
@@ -138,6 +153,8 @@ class DiscoveredDatabase:
     azure: AzureInfo
     protocol: str = "redis"
     original_name: str = ""
+    explicit_name: bool = False  # from a name tag: never renamed
+    name_error: str = ""  # why it cannot be published (an invalid name tag)
 
     def __post_init__(self) -> None:
         if not self.original_name:
@@ -153,6 +170,10 @@ class DiscoveredDatabase:
         d["labels"] = dict(d.get("labels") or {})
         return cls(**d)
 
+    @property
+    def resource_id(self) -> str:
+        return self.azure.resource_id if self.azure else ""
+
 
 def _state_unavailable(*states: str | None) -> str | None:
     for s in states:
@@ -163,13 +184,54 @@ def _state_unavailable(*states: str | None) -> str | None:
     return None
 
 
-def _override_name(tags: Mapping[str, str]) -> str | None:
-    lowered = {k.lower(): v for k, v in (tags or {}).items()}
-    for t in NAME_OVERRIDE_TAGS:
-        v = lowered.get(t.lower())
-        if v and v.strip():
-            return v.strip()
+def _tag(tags: Mapping[str, str], names: Sequence[str]) -> tuple[str, str] | None:
+    lowered = {k.lower(): (k, v) for k, v in (tags or {}).items()}
+    for t in names:
+        hit = lowered.get(t.lower())
+        if hit is not None and hit[1] is not None and str(hit[1]).strip():
+            return hit[0], str(hit[1]).strip()
     return None
+
+
+def valid_name(value: str) -> str | None:
+    """``value`` as a valid database name when that is unambiguous: as it is, or with runs
+    of spaces as one '-' (``Billing Cache`` -> ``Billing-Cache``). None otherwise."""
+    value = value.strip()
+    if VALID_NAME.match(value):
+        return value
+    dashed = re.sub(r"\s+", "-", value)
+    return dashed if VALID_NAME.match(dashed) else None
+
+
+def _override_name(tags: Mapping[str, str]) -> tuple[str | None, str]:
+    """(name, error) of a name tag: (None, "") without one, (None, why) when its value cannot
+    be made a valid name."""
+    hit = _tag(tags, NAME_OVERRIDE_TAGS)
+    if hit is None:
+        return None, ""
+    key, value = hit
+    name = valid_name(value)
+    if name is None:
+        return None, (f"tag {key}={value!r} is not a valid database name (letters, digits, '-', '_' and '.', "
+                      "starting and ending with a letter or digit): change the tag")
+    return name, ""
+
+
+def _auth(tags: Mapping[str, str], keys_disabled: bool) -> str:
+    hit = _tag(tags, AUTH_OVERRIDE_TAGS)
+    if hit is not None:
+        v = hit[1].lower().replace("-", "_")
+        if v in ("entra", "entra_id", "aad"):
+            return AUTH_ENTRA
+        if v in ("access_key", "access_keys", "key", "keys"):
+            return AUTH_ACCESS_KEY
+        log.warning("ignoring tag %s=%r: use entra or access_key", hit[0], hit[1])
+    return AUTH_ENTRA if keys_disabled else AUTH_ACCESS_KEY
+
+
+def _tier(sku_name: str | None) -> str:
+    """Standard -> standard, Balanced_B5 -> balanced, EnterpriseFlash_F300 -> enterpriseflash."""
+    return (sku_name or "").split("_", 1)[0].lower()
 
 
 def _str(v: Any) -> str | None:
@@ -206,7 +268,10 @@ def redis_cache_record(cache: Any, subscription_id: str) -> tuple[DiscoveredData
     region = normalize_region(cache.location)
     group = _resource_group_of(cache.id)
     clustered = bool(cache.shard_count and cache.shard_count > 0)
-    name = _override_name(tags) or cache.name
+    override, name_error = _override_name(tags)
+    name = override or cache.name
+    keys_disabled = bool(cache.disable_access_key_authentication)
+    auth = _auth(tags, keys_disabled)
     labels = _labels(
         tags,
         {
@@ -216,6 +281,9 @@ def redis_cache_record(cache: Any, subscription_id: str) -> tuple[DiscoveredData
             "engine": ENGINE_REDIS,
             "engine-version": cache.redis_version or "",
             "endpoint-type": "cluster" if clustered else "standalone",
+            "clustering-policy": "OSSCluster" if clustered else "NoCluster",
+            "auth": auth,
+            "tier": _tier(_str(getattr(cache.sku, "name", None))),
             "cloud": "Azure",
         },
     )
@@ -232,8 +300,11 @@ def redis_cache_record(cache: Any, subscription_id: str) -> tuple[DiscoveredData
                 region=region,
                 kind=KIND_REDIS,
                 clustering_policy="OSSCluster" if clustered else None,
-                access_key_auth_disabled=bool(cache.disable_access_key_authentication),
+                access_key_auth_disabled=keys_disabled,
+                auth=auth,
             ),
+            explicit_name=override is not None or bool(name_error),
+            name_error=name_error,
         ),
         None,
     )
@@ -254,11 +325,14 @@ def enterprise_database_record(cluster: Any, database: Any, subscription_id: str
         return None, "no host name or port yet"
     db_name = database.id.rstrip("/").split("/")[-1] if database.id else (database.name or "default").split("/")[-1]
     tags = dict(cluster.tags or {})
-    base = _override_name(tags) or cluster.name
+    override, name_error = _override_name(tags)
+    base = override or cluster.name
     name = base if db_name.lower() == "default" else f"{base}-{db_name}"
     region = normalize_region(cluster.location)
     group = _resource_group_of(cluster.id)
-    policy = _str(database.clustering_policy)
+    policy = _str(database.clustering_policy) or "OSSCluster"
+    keys_disabled = (_str(getattr(database, "access_keys_authentication", None)) or "").lower() == "disabled"
+    auth = _auth(tags, keys_disabled)
     labels = _labels(
         tags,
         {
@@ -267,7 +341,10 @@ def enterprise_database_record(cluster: Any, database: Any, subscription_id: str
             "subscription-id": subscription_id,
             "engine": ENGINE_ENTERPRISE,
             "engine-version": _str(database.redis_version) or _str(cluster.redis_version) or "",
-            "endpoint-type": policy or "OSSCluster",
+            "endpoint-type": "cluster" if policy.lower() == "osscluster" else "standalone",
+            "clustering-policy": policy,
+            "auth": auth,
+            "tier": _tier(_str(getattr(getattr(cluster, "sku", None), "name", None))),
             "cloud": "Azure",
         },
     )
@@ -284,8 +361,11 @@ def enterprise_database_record(cluster: Any, database: Any, subscription_id: str
                 region=region,
                 kind=KIND_ENTERPRISE,
                 clustering_policy=policy,
-                access_key_auth_disabled=(_str(getattr(database, "access_keys_authentication", None)) or "").lower() == "disabled",
+                access_key_auth_disabled=keys_disabled,
+                auth=auth,
             ),
+            explicit_name=override is not None or bool(name_error),
+            name_error=name_error,
         ),
         None,
     )
@@ -339,6 +419,108 @@ def dedupe_names(records: Iterable[DiscoveredDatabase], also_taken: Iterable[str
     return out
 
 
+def suffixed_name(r: DiscoveredDatabase) -> str:
+    """The long name of a record whose plain name is taken: ``name-region-group-subscription``
+    (DNS-safe), plus a digest of the resource id for an Enterprise database beside a cache."""
+    a = r.azure
+    name = _dns_safe(f"{r.original_name or r.name}-{a.region}-{a.resource_group}-{a.subscription_id}")
+    if a.kind == KIND_ENTERPRISE:
+        digest = hashlib.sha256(a.resource_id.lower().encode()).hexdigest()[:6]
+        name = _dns_safe(f"{name[:56]}-{digest}")
+    return name
+
+
+def assign_names(
+    records: Iterable[DiscoveredDatabase],
+    published: Mapping[str, str] | None = None,
+    also_taken: Iterable[str] = (),
+) -> tuple[list[DiscoveredDatabase], list[tuple[DiscoveredDatabase, str]]]:
+    """Names a user can rely on. Returns (records to publish, [(record, why it is not)]).
+
+    * A resource keeps the name it was published under (``published``: resource id ->
+      name) as long as that name is still its own (its name tag, or its resource name, plain
+      or suffixed): caches of the same name appearing or going elsewhere rename nothing.
+    * An explicit name (a name tag) is used as it is, never rewritten: when it is taken by
+      another record, or two new records claim it, it is reported instead of published.
+    * A resource published for the first time gets its plain name when no other record has
+      or wants it, else ``suffixed_name``.
+    * A record whose name tag is invalid is reported.
+    ``also_taken``: names held by records this round must not touch (a failing fetcher's)."""
+    records = list(records)
+    published = {k.lower(): v for k, v in (published or {}).items()}
+    claimed: dict[str, str] = {n.lower(): "" for n in also_taken}  # name -> resource id
+    out: dict[str, DiscoveredDatabase] = {}  # resource id -> record
+    problems: list[tuple[DiscoveredDatabase, str]] = []
+
+    def base(r: DiscoveredDatabase) -> str:
+        return r.original_name or r.name
+
+    def finish(r: DiscoveredDatabase, name: str) -> DiscoveredDatabase:
+        labels = {k: v for k, v in r.labels.items() if k != "original-name"}
+        if name.lower() != base(r).lower():
+            labels["original-name"] = base(r)
+        return dataclasses.replace(r, name=name, original_name=base(r), labels=labels)
+
+    def claim(r: DiscoveredDatabase, name: str) -> None:
+        claimed[name.lower()] = r.resource_id.lower()
+        out[r.resource_id.lower()] = finish(r, name)
+
+    valid = []
+    for r in records:
+        if r.name_error:
+            problems.append((r, r.name_error))
+        else:
+            valid.append(r)
+    # 1. names already published stay
+    pending = []
+    for r in valid:
+        cur = published.get(r.resource_id.lower())
+        own = {base(r).lower()} if r.explicit_name else {base(r).lower(), suffixed_name(r).lower()}
+        if cur and cur.lower() in own and cur.lower() not in claimed:
+            claim(r, cur)
+        else:
+            pending.append(r)
+    # names published for resources that are still there, but not (yet) re-claimed above
+    present = {r.resource_id.lower() for r in records}
+    for rid, name in published.items():
+        if rid in present and rid not in out and name.lower() not in claimed:
+            claimed[name.lower()] = rid
+    # 2. explicit names
+    explicit = [r for r in pending if r.explicit_name]
+    wanted: dict[str, list[DiscoveredDatabase]] = {}
+    for r in explicit:
+        wanted.setdefault(base(r).lower(), []).append(r)
+    for key, rs in sorted(wanted.items()):
+        holder = claimed.get(key)
+        if holder is not None and holder not in {x.resource_id.lower() for x in rs}:
+            who = next((o.resource_id for o in out.values() if o.name.lower() == key), holder or "another record")
+            for r in rs:
+                problems.append((r, f"its name tag asks for {base(r)!r}, which {who} already has: "
+                                    "give one of them another name"))
+            continue
+        if len(rs) > 1:
+            ids = ", ".join(sorted(x.resource_id for x in rs))
+            for r in rs:
+                problems.append((r, f"{len(rs)} resources ask for the name {base(r)!r} in their name tags "
+                                    f"({ids}): give each its own"))
+            continue
+        claim(rs[0], base(rs[0]))
+    # 3. resource names, plain when nobody else has or wants them
+    implicit = sorted((r for r in pending if not r.explicit_name), key=lambda r: r.resource_id.lower())
+    by_base: dict[str, int] = {}
+    for r in valid:
+        by_base[base(r).lower()] = by_base.get(base(r).lower(), 0) + 1
+    for r in implicit:
+        plain = base(r)
+        if plain.lower() not in claimed and by_base[plain.lower()] == 1:
+            claim(r, plain)
+            continue
+        long = suffixed_name(r)
+        if long.lower() in claimed:
+            problems.append((r, f"both its name {plain!r} and {long!r} are taken: give it a name tag"))
+            continue
+        claim(r, long)
+    return sorted(out.values(), key=lambda r: r.name), problems
 
 
 @dataclass

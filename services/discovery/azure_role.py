@@ -93,3 +93,36 @@ def role_definition(
 
 def role_definition_json(subscription: str, service: str = "all", **kwargs: Any) -> str:
     return json.dumps(role_definition(subscription, service, **kwargs), indent=2)
+
+
+def entra_access_instructions(subscription: str, resource_group: Optional[str] = None) -> str:
+    """What to run in Azure so that dbproxy reaches caches with access keys disabled through
+    Entra ID: the data-plane access policy assignment (Azure's "Data Access Configuration")
+    for the proxy's principal on each cache. The custom role above covers the control plane
+    only (discovery, listKeys); Entra ID access to the data is granted per cache."""
+    rg = resource_group or "<resource-group>"
+    return f"""# Databases with access keys disabled (auth: entra in `cgate db ls -v`) are reached with an
+# Entra ID token of dbproxy's identity: AUTH <object id> <token>. The role above is not enough:
+# give that identity a data access policy on each such cache (Azure portal: the cache >
+# Settings > Data Access Configuration > Add > New Redis User, policy "Data Owner").
+#
+# 1. The object id of dbproxy's identity (the oid claim of its tokens):
+#      managed identity of a VM:  az vm identity show -g {rg} -n <vm> --query principalId -o tsv
+#      app registration:          az ad sp show --id <application-client-id> --query id -o tsv
+# 2. Azure Cache for Redis (subscription {subscription}):
+#      az redis update -g {rg} -n <cache> --set redisConfiguration.aad-enabled=true
+#      az redis access-policy-assignment create -g {rg} -n <cache> \\
+#        --access-policy-assignment-name cachegate-dbproxy --access-policy-name "Data Owner" \\
+#        --object-id <object-id> --object-id-alias cachegate-dbproxy
+# 3. Azure Managed Redis / Redis Enterprise:
+#      az redisenterprise database access-policy-assignment create -g {rg} --cluster-name <cluster> \\
+#        --database-name default --access-policy-assignment-name cachegatedbproxy \\
+#        --access-policy-name default --object-id <object-id>
+# 4. Check: `cgate db connect <database>` then PING. Errors:
+#      WRONGPASS invalid username-password pair -> the object id has no access policy on that
+#        cache (step 2/3), or Entra ID is not enabled on it
+#      Entra ID token could not be obtained: ... -> dbproxy has no working credential: attach the
+#        managed identity or set AZURE_TENANT_ID, AZURE_CLIENT_ID, AZURE_CLIENT_SECRET; restart it
+#      a session ends about an hour after it started -> the token expired without a re-AUTH;
+#        see docs/azure-setup.md, "Entra ID"
+"""

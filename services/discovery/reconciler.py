@@ -4,8 +4,11 @@ One round (``run_once``):
 
 1. all fetchers run concurrently; 429 (honouring Retry-After) and 5xx / network errors are
    retried with bounded exponential backoff; one failing fetcher does not stop the others;
-2. records are de-duplicated (one resource seen by two fetchers counts once) and colliding
-   names get their deterministic suffix (``dedupe_names``);
+2. records are de-duplicated (one resource seen by two fetchers counts once) and named
+   (``assign_names``): a published record keeps its name; a new one whose name is taken
+   gets the long, deterministic name; an explicit name (a tag) that clashes, or is not a
+   valid name, is not published and is reported in its fetcher's status (``unpublished``)
+   and the log;
 3. creates and updates are upserted; a published record is deleted only when a fetcher that
    succeeded this round owns it and no longer reports it. Records of a fetcher that failed
    this round are left exactly as they are (no update, no delete). Records no fetcher owns
@@ -34,7 +37,7 @@ from .azure import (
     AzureCredentialError,
     AzureDiscoveryError,
     DiscoveredDatabase,
-    dedupe_names,
+    assign_names,
     translate_error,
 )
 
@@ -93,6 +96,8 @@ class FetcherStatus:
     last_error_detail: str | None = None
     kind: str = ""
     databases_found: int = 0
+    # resources found but not published, one line each: "NAME (resource id): why"
+    unpublished: list[str] = field(default_factory=list)
     consecutive_failures: int = 0
     retries: int = 0  # in the last round
     waits: list[float] = field(default_factory=list)  # seconds waited before retries, last round
@@ -115,6 +120,7 @@ class RunResult:
     updated: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)  # left alone because their fetcher failed
+    unpublished: list[str] = field(default_factory=list)  # found, not published: why
     failed_fetchers: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     found: int = 0
@@ -330,6 +336,7 @@ class Reconciler:
         self._log_credential_failure(round_errors)
 
         fresh: list[DiscoveredDatabase] = []
+        found_by: dict[str, str] = {}  # resource id -> fetcher name
         seen_ids: set[str] = set()
         ok_fetchers: list[Fetcher] = []
         failed: list[Fetcher] = []
@@ -347,6 +354,7 @@ class Reconciler:
                     continue  # one resource reported by two overlapping fetchers
                 if rid:
                     seen_ids.add(rid)
+                    found_by[rid] = f.name
                 fresh.append(r)
         if not source_ok:
             result.errors.append(f"fetcher-source: {self.source_status.last_error}")
@@ -365,8 +373,19 @@ class Reconciler:
         frozen_ids = {_resource_id(r) for r in frozen}
         # A resource a frozen record stands for (seen by an overlapping fetcher) stays as it is.
         fresh = [r for r in fresh if r.azure.resource_id.lower() not in frozen_ids]
-        desired = {r.name: r for r in dedupe_names(fresh, also_taken=[_original_name(r) for r in frozen])}
+        published = {rid: _name(r) for r in owned if (rid := _resource_id(r))}
+        named, problems = assign_names(fresh, published, also_taken=frozen_names)
+        desired = {r.name: r for r in named}
         result.found = len(desired)
+        for f in ok_fetchers:
+            self.status(f.name).unpublished = []
+        for r, why in problems:
+            line = f"{r.original_name or r.name} ({r.azure.resource_id}): not published: {why}"
+            result.unpublished.append(line)
+            owner = found_by.get(r.azure.resource_id.lower())
+            if owner:
+                self.status(owner).unpublished.append(line)
+            log.warning("discovery: %s", line)
         owned_by_name = {_name(r): r for r in owned}
 
         for name, record in sorted(desired.items()):
@@ -413,6 +432,7 @@ class Reconciler:
             len(result.deleted),
             len(result.kept),
             ", ".join(result.failed_fetchers) or "none",
+            extra={"unpublished": len(result.unpublished)} if result.unpublished else None,
         )
         return result
 

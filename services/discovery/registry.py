@@ -43,7 +43,7 @@ def to_proto(record: DiscoveredDatabase, owner: str) -> types_pb2.Database:
         azure=types_pb2.AzureDatabase(
             resource_id=a.resource_id, subscription_id=a.subscription_id, resource_group=a.resource_group,
             region=a.region, kind=a.kind, clustering_policy=a.clustering_policy or "",
-            access_key_auth_disabled=a.access_key_auth_disabled))
+            access_key_auth_disabled=a.access_key_auth_disabled, auth=a.auth))
 
 
 def from_proto(db: types_pb2.Database) -> DiscoveredDatabase:
@@ -55,7 +55,7 @@ def from_proto(db: types_pb2.Database) -> DiscoveredDatabase:
         azure=AzureInfo(resource_id=a.resource_id, subscription_id=a.subscription_id,
                         resource_group=a.resource_group, region=a.region, kind=a.kind,
                         clustering_policy=a.clustering_policy or None,
-                        access_key_auth_disabled=a.access_key_auth_disabled))
+                        access_key_auth_disabled=a.access_key_auth_disabled, auth=a.auth))
 
 
 async def list_by_owner(stub, owner: str) -> list[types_pb2.Database]:
@@ -129,11 +129,22 @@ def static_record(entry: Any, owner: str, base_dir: Path | None = None) -> types
         # Never echo the value: it may be the password itself.
         raise StaticDatabaseError(f"static database {entry.name}: secret must be env:NAME or file:/path "
                                   "(a reference, not the password itself)")
+    auth = (getattr(entry, "auth", "") or "").strip().lower().replace("-", "_")
+    if auth not in ("", "secret", "entra"):
+        raise StaticDatabaseError(f"static database {entry.name}: auth must be entra or secret, not {auth!r}")
+    if auth == "entra" and secret:
+        raise StaticDatabaseError(f"static database {entry.name}: auth: entra needs no secret; remove one of them")
+    if auth == "entra" and not entry.tls:
+        raise StaticDatabaseError(f"static database {entry.name}: Entra ID tokens are sent over TLS only; "
+                                  "set tls: true")
     labels = {"cloud": "static", **entry.labels}
+    if auth == "entra":
+        labels["auth"] = "entra"
     return types_pb2.Database(
         name=entry.name, description=entry.description or f"Redis server at {entry.uri}", protocol="redis",
         uri=entry.uri, labels=labels, origin=types_pb2.DATABASE_ORIGIN_CONFIG, ca_cert_pem=ca_pem,
-        secret_ref=secret, owner=owner, tls=entry.tls)
+        secret_ref=secret, owner=owner, tls=entry.tls,
+        azure=types_pb2.AzureDatabase(auth="entra") if auth == "entra" else None)
 
 
 def _same(a: types_pb2.Database, b: types_pb2.Database) -> bool:
@@ -209,7 +220,7 @@ class StaticPublisher:
 
 def status_proto(st: FetcherStatus) -> types_pb2.FetcherStatus:
     out = types_pb2.FetcherStatus(name=st.name, kind=st.kind or st.name.split("/")[0],
-                                  databases_found=st.databases_found)
+                                  databases_found=st.databases_found, unpublished=list(st.unpublished))
     if st.last_success is not None:
         out.last_success_time.CopyFrom(ts(st.last_success))
     if st.last_error:

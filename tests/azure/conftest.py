@@ -158,3 +158,90 @@ async def fetch_all(s: AzureStandin, cred, matcher: AzureMatcher, subs=(SUB1, SU
             async with cls(cred, sub, matcher, s.base_url, s.ca_file) as f:
                 out.extend(await f.fetch())
     return out
+
+
+# --- the data plane of Entra ID caches: a real TLS redis-server the stand-in administers ----
+ENTRA_REDIS_ADMIN = "stand-in-admin-Pa55"
+
+
+@pytest.fixture(scope="session")
+def entra_redis(tmp_path_factory):
+    """A redis-server with TLS like Azure's port 6380 (its default user's password plays the
+    access key and the stand-in's admin login), shared by the Entra ID tests."""
+    import subprocess
+    import time
+
+    from tests.helpers import free_port
+
+    pki_dir = tmp_path_factory.mktemp("entra-pki")
+    from services.common import pki as _pki
+    from cachegate.types.v1 import types_pb2
+    import datetime as dt
+
+    ca = _pki.CertAuthority.create("entra test server CA", "cachegate-test")
+    key = _pki.new_key()
+    cert = ca.sign(key.public_key(), "localhost", types_pb2.Identity(kind=types_pb2.IDENTITY_KIND_HOST, name="redis"),
+                   dt.timedelta(days=1), ips=["127.0.0.1"], dns_names=["localhost"], server=True)
+    (pki_dir / "ca.pem").write_bytes(ca.cert_pem)
+    (pki_dir / "redis.crt").write_bytes(_pki.cert_to_pem(cert))
+    (pki_dir / "redis.key").write_bytes(_pki.key_to_pem(key))
+    d = tmp_path_factory.mktemp("entra-redis")
+    port = free_port()
+    conf = d / "redis.conf"
+    conf.write_text("\n".join([
+        "bind 127.0.0.1", "port 0", f"tls-port {port}", f"tls-cert-file {pki_dir / 'redis.crt'}",
+        f"tls-key-file {pki_dir / 'redis.key'}", f"tls-ca-cert-file {pki_dir / 'ca.pem'}", "tls-auth-clients no",
+        f"requirepass {ENTRA_REDIS_ADMIN}", 'save ""', "appendonly no", f"dir {d}", ""]))
+    conf.chmod(0o600)
+    proc = subprocess.Popen(["redis-server", str(conf)], stdout=open(d / "redis.log", "wb"),  # noqa: SIM115
+                            stderr=subprocess.STDOUT)
+    import redis as _redis
+
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            _redis.Redis(host="127.0.0.1", port=port, password=ENTRA_REDIS_ADMIN, ssl=True,
+                         ssl_ca_certs=str(pki_dir / "ca.pem"), socket_timeout=2).ping()
+            break
+        except Exception:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("redis-server did not start: " + (d / "redis.log").read_text()[-2000:])
+            time.sleep(0.05)
+    yield {"host": "127.0.0.1", "port": port, "tls": True, "ca_file": str(pki_dir / "ca.pem"),
+           "password": ENTRA_REDIS_ADMIN}
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def entra_config(server: dict, *, redis_lifetime: int | None = None, interval: float = 0.25) -> StandinConfig:
+    cfg = base_config()
+    cfg.entra_redis = cfg.entra_redis.model_validate({"servers": [server], "enforce_interval": interval,
+                                                      "grace": 0.3})
+    cfg.redis_token_lifetime = redis_lifetime
+    return cfg
+
+
+async def raw_redis(server: dict):
+    """A plain RESP connection over TLS (no client library that would reconnect by itself)."""
+    import asyncio
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=server["ca_file"])
+    return await asyncio.open_connection(server["host"], server["port"], ssl=ctx, server_hostname="localhost")
+
+
+async def raw_call(conn, *args: str, timeout: float = 5.0) -> bytes:
+    """One command; the reply's first line (b'' when the server closed the connection)."""
+    import asyncio
+
+    reader, writer = conn
+    writer.write(b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args))
+    try:
+        await writer.drain()
+        return (await asyncio.wait_for(reader.readline(), timeout)).rstrip(b"\r\n")
+    except (ConnectionError, OSError):
+        return b""

@@ -85,6 +85,9 @@ async def test_two_pages_two_subscriptions_several_groups(standin, credential):
         "engine": "Microsoft.Cache/Redis",
         "engine-version": "6.0",
         "endpoint-type": "standalone",
+        "clustering-policy": "NoCluster",
+        "auth": "access_key",
+        "tier": "standard",
         "cloud": "Azure",
     }
     assert orders.protocol == "redis" and orders.azure.kind == "redis" and orders.azure.region == "eastus"
@@ -92,7 +95,7 @@ async def test_two_pages_two_subscriptions_several_groups(standin, credential):
     assert big.description == "Azure Redis Enterprise server in East US"
     assert big.uri == "localhost:10000"
     assert big.labels["engine"] == "Microsoft.Cache/redisEnterprise"
-    assert big.labels["endpoint-type"] == "OSSCluster" and big.azure.clustering_policy == "OSSCluster"
+    assert big.labels["endpoint-type"] == "cluster" and big.labels["clustering-policy"] == "OSSCluster" and big.azure.clustering_policy == "OSSCluster"
     assert big.azure.resource_id.endswith("/redisEnterprise/bigcache/databases/default")
 
 
@@ -159,6 +162,7 @@ async def test_published_examples(tmp_path, caplog):
     assert db.description == "Azure Redis Enterprise server in West US"
     assert db.labels["region"] == "westus" and db.labels["resource-group"] == "rg1"
     assert db.labels["engine-version"] == "6.0" and db.azure.clustering_policy == "OSSCluster"
+    assert db.azure.auth == "access_key" and db.labels["endpoint-type"] == "cluster"  # no accessKeysAuthentication field
 
 
 # --------------------------------------------------------------------------- naming
@@ -253,6 +257,26 @@ async def test_clustered_cache_and_key_auth_flags(standin, credential):
     [r] = await fetch_all(standin, credential, AzureMatcher(), subs=(SUB1,))
     assert r.labels["endpoint-type"] == "cluster" and r.azure.clustering_policy == "OSSCluster"
     assert r.azure.access_key_auth_disabled is True
+    assert r.azure.auth == "entra" and r.labels["auth"] == "entra" and r.labels["tier"] == "premium"
+
+
+async def test_keys_disabled_is_entra_for_both_types_and_a_tag_overrides(standin, credential):
+    standin.add_cache(name="keyless", subscription=SUB1, resource_group="rg", disable_access_key_authentication=True)
+    standin.add_cache(name="aad-but-keys", subscription=SUB1, resource_group="rg", aad_enabled=True)
+    standin.add_cache(name="forced", subscription=SUB1, resource_group="rg", tags={"cachegate-auth": "entra"})
+    standin.add_enterprise_cluster(name="amr", subscription=SUB1, resource_group="rg",
+                                   databases=[{"name": "default", "accessKeysAuthentication": "Disabled",
+                                               "clusteringPolicy": "EnterpriseCluster"}])
+    standin.add_enterprise_cluster(name="amr-keys", subscription=SUB1, resource_group="rg")
+    by = {r.name: r for r in await fetch_all(standin, credential, AzureMatcher(), subs=(SUB1,))}
+    auth = {n: (r.azure.auth, r.labels["auth"]) for n, r in by.items()}
+    assert auth == {"keyless": ("entra", "entra"), "aad-but-keys": ("access_key", "access_key"),
+                    "forced": ("entra", "entra"), "amr": ("entra", "entra"), "amr-keys": ("access_key", "access_key")}
+    # one vocabulary for both resource types
+    assert (by["amr"].labels["endpoint-type"], by["amr"].labels["clustering-policy"]) == ("standalone", "EnterpriseCluster")
+    assert (by["amr-keys"].labels["endpoint-type"], by["amr-keys"].labels["clustering-policy"]) == ("cluster", "OSSCluster")
+    assert (by["keyless"].labels["endpoint-type"], by["keyless"].labels["clustering-policy"]) == ("standalone", "NoCluster")
+    assert by["amr"].labels["tier"] == "balanced" and by["keyless"].labels["tier"] == "standard"
 
 
 # --------------------------------------------------------------------------- errors

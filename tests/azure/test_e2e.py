@@ -307,7 +307,7 @@ async def test_dev_standin_helper(tmp_path):
                                           connection_verify=info["ca_file"]) as cred:
             async with RedisManagementClient(cred, "11111111-2222-3333-4444-555555555555", base_url=info["base_url"],
                                              connection_verify=info["ca_file"], retry_total=0) as c:
-                assert [x.name async for x in c.redis.list_by_subscription()] == ["my-azure-redis"]
+                assert [x.name async for x in c.redis.list_by_subscription()] == ["my-azure-redis", "my-azure-redis-entra"]
     finally:
         proc.terminate()
         proc.wait(10)

@@ -154,6 +154,7 @@ async def test_forbidden_is_not_retried_and_keeps_records(standin, credential):
 
 
 async def test_collisions_through_the_reconciler(standin, credential):
+    """Names are stable: a same-named cache appearing and going elsewhere renames nothing."""
     standin.add_cache(name="dup", subscription=SUB1, resource_group="rg1")
     fetchers = make_fetchers(standin, credential)
     registry = InMemoryRegistry()
@@ -162,9 +163,50 @@ async def test_collisions_through_the_reconciler(standin, credential):
         assert (await rec.run_once()).created == ["dup"]
         standin.add_cache(name="dup", subscription=SUB2, resource_group="rg2", location="West US")
         r = await rec.run_once()
-        assert sorted(r.created) == [f"dup-eastus-rg1-{SUB1}", f"dup-westus-rg2-{SUB2}"]
-        assert r.deleted == ["dup"]
+        assert r.created == [f"dup-westus-rg2-{SUB2}"] and r.deleted == [] and r.updated == []
         assert registry.records[f"dup-westus-rg2-{SUB2}"].labels["original-name"] == "dup"
+        assert "original-name" not in registry.records["dup"].labels
+        standin.remove_cache("dup", subscription=SUB2)
+        r = await rec.run_once()
+        assert r.deleted == [f"dup-westus-rg2-{SUB2}"] and r.created == [] and sorted(registry.records) == ["dup"]
+        # two new ones at once: both get the long name (neither is preferred)
+        standin.add_cache(name="twin", subscription=SUB1, resource_group="rg1")
+        standin.add_cache(name="twin", subscription=SUB2, resource_group="rg2")
+        r = await rec.run_once()
+        assert sorted(r.created) == [f"twin-eastus-rg1-{SUB1}", f"twin-eastus-rg2-{SUB2}"]
+        # a restarted discovery (a new reconciler) keeps every name
+        rec2 = Reconciler(fetchers, registry, retry=FAST)
+        r = await rec2.run_once()
+        assert r.created == r.deleted == r.updated == []
+    finally:
+        await close_all(fetchers)
+
+
+async def test_name_tags_made_valid_or_reported(standin, credential):
+    standin.add_cache(name="billing", subscription=SUB1, resource_group="rg1", tags={"TeleportDatabaseName": "Billing Cache"})
+    standin.add_cache(name="weird", subscription=SUB1, resource_group="rg1", tags={"TeleportDatabaseName": "caf\u00e9/1"})
+    standin.add_cache(name="one", subscription=SUB1, resource_group="rg1", tags={"TeleportDatabaseName": "shared-name"})
+    standin.add_cache(name="two", subscription=SUB2, resource_group="rg2", tags={"TeleportDatabaseName": "shared-name"})
+    fetchers = make_fetchers(standin, credential)
+    registry = InMemoryRegistry()
+    rec = Reconciler(fetchers, registry, retry=FAST)
+    try:
+        r = await rec.run_once()
+        assert sorted(registry.records) == ["Billing-Cache"]
+        assert len(r.unpublished) == 3
+        st1 = rec.status(f"azure-redis/{SUB1}").unpublished
+        assert any("weird" in x and "not a valid database name" in x for x in st1)
+        assert any("shared-name" in x and "give each its own" in x for x in st1)
+        assert any("shared-name" in x for x in rec.status(f"azure-redis/{SUB2}").unpublished)
+        # the clash resolved by the admin: both publish; nothing is renamed to settle it
+        standin.update_cache("two", tags={"TeleportDatabaseName": "other-name"})
+        r = await rec.run_once()
+        assert sorted(r.created) == ["other-name", "shared-name"]
+        # an explicit name clashing with a published one is reported; the published one stays
+        standin.add_cache(name="three", subscription=SUB2, resource_group="rg2", tags={"TeleportDatabaseName": "shared-name"})
+        r = await rec.run_once()
+        assert r.created == [] and registry.records["shared-name"].azure.resource_id.endswith("/one")
+        assert any("three" in x and "already has" in x for x in r.unpublished)
     finally:
         await close_all(fetchers)
 

@@ -46,3 +46,13 @@ def test_split_roles_are_least_privilege():
 def test_bad_input(sub, service):
     with pytest.raises(ValueError):
         role_definition(sub, service)
+
+
+def test_azure_role_command_keeps_json_on_stdout_and_explains_entra_on_stderr():
+    from tests.helpers import run_cli
+
+    r = run_cli("cachegate", "db", "configure", "azure-role", f"--subscription={SUB}", "--resource-group=rg1")
+    json.loads(r.stdout)
+    assert "Data Access Configuration" in r.stderr and "access-policy-assignment create" in r.stderr
+    assert "az redisenterprise database access-policy-assignment" in r.stderr and "-g rg1" in r.stderr
+    assert "WRONGPASS" in r.stderr and "Entra ID token could not be obtained" in r.stderr

@@ -72,10 +72,12 @@ def invoke(*args: str):
 
 
 def allowed(name, users=("*",), denied=(), names=("*",), denied_names=(), description="", labels=None,
-            uri="redis.example:6380", azure_kind=""):
+            uri="redis.example:6380", azure_kind="", auth=""):
     db = types_pb2.Database(name=name, description=description, protocol="redis", uri=uri, labels=labels or {})
     if azure_kind:
         db.azure.kind = azure_kind
+    if auth:
+        db.azure.auth = auth
     return proxy_service_pb2.AllowedDatabase(database=db, allowed_db_users=list(users), denied_db_users=list(denied),
                                              allowed_db_names=list(names), denied_db_names=list(denied_names))
 
@@ -121,7 +123,8 @@ def test_db_name_defaults():
 def test_db_ls_table_and_except_column(fc, monkeypatch):
     dbs = [
         allowed("my-azure-redis-enterprise", description="Azure Redis Enterprise server in East US",
-                labels={"region": "eastus", "env": "prod"}, azure_kind="redis-enterprise", uri="e.redis.azure.net:10000"),
+                labels={"region": "eastus", "env": "prod"}, azure_kind="redis-enterprise", uri="e.redis.azure.net:10000",
+                auth="entra"),
         allowed("my-azure-redis", description="Azure Redis server in East US", azure_kind="redis",
                 uri="r.redis.cache.windows.net:6380"),
         allowed("onprem", users=["*"], denied=["root", "admin"], uri="10.0.0.5:6380"),
@@ -155,7 +158,10 @@ def test_db_ls_table_and_except_column(fc, monkeypatch):
     # -v adds Protocol, Type, URI.
     res = invoke("db", "ls", "-v")
     head = res.output.splitlines()[0]
-    assert head.split()[:6] == ["Name", "Description", "Protocol", "Type", "URI", "Allowed"]
+    assert head.split()[:7] == ["Name", "Description", "Protocol", "Type", "Auth", "URI", "Allowed"]
+    auth_col = head.index("Auth")
+    ent = next(ln for ln in res.output.splitlines() if ln.startswith("my-azure-redis-enterprise"))
+    assert ent[auth_col:].startswith("entra ")
     body = res.output
     assert "Azure Cache for Redis" in body and "Azure Redis Enterprise" in body and "self-hosted" in body
     assert "r.redis.cache.windows.net:6380" in body and "redis " in body

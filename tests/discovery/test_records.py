@@ -99,7 +99,7 @@ def test_print_dbs_and_statuses(capsys):
            types_pb2.Database(name="a", uri="h:1", secret_ref="env:CACHEGATE_DB_A", origin=types_pb2.DATABASE_ORIGIN_DYNAMIC)]
     cgctl_db.print_dbs(dbs, "text")
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["Name", "Description", "Origin", "URI", "Labels"]
+    assert out[0].split() == ["Name", "Description", "Origin", "Auth", "URI", "Labels"]
     assert out[2].startswith("a") and "dynamic" in out[2] and "x=1" in out[3]
     cgctl_db.print_dbs(dbs, "json")
     data = json.loads(capsys.readouterr().out)
@@ -141,7 +141,8 @@ def test_db_configure_azure_role():
     r = CliRunner().invoke(dbconfigure.app, ["azure-role", "--subscription=11111111-2222-3333-4444-555555555555",
                                              "--service", "dbproxy"])
     assert r.exit_code == 0
-    role = json.loads(r.output)
+    role = json.loads(r.stdout)  # the Entra ID steps go to stderr
+    assert "Data Access Configuration" in r.stderr
     assert role["properties"]["permissions"][0]["actions"] == [
         "Microsoft.Cache/redis/listKeys/action", "Microsoft.Cache/redisEnterprise/databases/listKeys/action"]
     r = CliRunner().invoke(dbconfigure.app, ["azure-role", "--subscription=nope"])

@@ -86,6 +86,10 @@ def test_cachegate_dev_starts_a_joined_cluster_that_cgctl_and_curl_reach(tmp_pat
         res = run_cli("cgate", "db", "connect", "my-azure-redis", input="PING\nSET guide ok\nGET guide\n",
                       extra_env=user_env)
         assert res.stdout.split() == ["PONG", "OK", "ok"], res
+        # The second database, keys disabled: the same data, reached through Entra ID.
+        assert "my-azure-redis-entra" in ls.stdout
+        res = run_cli("cgate", "db", "connect", "my-azure-redis-entra", input="GET guide\n", extra_env=user_env)
+        assert res.stdout.strip() == "ok", res
 
         # Key rotation: Redis gets a new password and Azure a new primary key; the proxy's
         # cached key fails once with WRONGPASS, it fetches the keys again, and the next

@@ -91,7 +91,7 @@ class Identity(_message.Message):
     def __init__(self, kind: _Optional[_Union[IdentityKind, str]] = ..., name: _Optional[str] = ..., service_role: _Optional[_Union[ServiceRole, str]] = ..., roles: _Optional[_Iterable[str]] = ..., db_users: _Optional[_Iterable[str]] = ..., db_names: _Optional[_Iterable[str]] = ..., route: _Optional[_Union[RouteToDatabase, _Mapping]] = ..., cluster_name: _Optional[str] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., login_ip: _Optional[str] = ...) -> None: ...
 
 class AzureDatabase(_message.Message):
-    __slots__ = ("resource_id", "subscription_id", "resource_group", "region", "kind", "clustering_policy", "access_key_auth_disabled")
+    __slots__ = ("resource_id", "subscription_id", "resource_group", "region", "kind", "clustering_policy", "access_key_auth_disabled", "auth")
     RESOURCE_ID_FIELD_NUMBER: _ClassVar[int]
     SUBSCRIPTION_ID_FIELD_NUMBER: _ClassVar[int]
     RESOURCE_GROUP_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class AzureDatabase(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     CLUSTERING_POLICY_FIELD_NUMBER: _ClassVar[int]
     ACCESS_KEY_AUTH_DISABLED_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
     resource_id: str
     subscription_id: str
     resource_group: str
@@ -106,7 +107,8 @@ class AzureDatabase(_message.Message):
     kind: str
     clustering_policy: str
     access_key_auth_disabled: bool
-    def __init__(self, resource_id: _Optional[str] = ..., subscription_id: _Optional[str] = ..., resource_group: _Optional[str] = ..., region: _Optional[str] = ..., kind: _Optional[str] = ..., clustering_policy: _Optional[str] = ..., access_key_auth_disabled: _Optional[bool] = ...) -> None: ...
+    auth: str
+    def __init__(self, resource_id: _Optional[str] = ..., subscription_id: _Optional[str] = ..., resource_group: _Optional[str] = ..., region: _Optional[str] = ..., kind: _Optional[str] = ..., clustering_policy: _Optional[str] = ..., access_key_auth_disabled: _Optional[bool] = ..., auth: _Optional[str] = ...) -> None: ...
 
 class Database(_message.Message):
     __slots__ = ("name", "description", "protocol", "uri", "labels", "origin", "ca_cert_pem", "azure", "secret_ref", "owner", "tls", "update_time")
@@ -283,17 +285,19 @@ class AuditEvent(_message.Message):
     def __init__(self, id: _Optional[str] = ..., type: _Optional[str] = ..., code: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ..., source_addr: _Optional[str] = ..., success: _Optional[bool] = ..., error: _Optional[str] = ..., fields: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., cluster_name: _Optional[str] = ...) -> None: ...
 
 class FetcherStatus(_message.Message):
-    __slots__ = ("name", "kind", "last_success_time", "last_error_time", "last_error", "databases_found")
+    __slots__ = ("name", "kind", "last_success_time", "last_error_time", "last_error", "databases_found", "unpublished")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     LAST_SUCCESS_TIME_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_TIME_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     DATABASES_FOUND_FIELD_NUMBER: _ClassVar[int]
+    UNPUBLISHED_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     last_success_time: _timestamp_pb2.Timestamp
     last_error_time: _timestamp_pb2.Timestamp
     last_error: str
     databases_found: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., last_success_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[str] = ..., databases_found: _Optional[int] = ...) -> None: ...
+    unpublished: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., last_success_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[str] = ..., databases_found: _Optional[int] = ..., unpublished: _Optional[_Iterable[str]] = ...) -> None: ...
