@@ -57,6 +57,8 @@ log = logging.getLogger("cachegate.dbproxy.session")
 # protocol error), and how long a closing TLS connection may wait for its peer.
 _FINISH_TIMEOUT = 2.0
 _CLOSE_GRACE = 1.0
+# With no new token, a session ends this long before its token expires (Azure would close it).
+_LAST_SECOND = 1.0
 
 
 class AuditSink(Protocol):
@@ -628,13 +630,13 @@ class Session:
                     user, token, new_expiry = await expiring(force_refresh=True)
             except Exception as exc:  # noqa: BLE001 - one line for the client, the provider logs
                 left = expires_at - time.time()
-                if left <= 0:
+                if left <= _LAST_SECOND:  # ended by the proxy, with its reason, not cut by Azure
                     first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
                     self._end(End("Entra ID token could not be renewed",
                                   f"Cachegate ended this session: its Entra ID token expired and a new one "
                                   f"could not be obtained: {first}"))
                     return
-                retry_at = time.time() + min(5.0, max(left / 4, 0.2))
+                retry_at = time.time() + min(5.0, max((left - _LAST_SECOND) / 4, 0.1))
                 continue
             retry_at = None
             if self._ct is None or self._stop is None or self._stop.done():

@@ -669,6 +669,15 @@ class SessionCore:
         tail = data[pos:]
         if tail:
             if q and (q[0].swallow or q[0].transform is not None) and not self._monitor:
+                # Only the incomplete frame at the end is the swallowed (or rewritten) reply's
+                # start; complete frames before it (pushes, messages) go out now.
+                last = frames[-1].end if frames else 0
+                if last > pos:
+                    if held:
+                        out.append(held)
+                        held = b""
+                    out.append(data[pos:last])
+                    tail = data[last:]
                 held += tail
                 if len(held) > (_MAX_HELD if q[0].transform is None else _MAX_TRANSFORMED):
                     raise End("bad reply from the database: oversized internal reply",

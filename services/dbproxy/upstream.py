@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -350,6 +351,20 @@ class UpstreamPool:
                 up.close()
                 return
             ready.append((loop.time(), up))
+            if up.auth_expires_at is not None:
+                # A spare whose token would expire before a session takes it is closed first
+                # (Azure would close it); a session renews the token of the one it takes.
+                left = up.auth_expires_at - time.time()
+                loop.call_later(max(left * 2 / 3, 0.0), self._drop, key, up)
+
+    def _drop(self, key: tuple, up: Upstream) -> None:
+        ready = self._ready.get(key)
+        if ready:
+            for i, (_, candidate) in enumerate(ready):
+                if candidate is up:
+                    del ready[i]
+                    up.close()
+                    return
 
     def forget(self, name: str) -> None:
         """Drop the waiting connections of database ``name``."""

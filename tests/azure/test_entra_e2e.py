@@ -105,3 +105,118 @@ def test_keys_disabled_databases_work_through_entra_id(entra_redis, tmp_path):
         for tok in tokens:
             assert tok.encode() not in data, f"a token is in {p}"
             assert tok.split(".")[2].encode() not in data, f"a token's signature is in {p}"
+
+
+LIVE_LIFETIME = 30  # seconds: the issue's token lifetime for the live refresh test
+
+
+def test_live_sessions_survive_token_refreshes_in_every_state(entra_redis, tmp_path):
+    """With 30-second tokens, a plain session, SUBSCRIBE (RESP2 and RESP3), BLPOP 0 and an open
+    MULTI keep working across at least 3 refreshes through the real dbproxy, and the stand-in,
+    which closes every connection whose last AUTH's token expired, closes none of them."""
+    import threading
+
+    import redis as _redis
+
+    from services.dbproxy.resp import encode_command as C
+    from tests.dbproxy.conftest import RawClient
+
+    state = _state(entra_redis)
+    state["redis_token_lifetime"] = LIVE_LIFETIME
+    standin = StandinProc(tmp_path, state)
+    c = Cluster(tmp_path / "cluster")
+    (tmp_path / "cluster").mkdir()
+    errors: list[str] = []
+    results: dict = {}
+    try:
+        c.start_auth()
+        info = standin.info
+        ep = {"resource_manager": info["base_url"], "authority_host": info["authority_host"],
+              "ca_file": str(standin.ca)}
+        azure_env = {"AZURE_TENANT_ID": TENANT, "AZURE_CLIENT_ID": CLIENT_ID, "AZURE_CLIENT_SECRET": CLIENT_SECRET,
+                     "AZURE_AUTHORITY_HOST": info["authority_host"]}
+        c.start_joiner("discovery", c.token("discovery"), extra_env=azure_env, poll_interval=1, azure_endpoints=ep,
+                       azure=[{"regions": "*", "subscriptions": [SUB1]}])
+        wait_for("the keyless databases", lambda: (d := list_dbs(c)) and len(d) == 2 and d)
+        proxy = c.start_joiner("dbproxy", c.token("proxy"), extra_env=azure_env, azure_endpoints=ep,
+                               database_ca_files=[entra_redis["ca_file"]])
+        c.proxy = f"127.0.0.1:{proxy.info['public_port']}"
+        c.api = f"127.0.0.1:{proxy.info['api_port']}"
+        c.redis_port = proxy.info["redis_port"]
+        c.home = tmp_path / "home"
+        folder = login_user(c, "lena", "--roles=access", "--db-users=*", "--db-names=*")
+        crt, key, ca = asyncio.run(db_cert(c, folder, "keyless", "default"))
+        deadline = time.monotonic() + 3.4 * LIVE_LIFETIME * 2 / 3 + 5  # >= 3 renewals of each session
+
+        def plain():
+            with client(c, crt, key, ca) as r:
+                n = 0
+                while time.monotonic() < deadline:
+                    r.incr("live:n")
+                    n += 1
+                    time.sleep(0.5)
+                results["plain"] = n
+
+        def subscribed(protocol):
+            with client(c, crt, key, ca, protocol=protocol, socket_timeout=None) as r:
+                ps = r.pubsub()
+                ps.subscribe(f"live:ch{protocol}")
+                got = []
+                while time.monotonic() < deadline + 3:
+                    m = ps.get_message(timeout=0.5)
+                    if m and m["type"] == "message":
+                        got.append(m["data"])
+                results[f"sub{protocol}"] = got
+                ps.close()
+
+        def blocked():
+            with client(c, crt, key, ca, socket_timeout=None) as r:
+                results["blpop"] = r.blpop("live:q", 0)
+
+        def transaction():
+            raw = RawClient(c.redis_port, ca, (crt, key))
+            raw.send(C("MULTI") + C("SET", "live:m", "1"))
+            assert raw.read(2) == [b"OK", b"QUEUED"]
+            while time.monotonic() < deadline:
+                time.sleep(1)
+                raw.send(C("INCR", "live:m"))
+                assert raw.read(1) == [b"QUEUED"]
+            raw.send(C("EXEC"))
+            results["exec"] = raw.read(1, timeout=20)[0]
+            raw.close()
+
+        def run(fn, *args):
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"{fn.__name__}{args}: {type(exc).__name__}: {exc}")
+
+        threads = [threading.Thread(target=run, args=a) for a in
+                   ((plain,), (subscribed, 2), (subscribed, 3), (blocked,), (transaction,))]
+        for t in threads:
+            t.start()
+        admin = _redis.Redis(host="127.0.0.1", port=entra_redis["port"], password=entra_redis["password"],
+                             ssl=True, ssl_ca_certs=entra_redis["ca_file"], socket_timeout=5)
+        sent = []
+        time.sleep(2)
+        while time.monotonic() < deadline:
+            for p in (2, 3):
+                admin.publish(f"live:ch{p}", f"m{len(sent)}")
+            sent.append(len(sent))
+            time.sleep(1)
+        admin.rpush("live:q", "woken")
+        for t in threads:
+            t.join(40)
+        status = standin.control("GET", "entra-redis")
+        admin.close()
+    finally:
+        c.stop()
+        standin.stop()
+    assert not errors, errors
+    assert results["plain"] > 30
+    for p in (2, 3):
+        assert results[f"sub{p}"] == [f"m{i}".encode() for i in sent], p
+    assert results["blpop"] == (b"live:q", b"woken")
+    assert isinstance(results["exec"], list) and results["exec"][-1] == len(results["exec"])
+    killed = [k for s in status["servers"] for k in s["killed"] if k.get("user") == SP_OID]
+    assert killed == [], killed  # the stand-in's expiry enforcement ended no proxied connection

@@ -238,3 +238,45 @@ def test_without_renewal_the_enforcer_does_end_a_connection(proxy, redis_server,
         closed = True
     assert closed and enforcer.killed
     sock.close()
+
+
+def test_no_new_token_the_session_works_until_expiry_then_ends_with_one_line(proxy, entra):
+    """The token endpoint down: a live session keeps working on its token until it expires,
+    then ends with a clear error (not a dead connection)."""
+    tokens, enforcer, user = entra
+
+    class Down(Exception):
+        pass
+
+    real = tokens.expiring
+    failing = {"on": False}
+
+    async def expiring(force_refresh: bool = False):
+        if failing["on"]:
+            raise Down("DefaultAzureCredential failed to retrieve a token from the included credentials.\nmore")
+        return await real(force_refresh)
+
+    tokens.expiring = expiring
+    raw = RawClient(proxy.port, proxy.certs.path("server-ca.pem"), user("ra-down"))
+    from services.dbproxy.resp import encode_command as C
+
+    raw.send(C("PING"))
+    assert raw.read(1) == [b"PONG"]
+    failing["on"] = True
+    started = time.monotonic()
+    last = None
+    while time.monotonic() - started < 3 * LIFETIME:
+        raw.send(C("PING"))
+        try:
+            last = raw.read(1, timeout=2)[0]
+        except (EOFError, TimeoutError) as exc:
+            last = exc
+            break
+        if isinstance(last, Exception):
+            break
+        time.sleep(0.2)
+    lived = time.monotonic() - started
+    assert isinstance(last, Exception) and "could not be obtained: DefaultAzureCredential failed" in str(last)
+    assert "\n" not in str(last) and LIFETIME / 3 < lived < LIFETIME + 2  # worked until its token expired
+    assert raw.closed(5)
+    raw.close()

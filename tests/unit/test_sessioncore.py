@@ -229,3 +229,26 @@ def test_reauth_in_monitor_drops_only_its_ok():
     c.reauth(AUTH2)
     line = b'+1700000000.123456 [0 127.0.0.1:5000] "GET" "k"\r\n'
     assert c.feed_upstream(line + b"+OK\r\n" + line) == line + line
+
+
+def _conf(kind: bytes, ch: bytes, n: int) -> bytes:
+    return b"*3\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n:%d\r\n" % (len(kind), kind, len(ch), ch, n)
+
+
+def test_messages_around_swallowed_replies_survive_every_split():
+    """Pub/Sub messages next to the replies the proxy swallows (its RESP2 re-AUTH) reach the
+    client whole, wherever the chunks are cut: complete frames are never held as the start of
+    a swallowed reply."""
+    msg = b"*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$6\r\nbefore\r\n"
+    pmsg = b"*4\r\n$8\r\npmessage\r\n$2\r\np*\r\n$2\r\npx\r\n$5\r\nafter\r\n"
+    swallowed = b"+RESET\r\n+OK\r\n" + _conf(b"subscribe", b"c", 1) + _conf(b"psubscribe", b"p*", 2)
+    full = msg + swallowed + pmsg
+    for cut in range(1, len(full)):
+        for cut2 in range(cut, len(full), 7):
+            c, _ = core()
+            c.feed_client(C("SUBSCRIBE", "c") + C("PSUBSCRIBE", "p*"))
+            c.feed_upstream(_conf(b"subscribe", b"c", 1) + _conf(b"psubscribe", b"p*", 2))
+            c.reauth(AUTH2)
+            out = c.feed_upstream(full[:cut]) + c.feed_upstream(full[cut:cut2]) + c.feed_upstream(full[cut2:])
+            assert out == msg + pmsg, (cut, cut2)
+            assert c.idle
