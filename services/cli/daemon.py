@@ -26,7 +26,7 @@ from services.cli.devenv import DEV_DB, DEV_ENTRA_DB, DevAzure
 from services.common.config import ConfigError, load_config
 from services.common.creds import Creds, private_dir, write_private
 from services.common.join import JoinError
-from services.common.logs import setup_logging
+from services.common.logs import setup_logging, stop_stderr_routing
 from services.common.version import VERSION
 
 app = typer.Typer(help="Run Cachegate services.", no_args_is_help=True, add_completion=False,
@@ -90,6 +90,7 @@ def start(
         asyncio.run(_run_services(cfg, chosen, ready_file))
     except (JoinError, ConfigError, OSError) as exc:
         log.error(str(exc))
+        stop_stderr_routing()  # the one line for the person who started it, not a log record
         err_console.print(f"ERROR: {exc}", markup=False)
         raise typer.Exit(1) from None
 

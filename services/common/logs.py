@@ -169,6 +169,12 @@ class _StderrRouter:
 _router: list[_StderrRouter] = []
 
 
+def stop_stderr_routing() -> None:
+    """Give fd 2 back to the real stderr (what the router held is logged first)."""
+    while _router:
+        _router.pop().close()
+
+
 def setup_logging(service: str, level: str = "info", fmt: str = "json", output: str = "",
                   route_stderr: bool = False) -> None:
     """Log records to ``output`` (or stderr). ``route_stderr`` (daemons): what others write to

@@ -454,7 +454,8 @@ def py_pool(t: Target, p: str, compat: Compat, protocol: int):
     for c in conns:
         pool.release(c)
     pool.disconnect()
-    out.append(wait_until(lambda: client_count(compat) == before, 10))
+    # (at most: a spare connection the proxy was opening when `before` was counted may be gone)
+    out.append(wait_until(lambda: client_count(compat) <= before, 10))
     # a pool exhausted raises as with Redis
     small = t.pool(protocol, max_connections=1)
     small.get_connection()
@@ -778,6 +779,8 @@ def test_documented_differences(compat, target):
     assert mon.read_response() == b"OK"
     mon.send_command("GET", "x")
     reply = cap(mon.read_response)
+    while isinstance(reply, bytes) and reply[:1].isdigit():  # other sessions' commands come first
+        reply = cap(mon.read_response)
     assert isinstance(reply, redis.ResponseError) and str(reply) == "only QUIT is accepted after MONITOR"
     mon.send_command("QUIT")
     assert mon.read_response() == b"OK"

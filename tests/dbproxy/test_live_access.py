@@ -46,6 +46,7 @@ def plane(proxy, certs, redis_server):
     p.pcfg = SimpleNamespace(database_ca_files=[])
     p.verifier = CertVerifier(certs.server_ca.cert, certs.user_ca.cert)
     p.azure_keys = None
+    p.entra = None
     p.pool = UpstreamPool(size=1)
     p._contexts = weakref.WeakSet()
     p.cache = ClusterCache(None, on_change=p._on_change)
