@@ -157,8 +157,12 @@ def test_live_sessions_survive_token_refreshes_in_every_state(entra_redis, tmp_p
                     time.sleep(0.5)
                 results["plain"] = n
 
+        def untimed(**kw):  # a client that may wait on its socket (Pub/Sub, BLPOP 0)
+            return _redis.Redis(host="127.0.0.1", port=c.redis_port, ssl=True, ssl_certfile=crt,
+                                ssl_keyfile=key, ssl_ca_certs=ca, socket_timeout=None, **kw)
+
         def subscribed(protocol):
-            with client(c, crt, key, ca, protocol=protocol, socket_timeout=None) as r:
+            with untimed(protocol=protocol) as r:
                 ps = r.pubsub()
                 ps.subscribe(f"live:ch{protocol}")
                 got = []
@@ -170,7 +174,7 @@ def test_live_sessions_survive_token_refreshes_in_every_state(entra_redis, tmp_p
                 ps.close()
 
         def blocked():
-            with client(c, crt, key, ca, socket_timeout=None) as r:
+            with untimed() as r:
                 results["blpop"] = r.blpop("live:q", 0)
 
         def transaction():
