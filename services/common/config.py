@@ -222,6 +222,8 @@ class LimitsConfig(_Model):
     # TLS handshakes in progress at once.
     max_handshakes: int | None = None
     upstream_connect_timeout: Duration | None = None
+    # On SIGTERM: how long live sessions have to receive the replies already due.
+    shutdown_grace: Duration | None = None
     # Sessions per user when their roles set no max_connections.
     sessions_per_user: int | None = None
     # Sessions of the whole proxy.
@@ -230,7 +232,8 @@ class LimitsConfig(_Model):
     audit_arg_max: int | None = None
     audit_max_args: int | None = None
 
-    _d = field_validator("tls_handshake_timeout", "upstream_connect_timeout", "request_timeout", mode="before")(
+    _d = field_validator("tls_handshake_timeout", "upstream_connect_timeout", "request_timeout", "shutdown_grace",
+                         mode="before")(
         lambda v: None if v is None else parse_duration(v))
     _s = field_validator("max_bulk_len", "max_inline_len", "max_request", "request_buffer", "max_reply_line",
                          mode="before")(lambda v: None if v is None else parse_size(v))

@@ -132,7 +132,7 @@ class DataPlane:
         return await self.listener.start()
 
     async def stop(self) -> None:
-        await self.listener.close(5.0)
+        await self.listener.close(self.limits.shutdown_grace)
         await self.pool.close()
         await self.cache.stop()
         await self.audit.close()

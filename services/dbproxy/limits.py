@@ -35,7 +35,8 @@ __all__ = ["ProxyLimits", "RequestBudget", "parse_size"]
 _MiB = 1024 * 1024
 
 _SIZES = {"max_bulk_len", "max_inline_len", "max_request", "request_buffer", "max_reply_line", "read_chunk"}
-_DURATIONS = {"tls_handshake_timeout", "upstream_connect_timeout", "refusal_linger", "request_timeout"}
+_DURATIONS = {"tls_handshake_timeout", "upstream_connect_timeout", "refusal_linger", "request_timeout",
+              "shutdown_grace"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,8 @@ class ProxyLimits:
     # Sessions of the whole proxy (each holds two sockets; see the open-files limit).
     max_sessions: int = 4096
     upstream_connect_timeout: float = 10.0
+    # On SIGTERM, how long live sessions have to receive the replies already due, then end.
+    shutdown_grace: float = 10.0
     max_reply_line: int = _MiB
     audit_arg_max: int = 256
     audit_max_args: int = 64

@@ -132,7 +132,9 @@ class RespListener:
         return self.port
 
     async def close(self, grace: float = 5.0) -> None:
-        """Stop accepting; end live sessions (they are audited) within ``grace``."""
+        """Stop accepting; drain live sessions (they are audited): each reads no new command,
+        delivers the replies of the commands already sent, and is told to reconnect; what
+        is still open after ``grace`` seconds is ended."""
         if self._accept_task is not None:
             self._accept_task.cancel()
             await asyncio.gather(self._accept_task, return_exceptions=True)
@@ -141,7 +143,7 @@ class RespListener:
             self._sock.close()
             self._sock = None
         for s in list(self.sessions):
-            s.terminate("the proxy is shutting down")
+            s.drain("the proxy is shutting down", max(grace - 1.0, 0.5))
         if self._handlers:
             await asyncio.wait(list(self._handlers), timeout=grace)
         for t in list(self._handlers):

@@ -299,6 +299,13 @@ async def run_dbproxy(cfg: Config, stop: asyncio.Event, ready=None) -> None:
     try:
         await stop.wait()
     finally:
+        # Health says NOT_SERVING before anything stops, so that load balancers move new
+        # sessions away while the live ones drain.
+        for srv in (public, api):
+            try:
+                await srv.health.enter_graceful_shutdown()
+            except Exception:  # noqa: BLE001 - stopping anyway
+                pass
         await plane.stop()
         await runner.cleanup()
         tmp.cleanup()

@@ -276,6 +276,13 @@ class Session:
         """End the session now; ``reason`` (one line) is told to the client and audited."""
         self._end(End(reason, f"Cachegate ended this session: {reason}"))
 
+    def drain(self, reason: str, timeout: float) -> None:
+        """End the session gracefully: no new command is read, the replies of every command
+        already sent to the database reach the client (within ``timeout``), then it is told
+        ``reason`` and to reconnect (the proxy is shutting down)."""
+        self._end(End(reason, f"Cachegate ended this session: {reason}; reconnect", after_replies=True),
+                  finish_timeout=timeout)
+
     def update_access(self, roles: RoleSet, db_labels: Mapping[str, str], reason: str) -> None:
         """Re-evaluate the session with ``roles`` and the database's ``db_labels`` as they are
         now (``reason``, one line, names the change: ``role "x" was deleted``). The next
@@ -413,7 +420,7 @@ class Session:
 
     # -- relay -------------------------------------------------------------------------------
 
-    def _end(self, end: End) -> None:
+    def _end(self, end: End, finish_timeout: float = _FINISH_TIMEOUT) -> None:
         """End the session with ``end`` (the first reason wins); with ``after_replies``,
         once the replies already due reached the client (bounded)."""
         stop = self._stop
@@ -428,7 +435,7 @@ class Session:
                 self._finishing = end
                 if self._ct is not None:
                     self._ct.pause_reading()  # nothing more from the client
-                asyncio.get_running_loop().call_later(_FINISH_TIMEOUT, self._finish_now)
+                asyncio.get_running_loop().call_later(finish_timeout, self._finish_now)
             return
         stop.set_result(end)
 

@@ -578,3 +578,44 @@ def test_tls_handshake_timeout_and_plaintext_client(proxy, alice):
         pass
     s.close()
     assert proxy.redis_cli(alice, "PING").stdout.strip() == "PONG"
+
+
+def test_drain_delivers_every_reply_of_what_ran_then_says_reconnect(proxy, certs, redis_server):
+    """The proxy shutting down mid-pipeline: no new command is read, every command the
+    database ran gets its reply, then one line tells the client to reconnect."""
+    direct = redis_server.client()
+    direct.delete("drain:n")
+    dora = certs.user_cert("dora", roles=("access",), db_names=("*",))
+    raw = proxy.raw(dora)
+    raw.send(C("PING"))
+    assert raw.read(1) == [b"PONG"]
+    session = next(s for s in proxy.listener.sessions if s.user == "dora")
+    # Each command takes the database a moment, so that many have run whose replies are
+    # still on their way when the proxy starts shutting down.
+    slow_incr = C("EVAL", "local i = 0 while i < 2000 do i = i + 1 end return redis.call('INCR', KEYS[1])",
+                  "1", "drain:n")
+    batch = slow_incr * 2000
+
+    def send_all():
+        try:
+            for _ in range(100):  # up to 200,000 commands, as fast as the proxy takes them
+                raw.sock.sendall(batch)
+        except (OSError, ValueError):
+            pass  # the proxy stopped reading and closed
+
+    sender = threading.Thread(target=send_all)
+    sender.start()
+    time.sleep(0.3)
+    proxy.run(session.drain, "the proxy is shutting down", 10.0)
+    replies = []
+    try:
+        while True:
+            replies += raw.read(1, timeout=10)
+    except (EOFError, TimeoutError, OSError):
+        pass
+    sender.join(10)
+    raw.close()
+    ran = int(direct.get("drain:n") or 0)
+    counts = [r for r in replies if isinstance(r, int)]
+    assert ran > 0 and len(counts) == ran and counts == list(range(1, ran + 1)), (ran, len(counts))
+    assert isinstance(replies[-1], Exception) and "the proxy is shutting down; reconnect" in str(replies[-1])
