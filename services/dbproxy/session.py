@@ -430,7 +430,8 @@ class Session:
             return
         if stop.done():
             return
-        if end.after_replies and not self.core.idle:
+        if end.after_replies and (self._ct is None or not self.core.idle):
+            # (Before relaying starts, too: a drain then sends nothing the client sent.)
             if self._finishing is None:
                 self._finishing = end
                 if self._ct is not None:
@@ -454,7 +455,9 @@ class Session:
         self._ct, client_left = _take_over(self._creader, self._cwriter, client)
         if up_left:
             self._from_upstream(up_left)
-        if client_left:
+        if self._finishing is not None:  # drained while connecting: no command of it was sent
+            self._finish_now()
+        elif client_left:
             self._from_client(client_left)
         if not self._stop.done():
             self._ut.resume_reading()

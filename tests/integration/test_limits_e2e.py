@@ -332,3 +332,70 @@ def test_an_explicit_ca_pin_is_checked_also_with_a_profile(c):
         for f in folder.iterdir():
             if f.is_file():
                 assert mode(f) == 0o600, f
+
+
+def test_sigterm_mid_pipeline_answers_every_command_that_ran(c):
+    """SIGTERM to dbproxy during a 200,000-command pipeline: health says NOT_SERVING, every
+    command Redis ran gets its reply, the client is told to reconnect, the process exits
+    within its grace period. (Last in the module: it restarts dbproxy.)"""
+    import hiredis
+
+    direct = redis_direct_client(c)
+    direct.delete("term:n")
+    cgate(c, "db", "login", DB)  # a fresh database certificate (an earlier test logged in again)
+    c.db = json.loads(cgate(c, "db", "config", DB, "--format=json").stdout)
+    sock = tls_session(c, timeout=20)
+    sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+    assert sock.recv(64) == b"+PONG\r\n"  # the session is relaying
+    batch = b"*2\r\n$4\r\nINCR\r\n$6\r\nterm:n\r\n" * 2000
+    sent = threading.Event()
+
+    def send_all():
+        try:
+            for i in range(100):
+                sock.sendall(batch)
+                if i == 30:
+                    sent.set()
+        except (OSError, ValueError):
+            pass
+        sent.set()
+
+    sender = threading.Thread(target=send_all)
+    sender.start()
+    assert sent.wait(30)
+    proc = c.procs["dbproxy"].popen
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    reader = hiredis.Reader()
+    replies = []
+    sock.settimeout(20)
+    ended = None
+    while True:
+        try:
+            data = sock.recv(1 << 20)
+        except (OSError, ssl.SSLError) as exc:
+            ended = exc
+            break
+        if not data:
+            break
+        reader.feed(data)
+        while (item := reader.gets()) is not False:
+            replies.append(item)
+    sender.join(20)
+    sock.close()
+    rc = proc.wait(20)
+    took = time.monotonic() - started
+    ran = int(direct.get("term:n") or 0)
+    counts = [r for r in replies if isinstance(r, int)]
+    assert ran > 0 and counts == list(range(1, ran + 1)), (ran, len(counts), ended)
+    assert isinstance(replies[-1], hiredis.ReplyError) and "shutting down; reconnect" in str(replies[-1])
+    assert rc == 0 and took < 10 + 5, (rc, took)  # limits.shutdown_grace (10 s) and the rest of the stop
+    direct.close()
+    c.procs["dbproxy"].start()  # for whatever runs after
+
+
+def redis_direct_client(c):
+    import redis
+
+    return redis.Redis(host="127.0.0.1", port=c.redis["port"], password=REDIS_PASSWORD, ssl=True,
+                       ssl_ca_certs=c.redis["ca"], socket_timeout=10)
