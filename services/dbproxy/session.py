@@ -59,6 +59,8 @@ _FINISH_TIMEOUT = 2.0
 _CLOSE_GRACE = 1.0
 # With no new token, a session ends this long before its token expires (Azure would close it).
 _LAST_SECOND = 1.0
+# Client commands held behind a capped blocking command, at most (then the client is not read).
+_MAX_HELD_BEHIND_BLOCK = 1 << 20
 
 
 class AuditSink(Protocol):
@@ -231,6 +233,7 @@ class Session:
         self._stop: asyncio.Future | None = None
         self._pending_stop: End | None = None
         self._finishing: End | None = None  # waiting for the replies due, then this
+        self._held_pause = False  # client reading paused while commands wait behind a block
         self._last_activity = time.monotonic()
         # Audit.
         self._afields = {
@@ -490,6 +493,10 @@ class Session:
         if core.ending is not None:
             self._end(core.ending)
             return
+        if core.held_bytes > _MAX_HELD_BEHIND_BLOCK and not self._held_pause:
+            # Commands behind a blocking command wait in the proxy: read no more until they go.
+            self._held_pause = True
+            self._ct.pause_reading()
         pending = core.pending
         if pending or self._held:
             self._account(pending, core.commands != before)
@@ -504,6 +511,9 @@ class Session:
         up = core.take_upstream()
         if up:
             self._ut.write(up)
+            if self._held_pause and not core.held_bytes:
+                self._held_pause = False
+                self._resume_client()
         if core.ending is not None:
             self._end(core.ending)
         if core.idle:
@@ -525,7 +535,8 @@ class Session:
             self._ct.pause_reading()
 
     def _resume_client(self) -> None:
-        if self._ct is not None and not self._ct.is_closing() and self._finishing is None:
+        if (self._ct is not None and not self._ct.is_closing() and self._finishing is None
+                and not self._held_pause):
             self._ct.resume_reading()
 
     def _pause_upstream(self) -> None:

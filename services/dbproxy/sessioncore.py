@@ -261,6 +261,11 @@ class SessionCore:
         return not self._q and not self._framer.in_frame
 
     @property
+    def held_bytes(self) -> int:
+        """Bytes of client commands waiting in the proxy behind a capped blocking command."""
+        return self._held_up_size
+
+    @property
     def pending(self) -> int:
         """Bytes held for an incomplete command from the client."""
         return self._parser.pending

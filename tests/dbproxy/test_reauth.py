@@ -280,3 +280,32 @@ def test_no_new_token_the_session_works_until_expiry_then_ends_with_one_line(pro
     assert "\n" not in str(last) and LIFETIME / 3 < lived < LIFETIME + 2  # worked until its token expired
     assert raw.closed(5)
     raw.close()
+
+
+def test_commands_behind_a_capped_block_are_bounded_and_keep_their_order(proxy, redis_server, entra):
+    """Behind a blocking command the proxy holds what the client pipelines (so that it can
+    re-issue the block first), at most about 1 MiB: then it reads no more until they go."""
+    from services.dbproxy.resp import encode_command as C
+
+    tokens, enforcer, user = entra
+    admin = redis_server.client()
+    admin.delete("ra:q", "ra:after")
+    raw = RawClient(proxy.port, proxy.certs.path("server-ca.pem"), user("ra-held"))
+    raw.send(C("PING"))
+    assert raw.read(1) == [b"PONG"]
+    session = next(s for s in proxy.listener.sessions if s.user == "ra-held")
+    value = "v" * 1000
+    behind = C("RPUSH", "ra:after", value) * 3000  # about 3 MB
+    sender = threading.Thread(target=lambda: raw.sock.sendall(C("BLPOP", "ra:q", "0") + behind))
+    sender.start()
+    peak = 0
+    for _ in range(20):
+        time.sleep(0.05)
+        peak = max(peak, proxy.run(lambda: session.core.held_bytes))
+    assert 0 < peak < 2 * 1024 * 1024, peak
+    assert admin.llen("ra:after") == 0  # nothing behind the block ran yet, as in Redis
+    admin.rpush("ra:q", "x")
+    replies = raw.read(3001, timeout=30)
+    sender.join(10)
+    assert replies[0] == [b"ra:q", b"x"] and replies[1:] == list(range(1, 3001))
+    raw.close()
