@@ -264,6 +264,10 @@ class DbProxyServiceConfig(_Model):
     database_ca_files: list[str] = Field(default_factory=list)
     # Where audit events wait while auth cannot be reached (default: data_dir/dbproxy/audit-spool).
     audit_spool_dir: str = ""
+    # Processes that serve the RESP port (SO_REUSEPORT: the kernel spreads new sessions over
+    # them), so that one dbproxy uses every core; 0 = one per CPU. The first also serves the
+    # gRPC and web ports.
+    workers: int = Field(default=1, ge=0, le=64)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
 

@@ -281,8 +281,12 @@ class DataPlane:
 
 
 class SessionServicer(proxy_service_pb2_grpc.SessionServiceServicer):
-    def __init__(self, plane: DataPlane):
+    """``cgctl sessions ls/kill``: this process's sessions, and with ``workers`` (a
+    :class:`~services.dbproxy.workers.WorkerSet`) the other workers' too."""
+
+    def __init__(self, plane: DataPlane, workers=None):
         self.plane = plane
+        self.workers = workers
 
     def _sessions(self):
         import time
@@ -297,11 +301,15 @@ class SessionServicer(proxy_service_pb2_grpc.SessionServiceServicer):
                 bytes_in=s.bytes_in, bytes_out=s.bytes_out, start_time=ts(s.started),
                 idle=dur(max(0.0, now - getattr(s, "_last_activity", now))))
             out.append(msg)
-        return sorted(out, key=lambda m: m.id)
+        return out
 
     async def ListSessions(self, request, context):
+        found = self._sessions()
+        if self.workers is not None:
+            found += await self.workers.sessions()
+        found.sort(key=lambda m: m.id)
         try:
-            page, nxt = paginate(self._sessions(), lambda m: m.id, request.page_size, request.page_token)
+            page, nxt = paginate(found, lambda m: m.id, request.page_size, request.page_token)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return proxy_service_pb2.ListSessionsResponse(sessions=page, next_page_token=nxt)
@@ -310,6 +318,8 @@ class SessionServicer(proxy_service_pb2_grpc.SessionServiceServicer):
         caller = authz.current_caller()
         n = self.plane.listener.terminate(lambda s: s.ctx.session_id == request.id,
                                           f"an administrator ({caller.name}) ended it")
+        if not n and self.workers is not None:
+            n = await self.workers.terminate(request.id, caller.name)
         if not n:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no live session {request.id!r}: see `cgctl sessions ls`")
         self.plane.audit.emit("db.session.terminate", caller.name, source_addr=caller.source_addr(),

@@ -97,6 +97,7 @@ class RespListener:
         port: int = 0,
         authorize_timeout: float = 10.0,
         metrics: ProxyMetrics | None = None,
+        reuse_port: bool = False,
     ) -> None:
         if ssl_context is None:
             if not (cert_pem and key_pem and client_ca_pem):
@@ -109,6 +110,8 @@ class RespListener:
         self.host = host
         self.port = port
         self.authorize_timeout = authorize_timeout
+        # SO_REUSEPORT: several worker processes listen on one port (the kernel spreads connections).
+        self.reuse_port = reuse_port
         # The process's instruments (services.common.telemetry.setup_metrics) unless given.
         self.metrics = metrics if metrics is not None else dbmetrics.default()
         self.sessions: set[Session] = set()
@@ -124,7 +127,8 @@ class RespListener:
         family = socket.getaddrinfo(self.host or None, self.port, type=socket.SOCK_STREAM,
                                     flags=socket.AI_PASSIVE)[0][0]
         dual = family == socket.AF_INET6 and self.host in ("", "::") and socket.has_dualstack_ipv6()
-        sock = socket.create_server((self.host, self.port), family=family, backlog=1024, dualstack_ipv6=dual)
+        sock = socket.create_server((self.host, self.port), family=family, backlog=1024, dualstack_ipv6=dual,
+                                    reuse_port=self.reuse_port)
         sock.setblocking(False)
         self._sock = sock
         self.port = sock.getsockname()[1]

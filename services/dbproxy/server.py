@@ -39,6 +39,7 @@ from services.common.pki import cert_from_pem
 from services.common.telemetry import server_interceptors, setup_metrics, setup_tracing
 from services.common.version import VERSION
 from services.dbproxy.dataplane import DataPlane, SessionServicer
+from services.dbproxy.workers import WorkerSet, adopt_worker_spools, worker_count
 
 log = logging.getLogger("cachegate.dbproxy")
 
@@ -261,13 +262,19 @@ async def run_dbproxy(cfg: Config, stop: asyncio.Event, ready=None) -> None:
     plane = DataPlane(pcfg, creds, auth, verifier, folder, creds.identity.cluster_name)
     _raise_open_files(plane.limits.max_sessions * 2 + plane.limits.max_handshakes + 512)
     servicer = ProxyServicer(auth, settings, plane)
+    sessions = SessionServicer(plane)
+    nworkers = worker_count(pcfg.workers)
+    spool_dir = plane.audit.spool_dir
+    if nworkers > 1:
+        plane.listener.reuse_port = True
+        adopt_worker_spools(spool_dir)
     interceptors = server_interceptors(tracing)
     public = GrpcServer("dbproxy-public", [ServiceBinding(
         proxy_service_pb2_grpc.add_ProxyServiceServicer_to_server, servicer, PROXY)],
         PUBLIC_POLICY, creds.server_credentials(False), lambda: verifier, extra_interceptors=interceptors)
     api = GrpcServer("dbproxy-api", [
         ServiceBinding(proxy_service_pb2_grpc.add_ProxyServiceServicer_to_server, servicer, PROXY),
-        ServiceBinding(proxy_service_pb2_grpc.add_SessionServiceServicer_to_server, SessionServicer(plane), SESSIONS),
+        ServiceBinding(proxy_service_pb2_grpc.add_SessionServiceServicer_to_server, sessions, SESSIONS),
     ], API_POLICY, creds.server_credentials(True), lambda: verifier, extra_interceptors=interceptors,
         admin_check=lambda ident, res, verb: bool(plane.cache.roleset(ident).check_admin(res, verb)))
     public_port = await public.start(pcfg.listen_addr)
@@ -282,6 +289,10 @@ async def run_dbproxy(cfg: Config, stop: asyncio.Event, ready=None) -> None:
     await site.start()
     web_port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 (port 0 in tests)
     redis_port = await plane.start()
+    workers = None
+    if nworkers > 1:
+        workers = sessions.workers = WorkerSet(cfg, nworkers, redis_port, folder, spool_dir)
+        await workers.start()
     pub = pcfg.public_addr
     settings.api_listen_addr = public_hostport(pub, pcfg.api_listen_addr, api_port)
     settings.web_listen_addr = public_hostport(pub, pcfg.web_listen_addr, web_port)
@@ -292,7 +303,8 @@ async def run_dbproxy(cfg: Config, stop: asyncio.Event, ready=None) -> None:
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
     log.info("dbproxy service ready", extra={"host_id": creds.identity.name, "public_port": public_port,
-                                             "api_port": api_port, "web_port": web_port, "redis_port": redis_port})
+                                             "api_port": api_port, "web_port": web_port, "redis_port": redis_port,
+                                             "workers": nworkers})
     if ready:
         ready({"service": "dbproxy", "public_port": public_port, "api_port": api_port, "web_port": web_port,
                "redis_port": redis_port, "host_id": creds.identity.name})
@@ -306,7 +318,10 @@ async def run_dbproxy(cfg: Config, stop: asyncio.Event, ready=None) -> None:
                 await srv.health.enter_graceful_shutdown()
             except Exception:  # noqa: BLE001 - stopping anyway
                 pass
-        await plane.stop()
+        if workers is not None:
+            await asyncio.gather(plane.stop(), workers.stop(plane.limits.shutdown_grace))
+        else:
+            await plane.stop()
         await runner.cleanup()
         tmp.cleanup()
         await public.stop(2.0)

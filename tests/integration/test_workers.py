@@ -1,0 +1,218 @@
+"""dbproxy with ``workers: 2``: one RESP port served by two processes (SO_REUSEPORT).
+
+Real processes: auth, dbproxy (whose first process starts the second), a TLS redis-server
+with a password; sessions are plain TLS clients with a database certificate from
+``cgate db login``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import time
+
+import pytest
+
+from tests.cli.test_cgate_db_e2e import DB, PASSWORD, SECRET_ENV, REDIS_PASSWORD, cgate, redis_tls  # noqa: F401
+from tests.helpers import Cluster, write_yaml
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def c(tmp_path_factory, redis_tls):  # noqa: F811
+    root = tmp_path_factory.mktemp("workers")
+    cl = Cluster(root)
+    cl.start_auth()
+    cfg = cl.joiner_config("dbproxy", cl.token("proxy"), database_ca_files=[redis_tls["ca"]], workers=2)
+    proxy = cl.proc("dbproxy", cfg)
+    proxy.extra_env = {SECRET_ENV: REDIS_PASSWORD}
+    proxy.start()
+    cl.proxy = f"127.0.0.1:{proxy.info['public_port']}"
+    cl.api = f"127.0.0.1:{proxy.info['api_port']}"
+    cl.redis_port = proxy.info["redis_port"]
+    cl.home = root / "home"
+    doc = {"kind": "db", "version": "v1", "metadata": {"name": DB, "labels": {"env": "test"}},
+           "spec": {"protocol": "redis", "uri": f"127.0.0.1:{redis_tls['port']}", "tls": True,
+                    "ca_cert_file": redis_tls["ca"], "secret": f"env:{SECRET_ENV}"}}
+    cl.cgctl("create", "-f", str(write_yaml(root / "db.yaml", doc)))
+    data = json.loads(cl.cgctl("users", "add", "alice", "--roles=access", "--db-users=*", "--db-names=0",
+                               "--format=json").stdout)
+    cgate(cl, "login", f"--proxy={cl.proxy}", f"--invite={data['invite']}", f"--ca-pin={cl.ca_pin}",
+          "--password-stdin", input=PASSWORD + "\n")
+    deadline = time.monotonic() + 30
+    while DB not in cgate(cl, "db", "ls", check=False).stdout:
+        assert time.monotonic() < deadline, "the database was not listed"
+        time.sleep(0.3)
+    cgate(cl, "db", "login", DB)
+    cl.db = json.loads(cgate(cl, "db", "config", DB, "--format=json").stdout)
+    yield cl
+    cl.stop()
+
+
+def first_pid(c) -> int:
+    return c.procs["dbproxy"].popen.pid
+
+
+def worker_pids(c) -> list[int]:
+    pid = first_pid(c)
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out += [int(x) for x in open(f"/proc/{pid}/task/{task}/children").read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def wait_workers(c, n: int = 1, not_in: tuple[int, ...] = (), timeout: float = 20) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = [p for p in worker_pids(c) if p not in not_in]
+        if len(pids) >= n:
+            return pids
+        assert time.monotonic() < deadline, "the dbproxy worker did not (re)start"
+        time.sleep(0.2)
+
+
+def accepted_by(pid: int, port: int) -> int:
+    return len(peers_of(pid, port))
+
+
+def peers_of(pid: int, port: int) -> set[int]:
+    """The client ports of ``pid``'s accepted connections on ``port`` (the RESP port)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    peers = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            local, remote, state, inode = parts[1], parts[2], parts[3], parts[9]
+            if int(local.rsplit(":", 1)[1], 16) == port and state == "01" and inode in inodes:
+                peers.add(int(remote.rsplit(":", 1)[1], 16))
+    return peers
+
+
+def session(c, timeout: float = 10) -> ssl.SSLSocket:
+    db = c.db
+    ctx = ssl.create_default_context(cafile=db["ca"])
+    ctx.load_cert_chain(db["cert"], db["key"])
+    s = ctx.wrap_socket(socket.create_connection((db["host"], db["port"]), timeout=timeout),
+                        server_hostname=db["host"])
+    return s
+
+
+def ping(s: ssl.SSLSocket) -> bytes:
+    s.sendall(b"*1\r\n$4\r\nPING\r\n")
+    return s.recv(64)
+
+
+def sessions_ls(c) -> list[dict]:
+    return json.loads(c.cgctl("sessions", "ls", f"--proxy-api={c.api}", "--format=json").stdout)
+
+
+def test_sessions_spread_over_both_workers_and_are_listed_and_killed_from_the_first(c):
+    [child] = wait_workers(c)
+    socks = [session(c) for _ in range(40)]
+    try:
+        assert all(ping(s) == b"+PONG\r\n" for s in socks)
+        by_first, by_child = accepted_by(first_pid(c), c.redis_port), accepted_by(child, c.redis_port)
+        assert by_first + by_child == 40 and by_first > 0 and by_child > 0, (by_first, by_child)
+        # `cgctl sessions ls` asks the first process, which asks the other worker.
+        listed = sessions_ls(c)
+        assert len(listed) == 40 and {s["user"] for s in listed} == {"alice"}
+        # Kill one session of each worker: each is told why, the others go on.
+        on_child = peers_of(child, c.redis_port)
+        port_of = {int(x["client"].rsplit(":", 1)[1]): x["id"] for x in listed}
+        victims = [next(p for p in port_of if p in on_child), next(p for p in port_of if p not in on_child)]
+        for p in victims:
+            c.cgctl("sessions", "kill", port_of[p], f"--proxy-api={c.api}")
+        for s in socks:
+            if s.getsockname()[1] not in victims:
+                continue
+            s.settimeout(5)
+            data = b""
+            while b"\r\n" not in data:
+                chunk = s.recv(256)
+                if not chunk:
+                    break
+                data += chunk
+            assert b"an administrator" in data and b"ended it" in data, data
+        left = {x["id"] for x in sessions_ls(c)}
+        assert len(left) == 38 and not left & {port_of[p] for p in victims}
+        res = c.cgctl("sessions", "kill", port_of[victims[0]], f"--proxy-api={c.api}", check=False)
+        assert res.returncode != 0 and "no live session" in res.stderr
+        # Every worker's audit reaches auth: one PING event per session, each session once.
+        deadline = time.monotonic() + 15
+        while True:
+            events = json.loads(c.cgctl("audit", "search", "--type=db.session.query", "--user=alice",
+                                        "--format=json").stdout)
+            pings = [e["fields"]["session_id"] for e in events if e["fields"].get("command") == "PING"]
+            if len(pings) >= 40 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert sorted(pings) == sorted(port_of.values())
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_a_killed_worker_is_started_again_and_the_other_keeps_serving(c):
+    [child] = wait_workers(c)
+    socks = [session(c) for _ in range(20)]
+    assert all(ping(s) == b"+PONG\r\n" for s in socks)
+    on_child = peers_of(child, c.redis_port)
+    assert on_child and len(on_child) < 20
+    os.kill(child, signal.SIGKILL)
+    started = time.monotonic()
+    [new_child] = wait_workers(c, not_in=(child,), timeout=15)
+    assert time.monotonic() - started < 10
+    # Sessions of the first process never noticed; those of the killed worker are gone.
+    for s in socks:
+        s.settimeout(3)
+        try:
+            answer = ping(s)
+        except (OSError, ssl.SSLError):
+            answer = b""
+        if s.getsockname()[1] in on_child:
+            assert answer == b"", answer
+        else:
+            assert answer == b"+PONG\r\n", answer
+    # New sessions land on both again.
+    deadline = time.monotonic() + 10
+    while accepted_by(new_child, c.redis_port) == 0:
+        extra = session(c)
+        assert ping(extra) == b"+PONG\r\n"
+        socks.append(extra)
+        assert time.monotonic() < deadline, "no session reached the restarted worker"
+    for s in socks:
+        s.close()
+    log = (c.root / "dbproxy.log").read_text()
+    assert "dbproxy worker exited; starting it again" in log
+
+
+def test_sigterm_stops_every_worker(c):
+    [child] = wait_workers(c)
+    s = session(c)
+    assert ping(s) == b"+PONG\r\n"
+    proc = c.procs["dbproxy"].popen
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{child}") and open(f"/proc/{child}/stat").read().split()[2] != "Z":
+        assert time.monotonic() < deadline, "the worker outlived the first process"
+        time.sleep(0.1)
+    s.close()
