@@ -125,6 +125,9 @@ def serve_proxy(d: Path, redis_port: int, metrics: str, profile: str, audit_mode
         telemetry.setup_metrics("dbproxy", TelemetryConfig(
             metrics=metrics, prometheus_listen_addr=f"127.0.0.1:{_free_port()}"))
 
+    from services.dbproxy.limits import tune_malloc
+
+    tune_malloc()  # as run_dbproxy does
     stats = {"batches": 0, "events": 0, "query_events": 0, "bytes": 0}
     upstream_ssl = ssl.create_default_context(cafile=str(d / "server-ca.pem"))
     creds = StaticCredentials(None, PASSWORD)

@@ -39,6 +39,7 @@ from services.common.pki import cert_from_pem
 from services.common.telemetry import server_interceptors, setup_metrics, setup_tracing
 from services.common.version import VERSION
 from services.dbproxy.dataplane import DataPlane, SessionServicer
+from services.dbproxy.limits import tune_malloc
 from services.dbproxy.workers import WorkerSet, adopt_worker_spools, worker_count
 
 log = logging.getLogger("cachegate.dbproxy")
@@ -249,6 +250,7 @@ def _raise_open_files(want: int) -> None:
 
 
 async def run_dbproxy(cfg: Config, stop: asyncio.Event, ready=None) -> None:
+    tune_malloc()
     tracing = setup_tracing("dbproxy", cfg.telemetry)
     setup_metrics("dbproxy", cfg.telemetry)
     pcfg = cfg.dbproxy_service

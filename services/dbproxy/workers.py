@@ -237,6 +237,9 @@ async def run_worker(spec: dict) -> None:
     from services.common.telemetry import setup_metrics, setup_tracing, shutdown
     from services.dbproxy.dataplane import DataPlane
 
+    from services.dbproxy.limits import tune_malloc
+
+    tune_malloc()
     cfg = Config.model_validate(spec["config"])
     index = spec["index"]
     if cfg.telemetry.metrics == "prometheus":  # the port is the first process's
