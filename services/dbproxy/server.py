@@ -47,6 +47,8 @@ log = logging.getLogger("cachegate.dbproxy")
 PROXY = proxy_service_pb2.DESCRIPTOR.services_by_name["ProxyService"]
 SESSIONS = proxy_service_pb2.DESCRIPTOR.services_by_name["SessionService"]
 CLUSTER_INFO_TTL = 30.0
+# The public API address /v1/webapi/find reports (known once that port is bound).
+PUBLIC_ADDR = web.AppKey("public_addr", str)
 
 
 def _m(desc, name):
@@ -199,7 +201,7 @@ def web_app(servicer: ProxyServicer, settings: proxy_service_pb2.GetProxySetting
             "server_version": VERSION,
             "cluster_name": cluster,
             "proxy": {
-                "public_addr": request.app["public"],
+                "public_addr": request.app[PUBLIC_ADDR],
                 "api_addr": settings.api_listen_addr,
                 "redis_addr": settings.redis_listen_addr,
                 "web_addr": settings.web_listen_addr,
@@ -209,7 +211,7 @@ def web_app(servicer: ProxyServicer, settings: proxy_service_pb2.GetProxySetting
         return web.json_response(body, dumps=lambda o: json.dumps(o, indent=None))
 
     app = web.Application()
-    app["public"] = ""
+    app[PUBLIC_ADDR] = ""
     app.router.add_get("/v1/webapi/find", find)
     app.router.add_get("/webapi/find", find)
     if installer is not None:
@@ -299,7 +301,7 @@ async def run_dbproxy(cfg: Config, stop: asyncio.Event, ready=None) -> None:
     settings.api_listen_addr = public_hostport(pub, pcfg.api_listen_addr, api_port)
     settings.web_listen_addr = public_hostport(pub, pcfg.web_listen_addr, web_port)
     settings.redis_listen_addr = public_hostport(pub, pcfg.redis_listen_addr, redis_port)
-    runner.app["public"] = public_hostport(pub, pcfg.listen_addr, public_port)
+    runner.app[PUBLIC_ADDR] = public_hostport(pub, pcfg.listen_addr, public_port)
     # Long-lived objects made so far (modules, config, caches) leave the collector's view,
     # and young collections run less often: the RESP hot path allocates many short-lived objects.
     gc.freeze()

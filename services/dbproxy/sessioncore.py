@@ -454,14 +454,14 @@ class SessionCore:
             i += 1
         q.insert(i, entry)
 
-    def _end_multi(self, out: list[bytes]) -> None:
+    def _end_multi(self) -> None:
         self._in_multi = self._multi_bad = False
         self._watching = self._watch_broken = False
         self._multi_cmds, self._multi_size = [], 0
 
     def _forward_and_end_multi(self, cmd: Command, name: str, out: list[bytes]) -> None:
         """EXEC or DISCARD, then an AUTH that had to wait for the transaction's end."""
-        self._end_multi(out)
+        self._end_multi()
         _Handlers._forward(self, cmd, name, out)
         auth, self._reauth_after_exec = self._reauth_after_exec, None
         if auth is not None:
@@ -892,13 +892,13 @@ class _Handlers:
         if not ok:
             return
         if s._in_multi and s._multi_bad:
-            s._end_multi(out)
+            s._end_multi()
             s._audit_query(cmd, name, None, error="transaction aborted: a command in it was denied")
             out.append(_DISCARD)
             s._expect(1, swallow=True, local=_EXECABORT)
             return
         if s._in_multi and s._watch_broken:
-            s._end_multi(out)
+            s._end_multi()
             s._audit_query(cmd, name, None, error="transaction aborted: its WATCH did not survive "
                            "the proxy's re-authentication")
             out.append(_DISCARD)
@@ -914,18 +914,11 @@ class _Handlers:
 
     @staticmethod
     def watch(s: SessionCore, cmd: Command, out: list[bytes]) -> None:
+        """WATCH and UNWATCH: whether keys are watched (a MULTI replay cannot keep them)."""
         name, ok = _Handlers._rbac(s, cmd)
         if ok:
             if not s._in_multi:
-                s._watching = True
-            _Handlers._forward(s, cmd, name, out)
-
-    @staticmethod
-    def unwatch(s: SessionCore, cmd: Command, out: list[bytes]) -> None:
-        name, ok = _Handlers._rbac(s, cmd)
-        if ok:
-            if not s._in_multi:
-                s._watching = False
+                s._watching = cmd.name == "WATCH"
             _Handlers._forward(s, cmd, name, out)
 
     @staticmethod
@@ -1147,7 +1140,7 @@ _SPECIAL: dict[str, Callable[[SessionCore, Command, list[bytes]], None]] = {
     "FLUSHALL": _Handlers.flushall,
     "MULTI": _Handlers.multi,
     "WATCH": _Handlers.watch,
-    "UNWATCH": _Handlers.unwatch,
+    "UNWATCH": _Handlers.watch,
     **{name: _Handlers.blocking for name in _BLOCKING},
     "EXEC": _Handlers.exec_,
     "DISCARD": _Handlers.discard,
