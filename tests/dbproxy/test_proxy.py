@@ -619,3 +619,35 @@ def test_drain_delivers_every_reply_of_what_ran_then_says_reconnect(proxy, certs
     counts = [r for r in replies if isinstance(r, int)]
     assert ran > 0 and len(counts) == ran and counts == list(range(1, ran + 1)), (ran, len(counts))
     assert isinstance(replies[-1], Exception) and "the proxy is shutting down; reconnect" in str(replies[-1])
+
+
+def test_tls_session_resumption_keeps_the_certificates_identity(proxy, certs):
+    """A client that resumes its TLS session (a TLS 1.3 ticket) skips the certificate
+    exchange; the session is still the certificate's user, checked and audited as such."""
+    import socket
+    import ssl
+
+    ruth = certs.user_cert("ruth")
+    ctx = ssl.create_default_context(cafile=certs.path("server-ca.pem"))
+    ctx.load_cert_chain(*ruth)
+    ticket = None
+    reused = []
+    for i in range(3):
+        s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", proxy.port), timeout=10),
+                            server_hostname="127.0.0.1", session=ticket)
+        s.sendall(C("SET", f"resume:{i}", "v") + C("FLUSHALL"))
+        got = b""
+        while got.count(b"\r\n") < 2:
+            got += s.recv(4096)
+        assert got.startswith(b"+OK\r\n") and b"FLUSHALL denied" in got, got  # her roles, resumed or not
+        reused.append(s.session_reused)
+        ticket = s.session
+        s.close()
+    assert reused == [False, True, True]
+    deadline = time.monotonic() + 5
+    while True:
+        starts = [e for e in proxy.flush_audit() if e.actor == "ruth" and e.type == "db.session.start"]
+        if len(starts) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(starts) == 3 and all(e.success for e in starts)
