@@ -7,6 +7,7 @@ expire. Writes publish change events to in-process watchers.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import threading
@@ -209,6 +210,11 @@ class SQLiteBackend(Backend):
         # transaction (a WAL commit per event). One transaction for the batch, all or nothing.
         if not rows:
             return
+        # In a thread: SQLite lets go of the GIL while it writes, so the event loop checks the
+        # next batch (and answers logins) meanwhile instead of waiting for the commit.
+        await asyncio.to_thread(self._append_audit_many, rows)
+
+    def _append_audit_many(self, rows: Sequence[AuditRow]) -> None:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
