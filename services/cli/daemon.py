@@ -441,13 +441,13 @@ def main() -> None:
     app()
 
 
-DEFAULT_CONFIG = "/etc/cachegate.yaml"
-
-
 def _service_main(name: str) -> None:
     """``cachegate-<service> [options of start]``: ``cachegate start -c $CACHEGATE_CONFIG
-    --service <service>``, the entrypoint of one container or unit per service."""
-    config = os.environ.get("CACHEGATE_CONFIG") or DEFAULT_CONFIG
+    --service <service>``, the entrypoint of one container or unit per service (without the
+    variable: the host's config, /etc/cachegate.yaml or $CACHEGATE_SYSTEM_CONFIG)."""
+    from services.common.config import system_config_path
+
+    config = os.environ.get("CACHEGATE_CONFIG") or str(system_config_path())
     sys.argv = [f"cachegate-{name}", "start", "-c", config, "--service", name, *sys.argv[1:]]
     app()
 
