@@ -305,3 +305,28 @@ def test_an_editor_user_runs_cgctl_with_the_cgate_session(env):
     assert res.returncode == 1 and "may not create user" in res.stderr
     events = json.loads(c.cgctl("audit", "search", "--type=user.create", "--format=json").stdout)
     assert any(e["fields"].get("user") == "grace" or "grace" in json.dumps(e) for e in events)
+
+
+def test_login_to_a_wrong_port_of_the_proxy_host_names_the_port_to_use(env):
+    """`cgate login` pointed at the web, Redis, API or an auth port of the right host says
+    which port that is and which to use, and leaves no profile behind."""
+    c = env
+    info = c.procs["dbproxy"].info
+    web = f"127.0.0.1:{info['web_port']}"
+    want = {
+        web: (f"{web} is the proxy's HTTPS web port (default 3443), not its login port; use --proxy={c.proxy}"),
+        f"127.0.0.1:{info['redis_port']}": "is a Redis port (the proxy's is 3081 by default, for `cgate db connect`",
+        f"127.0.0.1:{info['api_port']}": "is not the proxy's login port: it is a Cachegate service port that takes "
+                                         "host certificates",
+        c.auth_addr: "is not the proxy's login port: it is a Cachegate service port",
+        c.join_addr: "is auth's join port (default 3026), not the proxy's login port; use --proxy=127.0.0.1:3080",
+    }
+    home = c.root / "wrong-port-home"
+    for addr, text in want.items():
+        res = run_cli("cgate", "login", f"--proxy={addr}", "--user=nobody", f"--ca-pin={c.ca_pin}",
+                      "--password-stdin", input="x\n", check=False, extra_env={"CACHEGATE_HOME": str(home)})
+        assert res.returncode == 1, res
+        err = res.stderr.strip()
+        assert err.startswith("ERROR: ") and len(err.splitlines()) == 1 and text in err, (addr, err)
+        assert "use --proxy=" in err
+        assert not (home / "profiles").exists() or not any((home / "profiles").iterdir()), addr
