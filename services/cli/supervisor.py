@@ -208,7 +208,7 @@ def dev_units(cluster, started: dict[str, dict], sup: Supervisor) -> None:
 
         port = urlsplit(azure.info["base_url"]).port or 0
         proc, _ = standin_dev.start_process(azure.dir, azure.dir / "state.yaml", timeout=30,
-                                            log_file=cluster.logs / "azure-standin.log", port=port)
+                                            log_file=cluster.logs / "azure-standin.log", port=port, keep=True)
         azure.procs["azure-standin"] = proc
         return proc
 
