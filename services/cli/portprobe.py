@@ -171,3 +171,38 @@ def cert_service(cert) -> str:
     except ValueError:
         return ""
     return role_name(ident.service_role) if ident.kind == types_pb2.IDENTITY_KIND_HOST else ""
+
+
+def auth_port_hint(host: str, port: int) -> str | None:
+    """For `cgctl --auth-server=host:port` that failed: which port that is, when it is another
+    of the cluster's, and the flag to use; None when it may well be auth's mesh port."""
+    info = identify(host, port)
+    if info is None:
+        return None
+    here, use = join_hostport(host, port), f"--auth-server={join_hostport(host, DEFAULT_AUTH_PORT)}"
+    if info.kind == "https":
+        what = f"the proxy's HTTPS web port (default {DEFAULT_WEB_PORT})"
+    elif info.kind in ("resp", "tls-mtls"):
+        what = f"a Redis port (the proxy's is {DEFAULT_REDIS_PORT} by default)"
+    elif info.kind == "plain":
+        what = "a port that does not speak TLS"
+    elif info.kind in ("grpc", "grpc-mtls"):
+        from services.common.pki import fetch_unverified_chain
+
+        try:
+            chain = fetch_unverified_chain(host, port, timeout=5)
+        except OSError:
+            return None
+        service = cert_service(chain[0]) if chain else ""
+        if service == "auth" and info.kind == "grpc":
+            what = f"auth's join port (default {DEFAULT_JOIN_PORT})"
+        elif service == "dbproxy":
+            what = (f"the proxy's login port (default {DEFAULT_PROXY_PORT})" if info.kind == "grpc"
+                    else f"dbproxy's API port (default {DEFAULT_API_PORT})")
+        elif service == "discovery":
+            what = f"discovery's port (default {DEFAULT_DISCOVERY_PORT})"
+        else:
+            return None
+    else:
+        return None
+    return f"{here} is {what}, not auth's mesh port; use {use}"
