@@ -82,6 +82,11 @@ def grpc_message(exc: grpc.aio.AioRpcError, target: str, what: str) -> str:
     code = exc.code()
     details = exc.details() or code.name
     if code == grpc.StatusCode.UNAVAILABLE:
+        from services.common.grpcutil import AUTH_UNREACHABLE
+
+        if details.startswith(AUTH_UNREACHABLE):
+            return (f"the {what} at {target} answered, but it cannot reach the auth service right now: try again "
+                    "shortly; if it persists, the cluster's administrator should check auth (`cgctl status`)")
         if "certificate" in details.lower() or "handshake" in details.lower() or "ssl" in details.lower():
             return (f"TLS with the {what} at {target} failed ({details.splitlines()[0]}): "
                     "your certificate may have expired or be from another cluster; log in again")
