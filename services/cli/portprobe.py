@@ -64,20 +64,29 @@ def classify(alpn: str | None, reply: bytes, error: BaseException | None) -> str
     return "tls"
 
 
+def _complete(out: bytes) -> bool:
+    """Whether a reply read so far is whole: a RESP line, or HTTP headers and the body they announce."""
+    if out[:1] in (b"-", b"+"):
+        return b"\r\n" in out
+    head, sep, body = out.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            try:
+                return len(body) >= int(line.split(b":", 1)[1])
+            except ValueError:
+                return True
+    return False  # no length: read to the end (Connection: close)
+
+
 def _read(tls: ssl.SSLSocket, limit: int = 65536) -> bytes:
     out = b""
-    while len(out) < limit:
+    while len(out) < limit and not _complete(out):
         chunk = tls.recv(limit - len(out))
         if not chunk:
             break
         out += chunk
-        if out.startswith(b"\x00") or b"\r\n\r\n" in out and b"Content-Length" not in out:
-            break
-        if b"\r\n\r\n" in out:
-            head, _, body = out.partition(b"\r\n\r\n")
-            for line in head.split(b"\r\n"):
-                if line.lower().startswith(b"content-length:") and len(body) >= int(line.split(b":")[1]):
-                    return out
     return out
 
 

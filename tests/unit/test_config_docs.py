@@ -120,3 +120,13 @@ def test_the_check_sees_a_key_that_is_not_documented():
 
     assert "made_up_section.made_up_key" in set(schema_keys(WithExtra)) - documented_keys()
     assert len(doc_rows()) > 60
+
+
+def test_every_yaml_example_of_docs_config_md_loads():
+    """The examples are configs the services accept (no key that does not exist)."""
+    import yaml
+
+    blocks = re.findall(r"```yaml\n(.*?)```", DOC.read_text(), re.S)
+    assert blocks
+    for block in blocks:
+        cfgmod.load_config(data=yaml.safe_load(block), environ={})

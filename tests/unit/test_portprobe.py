@@ -55,3 +55,13 @@ def test_identify_a_plain_tcp_port_and_a_closed_one():
         t.join(5)
         srv.close()
     assert identify("127.0.0.1", port, timeout=2) is None
+
+
+def test_a_reply_is_read_until_it_is_whole():
+    from services.cli.portprobe import _complete
+
+    assert _complete(b"-ERR a client certificate is required\r\n")
+    assert not _complete(b"-ERR a client cert")
+    assert not _complete(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{\"a\":")
+    assert _complete(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+    assert not _complete(b"HTTP/1.1 200 OK\r\n\r\n{}")  # no length: until the server closes
