@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup dev test test-quick protos protos-check bench clean
+.PHONY: setup dev test test-quick protos protos-check docs bench clean
 
 setup:
 	@scripts/setup.sh
@@ -27,6 +27,10 @@ bench: setup
 
 protos: setup
 	scripts/gen_protos.sh
+
+## make docs: regenerate the command reference in docs/cli.md from the CLIs' --help (a test fails when it is stale)
+docs: setup
+	$(VENV)/python -m services.cli.gendocs
 
 protos-check: setup
 	scripts/gen_protos.sh --check

@@ -1,7 +1,7 @@
 """Run the Azure stand-in as a process.
 
     python -m services.azure_standin --state state.yaml --port 8443 --ca-out ca.pem \
-        [--imds-port 8444] [--host 127.0.0.1] [--examples DIR] [--ready-file ready.json]
+        [--imds-port 8444] [--host 127.0.0.1] [--examples DIR] [--ready-file ready.json] [--keep-dir DIR]
 
 Prints (and writes to --ready-file) a JSON line with base_url, authority_host, ca_file,
 imds_url, identity_endpoint once listening. Drive it with the loopback-only control API under
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ca-out", required=True, help="where to write the CA certificate (PEM)")
     p.add_argument("--examples", help="directory of Azure's published example responses to serve")
     p.add_argument("--ready-file", help="write the listening info (JSON) here once ready")
+    p.add_argument("--keep-dir", help="keep the token signing key and the tokens issued here (0600), so a "
+                                      "restarted stand-in accepts the tokens it issued before")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
 
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             ca_file=args.ca_out,
             ready_file=args.ready_file,
             stop_event=stop,
+            keep_dir=args.keep_dir,
         )
 
     asyncio.run(_run())

@@ -20,9 +20,11 @@ SAMPLE_STATE = Path(__file__).resolve().parent / "sample_state.yaml"
 
 
 def start_process(folder: Path, state_file: Path | None = None, timeout: float = 20.0,
-                  log_file: Path | None = None, port: int = 0) -> tuple[subprocess.Popen, dict]:
+                  log_file: Path | None = None, port: int = 0, keep: bool = False) -> tuple[subprocess.Popen, dict]:
     """Start ``python -m services.azure_standin`` and wait until it listens. Returns the
-    process and its info (base_url, authority_host, ca_file, imds_url, ...)."""
+    process and its info (base_url, authority_host, ca_file, imds_url, ...). With ``keep``
+    its signing key and the tokens it issued are kept in ``folder``, so that a stand-in
+    started again there accepts the tokens its clients hold."""
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     state_file = state_file or SAMPLE_STATE
     ready = folder / "standin.json"
@@ -30,7 +32,7 @@ def start_process(folder: Path, state_file: Path | None = None, timeout: float =
     log = open(log_file or folder / "standin.log", "ab")  # noqa: SIM115 (kept open for the child)
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.azure_standin", "--state", str(state_file), "--port", str(port),
-         "--ca-out", str(folder / "ca.pem"), "--ready-file", str(ready)],
+         "--ca-out", str(folder / "ca.pem"), "--ready-file", str(ready), *(["--keep-dir", str(folder)] if keep else [])],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

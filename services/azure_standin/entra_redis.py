@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .state import EntraRedis, RedisServer
@@ -46,13 +48,35 @@ class IssuedToken:
 
 
 class TokenBook:
-    """The tokens the stand-in issued (values kept for the ACL and for tests only)."""
+    """The tokens the stand-in issued (values kept for the ACL and for tests only). With a
+    ``file`` (0600), the unexpired ones outlive the process: a restarted stand-in (``cachegate
+    dev`` restarts a dead one) still honours what it issued, as Azure does."""
 
-    def __init__(self) -> None:
+    def __init__(self, file: Path | None = None) -> None:
         self.tokens: list[IssuedToken] = []
+        self.file = file
+        if file is not None and file.exists():
+            now = time.time()
+            for line in file.read_text().splitlines():
+                try:
+                    t = IssuedToken(**json.loads(line))
+                except (ValueError, TypeError):
+                    continue
+                if t.exp > now:
+                    self.tokens.append(t)
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        from services.common.creds import write_private
+
+        if self.file is not None:
+            write_private(self.file, "".join(json.dumps(asdict(t)) + "\n" for t in self.tokens).encode())
 
     def add(self, t: IssuedToken) -> None:
         self.tokens.append(t)
+        if self.file is not None:
+            with open(self.file, "a") as fh:  # created 0600 by _rewrite
+                fh.write(json.dumps(asdict(t)) + "\n")
         if len(self.tokens) > 20000:
             now = time.time()
             self.tokens = [x for x in self.tokens if x.exp > now - 3600] or self.tokens[-10000:]

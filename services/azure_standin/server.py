@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import fnmatch
+import hashlib
 import hmac
 import ipaddress
 import json
 import logging
 import re
-import secrets
 import tempfile
 import time
 import uuid
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from .entra_redis import REDIS_AUDIENCE, EntraRedisEnforcer, IssuedToken, TokenBook
@@ -126,6 +126,22 @@ _SUB = r"/subscriptions/(?P<sub>[^/]+)"
 _RG = _SUB + r"/resourcegroups/(?P<rg>[^/]+)/providers/microsoft\.cache"
 
 
+def _signing_key(path: Path | None) -> rsa.RSAPrivateKey:
+    """The token signing key: read from ``path`` when it holds one, else made (and kept there)."""
+    if path is not None and path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if isinstance(key, rsa.RSAPrivateKey):
+            return key
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if path is not None:
+        from services.common.creds import write_private
+
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
+    return key
+
+
 class AzureStandin:
     """ARM + Entra ID + managed identity on loopback, with fault injection for tests."""
 
@@ -135,6 +151,7 @@ class AzureStandin:
         *,
         ca_file: str | Path | None = None,
         examples_dir: str | Path | None = None,
+        keep_dir: str | Path | None = None,
     ) -> None:
         self.config = config or StandinConfig()
         self._ca_out = Path(ca_file) if ca_file else None
@@ -143,9 +160,13 @@ class AzureStandin:
         self._imds_runner: web.AppRunner | None = None
         self._certs: CertBundle | None = None
         # Tokens are RS256 JWTs signed with a key made here (its public half at .../keys).
-        self._signing_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self._kid = secrets.token_hex(8)
-        self.token_book = TokenBook()
+        # keep_dir: the signing key and the tokens issued outlive the process (0600 files), so
+        # that a restarted stand-in accepts the tokens its clients hold.
+        keep = Path(keep_dir) if keep_dir else None
+        self._signing_key = _signing_key(keep / "signing-key.pem" if keep else None)
+        self._kid = hashlib.sha256(self._signing_key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()[:16]
+        self.token_book = TokenBook(keep / "tokens.jsonl" if keep else None)
         self.entra_redis: EntraRedisEnforcer | None = None
         self.faults: list[Fault] = []
         self.requests: list[SeenRequest] = []
@@ -1150,9 +1171,10 @@ async def run_standin(
     ca_file: str | None = None,
     ready_file: str | None = None,
     stop_event: asyncio.Event | None = None,
+    keep_dir: str | None = None,
 ) -> None:
     """Run a stand-in until ``stop_event`` is set (used by ``python -m services.azure_standin``)."""
-    standin = AzureStandin(config, ca_file=ca_file)
+    standin = AzureStandin(config, ca_file=ca_file, keep_dir=keep_dir)
     await standin.start(host, port, imds_port)
     info = json.dumps(standin.describe())
     if ready_file:

@@ -8,18 +8,19 @@ import getpass
 import sys
 from typing import Optional
 
+import grpc
 import typer
 
 from cachegate.auth.v1 import cluster_service_pb2, user_service_pb2
 from cachegate.dbproxy.v1 import proxy_service_pb2, proxy_service_pb2_grpc
 from services.cli import cgate_db
 from services.cli.common import (
-    CLIError, Format, duration_flag, emit, err_console, fail, fmt_time, out_console, rpc, run,
+    CLIError, Format, duration_flag, emit, err_console, fail, fmt_time, grpc_message, out_console, rpc, run,
 )
 from services.cli.profile import (
     Profile, all_profiles, current_profile, normalize_proxy, open_profile, set_current,
 )
-from services.common.config import split_hostport
+from services.common.config import DEFAULT_PROXY_PORT, split_hostport
 from services.common.grpcutil import dur
 from services.common.pki import (
     CertAuthority, cert_to_pem, fetch_unverified_chain, key_to_pem, make_csr, new_key, normalize_pin, spki_pin,
@@ -46,10 +47,16 @@ def _proxy_ca(proxy: str, ca_pin: str | None, known_pem: bytes | None, interacti
     try:
         chain = fetch_unverified_chain(host, port)
     except OSError as exc:
-        fail(f"cannot reach the proxy at {proxy}: {exc.strerror or exc}; check the address and run `nc -zv {host} {port}`")
+        fail(f"cannot reach the proxy at {proxy}: {exc.strerror or exc}; check the address (the proxy's login "
+             f"port is {DEFAULT_PROXY_PORT} by default) and run `nc -zv {host} {port}`")
     if len(chain) < 2:
         fail(f"the server at {proxy} is not a Cachegate proxy (it sent no cluster CA)")
     leaf = chain[0]
+    from services.cli.portprobe import cert_service, grpc_port_hint
+
+    service = cert_service(leaf)
+    if service and service != "dbproxy":
+        fail(grpc_port_hint(host, port, service))
     cas = [c for c in chain[1:] if CertAuthority(c, None).issued(leaf)]  # type: ignore[arg-type]
     if not cas:
         fail(f"the certificate of {proxy} is not signed by the CA it sent; refusing to trust it")
@@ -80,6 +87,18 @@ def _proxy_ca(proxy: str, ca_pin: str | None, known_pem: bytes | None, interacti
     if not typer.confirm("Trust this cluster and continue?", default=False, err=True):
         fail("the cluster CA was not trusted; nothing was sent")
     return cert_to_pem(ca)
+
+
+def _check_login_port(proxy: str) -> None:
+    """A wrong port of the right host (the web port, the Redis port, a service's mesh port)
+    is named as such, with the port to use, before any TLS or ALPN error can confuse."""
+    from services.cli.portprobe import identify, login_port_hint
+
+    host, port = split_hostport(proxy, 3080)
+    info = identify(host, port)
+    hint = login_port_hint(host, port, info) if info is not None else None
+    if hint:
+        fail(hint)
 
 
 def _first_cert(pem: bytes):
@@ -154,6 +173,7 @@ async def login(
             fail("no proxy: pass --proxy=HOST:PORT (the dbproxy public address, port 3080 by default)")
     proxy = normalize_proxy(proxy)
     seconds = duration_flag(ttl)
+    _check_login_port(proxy)
     existing = open_profile(proxy)
     known = existing.host_ca_pem if existing is not None and (existing.folder / "cas.pem").exists() else None
     ca_pem = await asyncio.to_thread(_proxy_ca, proxy, ca_pin, known, not password_stdin and sys.stdin.isatty())
@@ -179,7 +199,14 @@ async def _login(prof, proxy, ca_pem, user, seconds, password_stdin, otp, invite
     prof.save_meta()
     async with prof.public_channel() as ch:
         stub = proxy_service_pb2_grpc.ProxyServiceStub(ch)
-        info = await rpc(stub.GetClusterInfo, cluster_service_pb2.GetClusterInfoRequest(), proxy, "proxy")
+        try:
+            info = await stub.GetClusterInfo(cluster_service_pb2.GetClusterInfoRequest(), timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                from services.cli.portprobe import grpc_port_hint
+
+                fail(grpc_port_hint(*split_hostport(proxy, 3080)))
+            fail(grpc_message(exc, proxy, "proxy"))
         _check_versions(info.server_version)
         settings = await rpc(stub.GetProxySettings, proxy_service_pb2.GetProxySettingsRequest(), proxy, "proxy")
         if invite:

@@ -55,6 +55,7 @@ from services.cli.common import (
     grpc_message,
     run,
     table,
+    terminal_width,
 )
 from services.cli.profile import Profile, current_profile
 from services.common.config import split_hostport
@@ -448,7 +449,7 @@ def db_table(dbs: list, verbose: bool, active: dict[str, DbLogin]) -> tuple[list
 async def db_ls(
     labels: list[str] | None = typer.Argument(None, metavar="[KEY=VALUE]...", help="Only databases with these labels."),
     fmt: Format = typer.Option(Format.text, "--format", help="text, json or yaml."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show protocol, type and URI."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show protocol, type, auth and URI, and whole labels."),
     proxy: str | None = PROXY_OPT,
 ):
     """The databases your roles allow, with the database users you may connect as."""
@@ -465,7 +466,9 @@ async def db_ls(
     data = [db_record(a, active.get(a.database.name)) for a in sorted(dbs, key=lambda a: a.database.name)]
 
     def text():
-        table(*db_table(dbs, verbose, active))
+        # As the reference: Labels cut to the terminal's width (whole with -v or --format).
+        table(*db_table(dbs, verbose, active), truncate=None if verbose else "Labels",
+              width=None if verbose else terminal_width())
 
     emit(data, fmt, text)
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 from pathlib import Path
 from typing import Optional
 
+import grpc
 import typer
 import yaml
 
@@ -17,9 +19,10 @@ from cachegate.types.v1 import types_pb2
 from services.cli.admin_conn import resolve
 
 from services.cli.common import (
-    Format, dev_dir, duration_flag, emit, err_console, fail, fmt_time, out_console, read_json, rpc, run,
-    table,
+    CLIError, Format, dev_dir, duration_flag, emit, err_console, fail, fmt_time, grpc_message, out_console,
+    read_json, rpc, run, table,
 )
+from services.common.config import DEFAULT_AUTH_PORT, split_hostport
 from services.common import identity as idmod
 from services.common.authclient import AuthClient
 from services.common import rbac
@@ -57,7 +60,17 @@ def connect() -> AuthClient:
 
 
 async def call(client: AuthClient, method, request, what: str = "auth service"):
-    return await rpc(method, request, client.addr, what, timeout=15)
+    try:
+        return await method(request, timeout=15)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED):
+            # Another port of the cluster (the proxy's, auth's join port, ...) is named as such.
+            from services.cli.portprobe import auth_port_hint
+
+            hint = await asyncio.to_thread(auth_port_hint, *split_hostport(client.addr, DEFAULT_AUTH_PORT))
+            if hint:
+                raise CLIError(hint) from None
+        raise CLIError(grpc_message(exc, client.addr, what)) from None
 
 
 @app.command()

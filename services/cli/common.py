@@ -82,6 +82,11 @@ def grpc_message(exc: grpc.aio.AioRpcError, target: str, what: str) -> str:
     code = exc.code()
     details = exc.details() or code.name
     if code == grpc.StatusCode.UNAVAILABLE:
+        from services.common.grpcutil import AUTH_UNREACHABLE
+
+        if details.startswith(AUTH_UNREACHABLE):
+            return (f"the {what} at {target} answered, but it cannot reach the auth service right now: try again "
+                    "shortly; if it persists, the cluster's administrator should check auth (`cgctl status`)")
         if "certificate" in details.lower() or "handshake" in details.lower() or "ssl" in details.lower():
             return (f"TLS with the {what} at {target} failed ({details.splitlines()[0]}): "
                     "your certificate may have expired or be from another cluster; log in again")
@@ -117,10 +122,37 @@ def emit(data: Any, fmt: Format, text: Callable[[], None]) -> None:
         text()
 
 
-def table(columns: list[str], rows: list[list[str]]) -> None:
-    """A plain table in the reference style: header, dashes, rows; never wrapped."""
+def terminal_width() -> int | None:
+    """Columns of the terminal stdout goes to ($COLUMNS wins); None when it is a pipe or a
+    file, whose reader wants whole lines."""
+    cols = os.environ.get("COLUMNS", "")
+    if cols.isdigit() and int(cols) > 0:
+        return int(cols)
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+ELLIPSIS = "..."
+MIN_TRUNCATED = 10
+
+
+def table(columns: list[str], rows: list[list[str]], truncate: str | None = None, width: int | None = None) -> None:
+    """A plain table in the reference style: header, dashes, rows; never wrapped. With
+    ``truncate`` (a column name) and ``width``, that column's cells are cut, ending in "...",
+    so that each line fits in ``width`` (the column keeps at least 10 characters)."""
     rows = [[str(x) for x in r] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
+    if truncate in columns and width:
+        i = columns.index(truncate)
+        room = width - (sum(widths) + len(widths) - 1 - widths[i])
+        keep = max(room, MIN_TRUNCATED, len(truncate))
+        if keep < widths[i]:
+            for r in rows:
+                if len(r[i]) > keep:
+                    r[i] = r[i][: keep - len(ELLIPSIS)] + ELLIPSIS
+            widths[i] = keep
 
     def line(cells):
         return " ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()

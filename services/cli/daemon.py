@@ -323,6 +323,7 @@ class DevCluster:
             cfg = dict(self.base(), auth_server=auth_addr, join_server=join_addr, join=join,
                        **{f"{name}_service": section})
             started[name] = self.spawn(name, self.write_config(name, cfg))
+        self.started = started
         proxy = started["dbproxy"]
         info = {
             "cluster_name": auth["cluster_name"], "ca_pin": auth["ca_pin"],
@@ -343,14 +344,39 @@ class DevCluster:
 @app.command()
 def dev(
     free_ports: bool = typer.Option(False, "--free-ports", help="Bind every port to a free one (tests)."),
-    reset: bool = typer.Option(False, "--reset", help="Forget the dev cluster's state first (CAs, users, data)."),
+    reset: bool = typer.Option(False, "--reset", help="Forget the dev cluster's state first (CAs, users, data); "
+                               "refused while a dev cluster runs."),
 ):
-    """Run the whole cluster on this machine, each service its own process, joined with real tokens."""
+    """Run the whole cluster on this machine, each service its own process, joined with real
+    tokens. A process that dies is started again; one dev cluster per CACHEGATE_HOME."""
+    from services.cli.supervisor import LOCK_NAME, AlreadyRunning, DevLock, Supervisor, dev_units
+
     home = dev_dir()
-    if reset and home.exists():
-        shutil.rmtree(home)
     private_dir(home)
+    lock = DevLock(home)
+    try:
+        lock.acquire()
+    except AlreadyRunning as exc:
+        if exc.pid is None:
+            msg = (f"processes of an earlier dev cluster are still running ({exc.why}, state in {home}): "
+                   f"stop them (kill {exc.why.split('pids ', 1)[-1]}), then run `cachegate dev` again")
+        elif reset:
+            msg = (f"a dev cluster is running (pid {exc.pid}, state in {home}): stop it first (Ctrl-C in its "
+                   f"terminal, or kill {exc.pid}), then run `cachegate dev --reset`")
+        else:
+            msg = (f"a dev cluster is already running (pid {exc.pid}, state in {home}): use it (`cgate db ls`), "
+                   f"or stop it (Ctrl-C in its terminal, or kill {exc.pid})")
+        err_console.print(f"ERROR: {msg}", markup=False)
+        raise typer.Exit(1) from None
+    if reset:
+        for entry in home.iterdir():
+            if entry.name != LOCK_NAME:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     cluster = DevCluster(home, free_ports)
+
+    def all_pids() -> list[int]:
+        return [p.pid for p in list(cluster.procs.values()) + list(cluster.azure.procs.values())]
+
     try:
         info = cluster.up()
     except CLIError as exc:
@@ -360,6 +386,7 @@ def dev(
     except BaseException:
         cluster.stop()
         raise
+    lock.write(all_pids())
     out_console.print(
         f"""Cachegate dev cluster "{info['cluster_name']}" is running (state in {home}).
 
@@ -381,7 +408,7 @@ Next, in another terminal:
   cgctl status
   curl -s --cacert {info['host_ca']} https://{info['web']}/v1/webapi/find
 
-Press Ctrl-C to stop the cluster.
+A process that dies is started again. Press Ctrl-C to stop the cluster.
 cluster ready""", markup=False, highlight=False)
     sys.stdout.flush()
     stop = {"now": False}
@@ -391,32 +418,36 @@ cluster ready""", markup=False, highlight=False)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    code = 0
+
+    def changed() -> None:
+        info["pids"] = sup.pids()
+        write_private(home / "cluster.json", json.dumps(info, indent=2).encode())
+        lock.write(all_pids())
+
+    sup = Supervisor(lambda line: err_console.print(line, markup=False), on_change=changed)
+    dev_units(cluster, cluster.started, sup)
     while not stop["now"]:
-        dead = [n for n, p in cluster.procs.items() if p.poll() is not None]
-        if dead:
-            err_console.print(f"ERROR: {dead[0]} exited (code {cluster.procs[dead[0]].returncode}); "
-                              f"see {cluster.logs / (dead[0] + '.log')}", markup=False)
-            code = 1
-            break
+        sup.tick()
         time.sleep(0.2)
     cluster.stop()
     (home / "cluster.json").unlink(missing_ok=True)
+    lock.write([])
+    lock.release()
     out_console.print("dev cluster stopped")
-    raise typer.Exit(code)
+    raise typer.Exit(0)
 
 
 def main() -> None:
     app()
 
 
-DEFAULT_CONFIG = "/etc/cachegate.yaml"
-
-
 def _service_main(name: str) -> None:
     """``cachegate-<service> [options of start]``: ``cachegate start -c $CACHEGATE_CONFIG
-    --service <service>``, the entrypoint of one container or unit per service."""
-    config = os.environ.get("CACHEGATE_CONFIG") or DEFAULT_CONFIG
+    --service <service>``, the entrypoint of one container or unit per service (without the
+    variable: the host's config, /etc/cachegate.yaml or $CACHEGATE_SYSTEM_CONFIG)."""
+    from services.common.config import system_config_path
+
+    config = os.environ.get("CACHEGATE_CONFIG") or str(system_config_path())
     sys.argv = [f"cachegate-{name}", "start", "-c", config, "--service", name, *sys.argv[1:]]
     app()
 

@@ -20,11 +20,13 @@ import yaml
 
 from services.cli.common import err_console, out_console
 from services.common.config import (
-    DEFAULT_AUTH_PORT, DEFAULT_JOIN_PORT, DEFAULT_PROXY_PORT, ConfigError, join_hostport, load_config,
-    split_hostport,
+    DEFAULT_AUTH_PORT, DEFAULT_JOIN_PORT, DEFAULT_PROXY_PORT, SYSTEM_CONFIG, ConfigError, join_hostport,
+    load_config, split_hostport, system_config_path,
 )
 
-DEFAULT_OUTPUT = Path("/etc/cachegate.yaml")
+# Where `-o file` writes: the host's config, which cgctl and the services' entrypoints read
+# too (system_config_path(): $CACHEGATE_SYSTEM_CONFIG moves it, e.g. in tests).
+DEFAULT_OUTPUT = Path(SYSTEM_CONFIG)
 
 app = typer.Typer(help="Generate configuration for a database host (discovery and dbproxy).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -118,7 +120,7 @@ def _inline_token(token: str) -> str:
 @app.command()
 def create(
     output: str = typer.Option("file", "-o", "--output",
-                               help="file (/etc/cachegate.yaml), file:///path, a path, or stdout."),
+                               help="file (/etc/cachegate.yaml, or $CACHEGATE_SYSTEM_CONFIG), file:///path, a path, or stdout."),
     proxy: str = typer.Option(..., "--proxy", help="host:port of the cluster's proxy (users connect here)."),
     token: str = typer.Option(..., "--token", help="Join token, or the file holding it (from `cgctl tokens add --type=db`)."),
     azure_redis_discovery: Optional[list[str]] = typer.Option(
@@ -157,7 +159,7 @@ def create(
         sys.stdout.write(HEADER.format(path="cachegate.yaml") + body)
         return
     if output == "file":
-        path = DEFAULT_OUTPUT
+        path = system_config_path()
     elif output.startswith("file://"):
         path = Path(output[len("file://"):])
     else:

@@ -138,7 +138,7 @@ class DevAzure:
         try:
             proc, info = standin_dev.start_process(self.dir, state_file, timeout=30,
                                                    log_file=self.logs / "azure-standin.log",
-                                                   port=(self.fixed or {}).get("azure") or 0)
+                                                   port=(self.fixed or {}).get("azure") or 0, keep=True)
         except RuntimeError as exc:
             raise CLIError(str(exc)) from None
         self.procs["azure-standin"] = proc

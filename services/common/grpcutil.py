@@ -10,6 +10,10 @@ from google.protobuf import duration_pb2, timestamp_pb2
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
+# What dbproxy answers (UNAVAILABLE) when it cannot reach auth for a call it forwards; the
+# CLIs tell it apart from the proxy itself being unreachable by this text.
+AUTH_UNREACHABLE = "the auth service is not reachable from the proxy right now"
+
 
 def ts(when: dt.datetime | float | None) -> timestamp_pb2.Timestamp:
     out = timestamp_pb2.Timestamp()

@@ -33,7 +33,7 @@ from services.common.config import (
 )
 from services.common.creds import Creds, write_private
 from services.common.grpcserver import GrpcServer, ServiceBinding
-from services.common.grpcutil import paginate
+from services.common.grpcutil import AUTH_UNREACHABLE, paginate
 from services.common.join import ensure_joined, local_addresses
 from services.common.pki import cert_from_pem
 from services.common.telemetry import server_interceptors, setup_metrics, setup_tracing
@@ -74,7 +74,7 @@ API_POLICY = Policy({
 
 def _relay_status(exc: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
     if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return grpc.StatusCode.UNAVAILABLE, "the auth service is not reachable right now; try again shortly"
+        return grpc.StatusCode.UNAVAILABLE, f"{AUTH_UNREACHABLE}; try again shortly"
     return exc.code(), exc.details() or exc.code().name
 
 
@@ -100,8 +100,11 @@ class ProxyServicer(proxy_service_pb2_grpc.ProxyServiceServicer):
             from services.common.pki import cert_to_pem
 
             md.append((authz.FORWARDED_CERT_MD, cert_to_pem(caller.cert)))
+        # Answer before the caller gives up, so that it hears auth is the one not answering.
+        left = context.time_remaining()
+        timeout = 30.0 if left is None else max(1.0, min(30.0, left - 2.0))
         try:
-            return await call(request, metadata=md, timeout=30)
+            return await call(request, metadata=md, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             code, details = _relay_status(exc)
             await context.abort(code, details)

@@ -67,6 +67,12 @@ def fc(tmp_path, monkeypatch):
     return FakeCluster(tmp_path / "home")
 
 
+@pytest.fixture(autouse=True)
+def _no_columns(monkeypatch):
+    """Output as to a pipe (whole lines) unless a test sets COLUMNS itself."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+
+
 def invoke(*args: str):
     return CliRunner().invoke(app, list(args), catch_exceptions=False)
 
@@ -436,3 +442,35 @@ async def test_tunnel_pipes_and_renews(fc, tmp_path, monkeypatch):
         assert (await asyncio.wait_for(r.read(), 30)).startswith(b"-ERR cachegate tunnel: cannot reach the proxy")
     finally:
         await t2.close(2)
+
+
+def test_db_ls_cuts_labels_to_the_terminal_width(fc, monkeypatch):
+    """As the reference CLI: a long Labels column is cut with "..." so each line fits the
+    terminal; -v and --format show every label; a pipe (no COLUMNS) gets whole lines."""
+    labels = {f"tag{i:02d}": f"value-{i:02d}" for i in range(12)}  # ~190 characters of labels
+    full = cgate_db.labels_cell(labels)
+
+    async def fake_list(prof, selector=None):
+        return [allowed("my-azure-redis", description="Azure Redis server in East US", labels=labels),
+                allowed("short", labels={"env": "dev"})]
+
+    monkeypatch.setattr(cgate_db, "list_databases", fake_list)
+    monkeypatch.setenv("COLUMNS", "120")
+    lines = invoke("db", "ls").output.splitlines()
+    assert all(len(ln) <= 120 for ln in lines), lines
+    row = next(ln for ln in lines if ln.startswith("my-azure-redis"))
+    cut = row[lines[0].index("Labels"):lines[0].index("Connect")].strip()
+    assert cut.endswith("...") and full.startswith(cut[:-3]) and len(cut) > 10
+    assert row.endswith("cgate db connect my-azure-redis")  # the column after it is whole
+    assert "env=dev" in next(ln for ln in lines if ln.startswith("short"))
+
+    # Too narrow for the other columns: Labels keeps 10 characters, nothing else is cut.
+    monkeypatch.setenv("COLUMNS", "40")
+    row = next(ln for ln in invoke("db", "ls").output.splitlines() if ln.startswith("my-azure-redis"))
+    assert "tag00=v..." in row and row.endswith("cgate db connect my-azure-redis")
+
+    monkeypatch.setenv("COLUMNS", "120")
+    assert full in invoke("db", "ls", "-v").output
+    assert json.loads(invoke("db", "ls", "--format=json").output)[0]["labels"] == labels
+    monkeypatch.delenv("COLUMNS")
+    assert full in invoke("db", "ls").output  # not a terminal: whole lines

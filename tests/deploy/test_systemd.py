@@ -102,3 +102,22 @@ def test_db_configure_create_writes_a_root_only_file_with_the_token_inline(tmp_p
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     cfg = load_config(out, environ={})
     assert cfg.join.token == "abc123token" and cfg.data_dir == "/var/lib/cachegate"
+
+
+def test_db_configure_create_o_file_writes_the_host_config_that_the_entrypoints_read(tmp_path, monkeypatch):
+    """`-o file` writes system_config_path(): $CACHEGATE_SYSTEM_CONFIG when set (a test's own
+    root), the same file cgctl and `cachegate-dbproxy` look for."""
+    from services.cli import daemon
+
+    host_cfg = tmp_path / "root" / "etc" / "cachegate.yaml"
+    monkeypatch.setenv("CACHEGATE_SYSTEM_CONFIG", str(host_cfg))
+    monkeypatch.delenv("CACHEGATE_CONFIG", raising=False)
+    r = CliRunner().invoke(dbconfigure.app, ["create", "-o", "file", "--proxy=proxy.example.com:3080", "--token=t",
+                                             "--azure-redis-discovery=eastus", "--ca-pin=sha256:ab"])
+    assert r.exit_code == 0, r.output
+    assert f"Wrote the config to {host_cfg}" in r.output and host_cfg.exists()
+    seen = {}
+    monkeypatch.setattr(daemon, "app", lambda: seen.setdefault("argv", list(daemon.sys.argv)))
+    monkeypatch.setattr(daemon.sys, "argv", ["cachegate-dbproxy"])
+    daemon.main_dbproxy()
+    assert seen["argv"][1:] == ["start", "-c", str(host_cfg), "--service", "dbproxy"]

@@ -305,3 +305,46 @@ def test_an_editor_user_runs_cgctl_with_the_cgate_session(env):
     assert res.returncode == 1 and "may not create user" in res.stderr
     events = json.loads(c.cgctl("audit", "search", "--type=user.create", "--format=json").stdout)
     assert any(e["fields"].get("user") == "grace" or "grace" in json.dumps(e) for e in events)
+
+
+def test_login_to_a_wrong_port_of_the_proxy_host_names_the_port_to_use(env):
+    """`cgate login` pointed at the web, Redis, API or an auth port of the right host says
+    which port that is and which to use, and leaves no profile behind."""
+    c = env
+    info = c.procs["dbproxy"].info
+    web = f"127.0.0.1:{info['web_port']}"
+    want = {
+        web: (f"{web} is the proxy's HTTPS web port (default 3443), not its login port; use --proxy={c.proxy}"),
+        f"127.0.0.1:{info['redis_port']}": "is a Redis port (the proxy's is 3081 by default, for `cgate db connect`",
+        f"127.0.0.1:{info['api_port']}": "is not the proxy's login port: it is a Cachegate service port that takes "
+                                         "host certificates",
+        c.auth_addr: "is not the proxy's login port: it is a Cachegate service port",
+        c.join_addr: "is auth's join port (default 3026), not the proxy's login port; use --proxy=127.0.0.1:3080",
+    }
+    home = c.root / "wrong-port-home"
+    for addr, text in want.items():
+        res = run_cli("cgate", "login", f"--proxy={addr}", "--user=nobody", f"--ca-pin={c.ca_pin}",
+                      "--password-stdin", input="x\n", check=False, extra_env={"CACHEGATE_HOME": str(home)})
+        assert res.returncode == 1, res
+        err = res.stderr.strip()
+        assert err.startswith("ERROR: ") and len(err.splitlines()) == 1 and text in err, (addr, err)
+        assert "use --proxy=" in err
+        assert not (home / "profiles").exists() or not any((home / "profiles").iterdir()), addr
+
+
+def test_cgctl_pointed_at_another_port_of_the_cluster_names_it(env):
+    """`cgctl --auth-server` naming the proxy's ports or auth's join port says which port that
+    is and `--auth-server=HOST:3025`, not a TLS error about certificates."""
+    c = env
+    info = c.procs["dbproxy"].info
+    want = {
+        c.proxy: "is the proxy's login port (default 3080), not auth's mesh port",
+        f"127.0.0.1:{info['web_port']}": "is the proxy's HTTPS web port (default 3443), not auth's mesh port",
+        f"127.0.0.1:{info['api_port']}": "is dbproxy's API port (default 3082), not auth's mesh port",
+        c.join_addr: "is auth's join port (default 3026), not auth's mesh port",
+    }
+    for addr, text in want.items():
+        res = run_cli("cgctl", "--auth-server", addr, "-i", c.admin_identity, "status", check=False)
+        err = res.stderr.strip()
+        assert res.returncode == 1 and err == f"ERROR: {addr} {text}; use --auth-server=127.0.0.1:3025", (addr, err)
+    assert "test-cluster" in c.cgctl("status").stdout  # the right port still works

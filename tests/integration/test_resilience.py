@@ -49,6 +49,14 @@ spec: {{uri: "127.0.0.1:{redis_server.port}", tls: true, secret: "env:{SECRET_EN
         await asyncio.sleep(1)
         spool = c.data / "dbproxy" / "audit-spool"
         assert spool.exists() and any(spool.iterdir()), "audit events were not kept on disk"
+        # A new database certificate needs auth: the user is told that auth is the one away,
+        # not that the proxy did not answer.
+        t0 = time.monotonic()
+        res = run_cli("cgate", "db", "login", "orders", check=False, extra_env={"CACHEGATE_HOME": str(home)})
+        assert res.returncode == 1 and time.monotonic() - t0 < 25, res
+        assert res.stderr.strip() == (f"ERROR: the proxy at {c.api} answered, but it cannot reach the auth service "
+                                      "right now: try again shortly; if it persists, the cluster's administrator "
+                                      "should check auth (`cgctl status`)"), res
 
         c.auth.start()
         deadline = time.monotonic() + 40
