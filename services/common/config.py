@@ -176,11 +176,33 @@ class DiscoveryServiceConfig(_Model):
     discovery_group: str = "default"
     # Timeout of one Azure request.
     azure_timeout: Duration = 30.0
+    # Replicas of one discovery_group: only the holder of the group's lease in auth
+    # reconciles. It lasts lease_ttl after each renewal, renewed every lease_renew_interval,
+    # so another replica takes over within lease_ttl + lease_renew_interval of the
+    # holder's death (docs/ha.md).
+    lease_ttl: Duration = 15.0
+    lease_renew_interval: Duration = 5.0
     azure: list[AzureMatcherConfig] = Field(default_factory=list)
     azure_endpoints: AzureEndpoints = Field(default_factory=AzureEndpoints)
     static: list[StaticDatabaseConfig] = Field(default_factory=list)
 
-    _poll = field_validator("poll_interval", "azure_timeout", mode="before")(parse_duration)
+    _poll = field_validator("poll_interval", "azure_timeout", "lease_ttl", "lease_renew_interval",
+                            mode="before")(parse_duration)
+
+    @field_validator("lease_ttl")
+    @classmethod
+    def _lease_ttl(cls, v: float) -> float:
+        if not 1 <= v <= 300:
+            raise ValueError("lease_ttl must be between 1s and 5m")
+        return v
+
+    @field_validator("lease_renew_interval")
+    @classmethod
+    def _lease_renew(cls, v: float, info) -> float:
+        ttl = info.data.get("lease_ttl", 15.0)
+        if not 0.2 <= v <= ttl / 2:
+            raise ValueError(f"lease_renew_interval must be at least 0.2s and at most half of lease_ttl ({ttl:g}s)")
+        return v
 
     @field_validator("poll_interval")
     @classmethod
