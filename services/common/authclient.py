@@ -23,7 +23,8 @@ def auth_channel(addr: str | Iterable[str], credentials, interceptors=None):
     """A channel to auth's mesh port at one or several addresses."""
     target = endpoints.grpc_target(addr, DEFAULT_AUTH_PORT)
     return secure_channel(target, credentials, "auth", interceptors=interceptors,
-                          service_config=endpoints.service_config(endpoints.RETRYABLE_AUTH_METHODS))
+                          service_config=endpoints.service_config(endpoints.RETRYABLE_AUTH_METHODS),
+                          extra_options=endpoints.RECONNECT_OPTIONS)
 
 
 class AuthClient:

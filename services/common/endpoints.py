@@ -5,7 +5,7 @@ string with commas), or one DNS name that resolves to several addresses. For gRP
 channels the set becomes one target that gRPC balances with ``round_robin``: every call
 goes to the next connected auth process, a dead one is skipped at once (its subchannel
 leaves the READY set when its connection drops) and taken back when it answers again
-(gRPC reconnects with backoff, at most every 120 s, about 1 s at first). For joining, each
+(gRPC reconnects with backoff: 1 s at first, then at most every 5 s). For joining, each
 address (each resolved address of a name) is tried in turn.
 
 This module is pure (no I/O) except :func:`resolve`, which asks the system resolver.
@@ -34,6 +34,12 @@ RETRYABLE_AUTH_METHODS = {
     "cachegate.auth.v1.AuditService": ["EmitAuditEvents", "SearchAuditEvents"],
     "cachegate.auth.v1.TokenService": ["ListTokens"],
 }
+
+
+# An auth process that comes back gets calls again within 5 s of answering: gRPC's reconnect
+# backoff starts at 1 s and would grow to 120 s; a handful of auth addresses can afford a try
+# every 5 s.
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 1000), ("grpc.max_reconnect_backoff_ms", 5000)]
 
 
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
