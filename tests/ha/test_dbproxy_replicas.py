@@ -2,7 +2,8 @@
 (a small round-robin balancer here, as a TCP load balancer would be): a user who logged in
 through the balancer gets database certificates from either replica and runs sessions on
 either; sessions through the balancer land on both; kill -9 of one and new sessions and
-logins through the balancer still work.
+logins through the balancer still work. One of them joins through a list of join
+addresses whose first one is dead.
 
 `cgctl status` listing each dbproxy needs host heartbeats (another change); each replica's
 sessions are shown with `cgctl sessions ls --proxy-api` instead."""
@@ -91,11 +92,19 @@ async def test_two_dbproxy_behind_one_address_are_interchangeable(cluster, tmp_p
     token = c.token("proxy", "--reusable")
     procs = []
     for tag in ("dbproxy-a", "dbproxy-b"):
-        p = c.start_joiner("dbproxy", token, tag=tag, data_dir=tmp_path / tag, extra_env={SECRET_ENV: REDIS_PASSWORD},
-                           database_ca_files=[certs.path("server-ca.pem")])
-        procs.append(p)
+        cfg = c.joiner_config("dbproxy", token, data_dir=tmp_path / tag, database_ca_files=[certs.path("server-ca.pem")])
+        if tag == "dbproxy-b":
+            # Joining tries each join address: the first one listed answers nothing. The dead
+            # auth address is skipped by every call.
+            dead = f"127.0.0.1:{free_port()}"
+            cfg["join_server"] = [dead, c.join_addr]
+            cfg["auth_server"] = [dead, c.auth_addr]
+        p = c.proc("dbproxy", cfg, tag)
+        p.extra_env = {SECRET_ENV: REDIS_PASSWORD}
+        procs.append(p.start())
     a, b = procs
     assert a.info["host_id"] != b.info["host_id"]
+    assert "trying the next one" in b.output()
     public = Balancer([p.info["public_port"] for p in procs])
     resp = Balancer([p.info["redis_port"] for p in procs])
     try:
