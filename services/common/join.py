@@ -32,6 +32,10 @@ class JoinError(Exception):
     """Joining failed; the message is one line that says what to do."""
 
 
+class JoinUnreachable(JoinError):
+    """This join address did not answer (the next one, if any, is tried)."""
+
+
 def read_token(value: str) -> str:
     """A token given as the value itself or as a path to a file holding it."""
     value = (value or "").strip()
@@ -67,7 +71,8 @@ def verify_pin(join_addr: str, ca_pin: str) -> bytes:
     try:
         chain = fetch_unverified_chain(host, port)
     except (OSError, socket.timeout) as exc:
-        raise JoinError(f"cannot reach the auth join port at {join_addr}: {exc}; check the address and run `nc -zv {host} {port}`") from None
+        raise JoinUnreachable(f"cannot reach the auth join port at {join_addr}: {exc}; check the address and run "
+                              f"`nc -zv {host} {port}`") from None
     if not chain:
         raise JoinError(f"the server at {join_addr} presented no certificate")
     want = normalize_pin(ca_pin)
@@ -101,7 +106,7 @@ async def join(join_addr: str | list[str], token: str, ca_pin: str, role: int, a
         last = i == len(targets) - 1
         try:
             return await _join_one(addr, token, ca_pin, role, addresses, timeout)
-        except _Unreachable as exc:
+        except JoinUnreachable as exc:
             unreachable.append(str(exc))
             if not last:
                 log.warning("auth join port did not answer; trying the next one",
@@ -111,18 +116,9 @@ async def join(join_addr: str | list[str], token: str, ca_pin: str, role: int, a
     raise JoinError(f"no auth join port answered ({', '.join(targets)}): {unreachable[-1]}")
 
 
-class _Unreachable(Exception):
-    """This join address did not answer: try the next one."""
-
-
 async def _join_one(join_addr: str, token: str, ca_pin: str, role: int, addresses: list[str],
                     timeout: float) -> Creds:
-    try:
-        ca_pem = await asyncio.to_thread(verify_pin, join_addr, ca_pin)
-    except JoinError as exc:
-        if str(exc).startswith("cannot reach"):
-            raise _Unreachable(str(exc)) from None
-        raise
+    ca_pem = await asyncio.to_thread(verify_pin, join_addr, ca_pin)
     key = new_key()
     csr = make_csr(key, idmod.role_name(role))
     req = cluster_service_pb2.JoinServiceRequest(token=token, role=role, csr_pem=csr.decode(), addresses=addresses)
@@ -132,7 +128,7 @@ async def _join_one(join_addr: str, token: str, ca_pin: str, role: int, addresse
             resp = await stub.JoinService(req, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise _Unreachable(f"the auth join port at {join_addr} did not answer: {exc.details()}") from None
+                raise JoinUnreachable(f"the auth join port at {join_addr} did not answer: {exc.details()}") from None
             raise JoinError(f"joining the cluster failed: {exc.details()}") from None
     creds = Creds(key_pem=key_to_pem(key), cert_pem=resp.cert_pem.encode(),
                   host_ca_pem=resp.host_ca_pem.encode(), user_ca_pem=resp.user_ca_pem.encode())

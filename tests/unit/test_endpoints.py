@@ -76,3 +76,14 @@ def test_every_retryable_method_exists():
             services[svc.full_name] = {m.name for m in svc.methods}
     for svc, methods in endpoints.RETRYABLE_AUTH_METHODS.items():
         assert set(methods) <= services[svc], (svc, set(methods) - services[svc])
+
+
+async def test_join_with_no_join_port_answering_names_every_address_in_one_line():
+    from services.common.join import JoinError, join
+    from tests.helpers import free_port
+
+    dead = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    with pytest.raises(JoinError) as exc:
+        await join(dead, "tok", "sha256:" + "0" * 64, 2, [])
+    msg = str(exc.value)
+    assert "\n" not in msg and dead[0] in msg and dead[1] in msg and "nc -zv" in msg
