@@ -43,7 +43,7 @@ _opts: dict = {}
 
 @app.callback()
 def main_options(
-    auth_server: Optional[str] = typer.Option(None, "--auth-server", help="host:port of the auth service (mesh port)."),
+    auth_server: Optional[str] = typer.Option(None, "--auth-server", help="host:port of the auth service (mesh port); several: a:3025,b:3025."),
     identity: Optional[str] = typer.Option(None, "--identity", "-i", help="Identity file (certificate, key, CA)."),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="A cachegate.yaml with an auth_service section."),
 ):

@@ -191,9 +191,9 @@ spec: {{uri: "127.0.0.1:{redis_server.port}", tls: true, secret: "env:{SECRET_EN
             time.sleep(0.5)
         assert n == load.incr_ok + 1
         assert asyncio.run(audit_count(both, ident, "user.login", "alice")) >= load.logins_ok
-        # Admin calls after it all, through either auth process.
-        for addr in both.split(","):
-            run_cli("cgctl", "--auth-server", addr, "-i", ident, "users", "ls")
+        # Admin calls after it all: cgctl with both addresses, and through each one alone.
+        for addr in [both, *both.split(",")]:
+            assert "alice" in run_cli("cgctl", "--auth-server", addr, "-i", ident, "users", "ls").stdout
         check.sock.close()
     finally:
         c.stop()
