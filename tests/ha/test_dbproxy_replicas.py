@@ -95,10 +95,10 @@ async def test_two_dbproxy_behind_one_address_are_interchangeable(cluster, tmp_p
         cfg = c.joiner_config("dbproxy", token, data_dir=tmp_path / tag, database_ca_files=[certs.path("server-ca.pem")])
         if tag == "dbproxy-b":
             # Joining tries each join address: the first one listed answers nothing. The dead
-            # auth address is skipped by every call.
+            # auth address is skipped by every call; the live one is a name, resolved at start.
             dead = f"127.0.0.1:{free_port()}"
-            cfg["join_server"] = [dead, c.join_addr]
-            cfg["auth_server"] = [dead, c.auth_addr]
+            cfg["join_server"] = [dead, f"localhost:{c.auth.info['join_port']}"]
+            cfg["auth_server"] = [dead, f"localhost:{c.auth.info['mesh_port']}"]
         p = c.proc("dbproxy", cfg, tag)
         p.extra_env = {SECRET_ENV: REDIS_PASSWORD}
         procs.append(p.start())
