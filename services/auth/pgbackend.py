@@ -168,7 +168,7 @@ class PostgresBackend(Backend):
                 try:
                     await conn.execute("")
                 except psycopg.OperationalError as exc:
-                    self._stale(exc)
+                    await self._stale(exc)
                     await conn.close()
             if conn is None or conn.closed or conn.broken:
                 if conn is not None:
@@ -203,12 +203,13 @@ class PostgresBackend(Backend):
             except psycopg.Error as exc:
                 raise self._fail(exc) from None
 
-    def _stale(self, exc: BaseException) -> None:
+    async def _stale(self, exc: BaseException) -> None:
         """A connection failed: its idle siblings most likely did too (a restart ends them
         all), so they are closed rather than each failing one call."""
         idle, self._idle = self._idle, []
         for c in idle:
-            asyncio.ensure_future(c.close())
+            with contextlib.suppress(Exception):
+                await c.close()
         log.warning("auth storage: a PostgreSQL connection was lost; using new connections",
                     extra={"error": self._target.scrub(str(exc)) if self._target else "",  # never the password
                            "closed_idle": len(idle)})
@@ -226,7 +227,7 @@ class PostgresBackend(Backend):
                 cur = await conn.execute(sql, args)
                 return await cur.fetchall() if cur.description else []
         except psycopg.OperationalError as exc:
-            self._stale(exc)
+            await self._stale(exc)
         async with self._conn() as conn:
             cur = await conn.execute(sql, args)
             return await cur.fetchall() if cur.description else []
