@@ -9,6 +9,11 @@ passed to watchers directly, as SQLiteBackend does.
 
 Connections: a small pool (``pool_size``) of autocommit connections, opened on demand
 and replaced when broken, plus the listening connection, which reconnects by itself.
+A database restart is not seen by callers: a statement that may run twice (reads, put,
+the audit inserts, which skip ids already stored) is tried once more on a new connection
+when its pooled one fails; the others (create, compare-and-swap, delete) first check a
+reused connection with an empty query. Connecting waits up to RECONNECT_WAIT for a
+database that is starting up.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ AUDIT = "cachegate_audit"
 # Serializes table creation when several auth processes start at once.
 SCHEMA_LOCK = 0x63616368  # "cach"
 DEFAULT_CONNECT_TIMEOUT = "10"
+# How long a call waits for a database that refuses connections (restarting) before it fails.
+RECONNECT_WAIT = 5.0
 
 SCHEMA = [
     (f'CREATE TABLE IF NOT EXISTS {ITEMS} (key TEXT COLLATE "C" PRIMARY KEY, value BYTEA NOT NULL, '
@@ -150,17 +157,23 @@ class PostgresBackend(Backend):
             log.info("auth storage: PostgreSQL", extra={"server": self._target.describe()})
 
     @asynccontextmanager
-    async def _conn(self):
+    async def _conn(self, check: bool = False):
+        """A pooled connection. With ``check``, a reused one is first tested with an empty
+        query (psycopg_pool's check_connection), so that a statement that must not run twice
+        never meets a connection the server dropped (a restart, a failover)."""
         await self.start()
         async with self._slots:  # type: ignore[union-attr]
             conn = self._idle.pop() if self._idle else None
+            if conn is not None and check and not (conn.closed or conn.broken):
+                try:
+                    await conn.execute("")
+                except psycopg.OperationalError as exc:
+                    await self._stale(exc)
+                    await conn.close()
             if conn is None or conn.closed or conn.broken:
                 if conn is not None:
                     await conn.close()
-                try:
-                    conn = await self._connect()
-                except psycopg.Error as exc:
-                    raise self._fail(exc) from None
+                conn = await self._connect_or_fail()
             try:
                 yield conn
             except psycopg.OperationalError:
@@ -176,7 +189,45 @@ class PostgresBackend(Backend):
             else:
                 self._idle.append(conn)
 
-    async def _fetch(self, sql: str, args) -> list[tuple]:
+    async def _connect_or_fail(self) -> psycopg.AsyncConnection:
+        # A database that is restarting refuses connections for a moment ("the database
+        # system is starting up", connection refused): wait for it a little, then give up.
+        deadline = time.monotonic() + RECONNECT_WAIT
+        while True:
+            try:
+                return await self._connect()
+            except psycopg.OperationalError as exc:
+                if time.monotonic() >= deadline:
+                    raise self._fail(exc) from None
+                await asyncio.sleep(0.25)
+            except psycopg.Error as exc:
+                raise self._fail(exc) from None
+
+    async def _stale(self, exc: BaseException) -> None:
+        """A connection failed: its idle siblings most likely did too (a restart ends them
+        all), so they are closed rather than each failing one call."""
+        idle, self._idle = self._idle, []
+        for c in idle:
+            with contextlib.suppress(Exception):
+                await c.close()
+        log.warning("auth storage: a PostgreSQL connection was lost; using new connections",
+                    extra={"error": self._target.scrub(str(exc)) if self._target else "",  # never the password
+                           "closed_idle": len(idle)})
+
+    async def _fetch(self, sql: str, args, idempotent: bool = True) -> list[tuple]:
+        """Run one statement (autocommit: one transaction). A statement that may run twice is
+        tried once more on a new connection when its connection fails; one that may not
+        (create, compare-and-swap, delete) runs on a checked connection, once."""
+        if not idempotent:
+            async with self._conn(check=True) as conn:
+                cur = await conn.execute(sql, args)
+                return await cur.fetchall() if cur.description else []
+        try:
+            async with self._conn() as conn:
+                cur = await conn.execute(sql, args)
+                return await cur.fetchall() if cur.description else []
+        except psycopg.OperationalError as exc:
+            await self._stale(exc)
         async with self._conn() as conn:
             cur = await conn.execute(sql, args)
             return await cur.fetchall() if cur.description else []
@@ -267,7 +318,7 @@ class PostgresBackend(Backend):
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires = excluded.expires "
             "WHERE i.expires IS NOT NULL AND i.expires <= %(now)s RETURNING key) " + _NOTIFY,
             {"key": key, "value": bytes(value), "expires": expires, "now": time.time(),
-             "note": self._note("put", key)})
+             "note": self._note("put", key)}, idempotent=False)
         if rows:
             self._notify(Change("put", key, value))
         return bool(rows)
@@ -276,14 +327,15 @@ class PostgresBackend(Backend):
         rows = await self._fetch(
             f"WITH w AS (UPDATE {ITEMS} SET value = %(new)s, expires = %(expires)s "
             "WHERE key = %(key)s AND value = %(old)s RETURNING key) " + _NOTIFY,
-            {"key": key, "old": bytes(old), "new": bytes(new), "expires": expires, "note": self._note("put", key)})
+            {"key": key, "old": bytes(old), "new": bytes(new), "expires": expires, "note": self._note("put", key)},
+            idempotent=False)
         if rows:
             self._notify(Change("put", key, new))
         return bool(rows)
 
     async def delete(self, key: str) -> bool:
         rows = await self._fetch(f"WITH w AS (DELETE FROM {ITEMS} WHERE key = %(key)s RETURNING key) " + _NOTIFY,
-                                 {"key": key, "note": self._note("delete", key)})
+                                 {"key": key, "note": self._note("delete", key)}, idempotent=False)
         if rows:
             self._notify(Change("delete", key, None))
         return bool(rows)

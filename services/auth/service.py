@@ -16,6 +16,7 @@ from cachegate.auth.v1 import (
 from services.auth.auditsvc import AuditServicer
 from services.auth.backend import open_backend
 from services.auth.databases import DatabaseServicer
+from services.auth.leases import LeaseError, Leases
 from services.auth.locks import LockServicer
 from services.auth.roles import AdminPolicy, RoleServicer
 from services.auth.users import UserServicer
@@ -25,7 +26,7 @@ from services.common.authz import ADMIN, ANY, HOST_DBPROXY, HOST_DISCOVERY, PUBL
 from services.common.config import Config
 from services.common.creds import private_dir
 from services.common.grpcserver import GrpcServer, ServiceBinding
-from services.common.grpcutil import from_dur, paginate
+from services.common.grpcutil import from_dur, paginate, ts
 from services.auth import metrics as auth_metrics
 from services.common.telemetry import server_interceptors, setup_metrics, setup_tracing
 from services.common.version import VERSION
@@ -56,6 +57,9 @@ def m(desc, name: str) -> str:
 # Who may call what on the mesh port (mutual TLS). Not listed = denied.
 MESH_POLICY = Policy({
     m(CLUSTER, "GetClusterInfo"): rule(ANY),
+    m(CLUSTER, "AcquireLease"): rule(HOST_DISCOVERY),
+    m(CLUSTER, "ReleaseLease"): rule(HOST_DISCOVERY),
+    m(CLUSTER, "ListLeases"): rule(ADMIN, resource="db", verb="list"),
     m(TOKENS, "CreateToken"): rule(ADMIN, resource="token", verb="create"),
     m(TOKENS, "ListTokens"): rule(ADMIN, resource="token", verb="list"),
     m(TOKENS, "DeleteToken"): rule(ADMIN, resource="token", verb="delete"),
@@ -96,9 +100,39 @@ JOIN_POLICY = Policy({
 }, infra=rule(PUBLIC))
 
 
+def _lease_proto(lease) -> cluster_service_pb2.Lease:
+    return cluster_service_pb2.Lease(name=lease.name, holder=lease.holder, expire_time=ts(lease.expires),
+                                     acquire_time=ts(lease.acquired))
+
+
 class ClusterServicer(cluster_service_pb2_grpc.ClusterServiceServicer):
     def __init__(self, state: AuthState):
         self.state = state
+        self.leases = Leases(state.backend)
+
+    async def AcquireLease(self, request, context):
+        holder = authz.current_caller().name
+        ttl = from_dur(request.ttl) if request.HasField("ttl") else 15.0
+        try:
+            ok, lease = await self.leases.acquire(request.name, holder, ttl)
+        except LeaseError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return cluster_service_pb2.AcquireLeaseResponse(acquired=ok, lease=_lease_proto(lease) if lease else None)
+
+    async def ReleaseLease(self, request, context):
+        try:
+            ok = await self.leases.release(request.name, authz.current_caller().name)
+        except LeaseError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return cluster_service_pb2.ReleaseLeaseResponse(released=ok)
+
+    async def ListLeases(self, request, context):
+        try:
+            page, nxt = paginate([_lease_proto(x) for x in await self.leases.list()], lambda x: x.name,
+                                 request.page_size, request.page_token)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return cluster_service_pb2.ListLeasesResponse(leases=page, next_page_token=nxt)
 
     async def GetClusterInfo(self, request, context):
         s = self.state

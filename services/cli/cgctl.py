@@ -46,7 +46,7 @@ _opts: dict = {}
 
 @app.callback()
 def main_options(
-    auth_server: Optional[str] = typer.Option(None, "--auth-server", help="host:port of the auth service (mesh port)."),
+    auth_server: Optional[str] = typer.Option(None, "--auth-server", help="host:port of the auth service (mesh port); several: a:3025,b:3025."),
     identity: Optional[str] = typer.Option(None, "--identity", "-i", help="Identity file (certificate, key, CA)."),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="A cachegate.yaml with an auth_service section."),
 ):
@@ -73,6 +73,17 @@ async def call(client: AuthClient, method, request, what: str = "auth service"):
         raise CLIError(grpc_message(exc, client.addr, what)) from None
 
 
+async def discovery_leaders(c: AuthClient) -> dict[str, str]:
+    """The discovery host that reconciles each group (holds its lease): {group: host id}."""
+    import grpc
+
+    try:
+        resp = await c.cluster.ListLeases(cluster_service_pb2.ListLeasesRequest(page_size=1000), timeout=15)
+    except grpc.aio.AioRpcError:  # an older auth without leases
+        return {}
+    return {x.name.removeprefix("discovery/"): x.holder for x in resp.leases if x.name.startswith("discovery/")}
+
+
 @app.command()
 @run
 async def status(fmt: Format = typer.Option(Format.text, "--format", help="text, json or yaml.")):
@@ -84,14 +95,16 @@ async def status(fmt: Format = typer.Option(Format.text, "--format", help="text,
         info = await call(c, c.cluster.GetClusterInfo, cluster_service_pb2.GetClusterInfoRequest())
         hosts = await list_all(c.databases.ListFetcherStatuses, database_service_pb2.ListFetcherStatusesRequest,
                                "hosts", c)
+        leaders = await discovery_leaders(c)
     conn = _opts["conn"]
     data = {"cluster": info.cluster_name, "version": info.server_version, "ca_pin": info.ca_pin,
-            "auth_server": conn.auth_server, "identity": conn.source,
+            "auth_server": conn.auth_server, "identity": conn.source, "discovery_leaders": leaders,
             "discovery": cgctl_db.fetcher_statuses_to_list(hosts)}
 
     def text():
+        lead = ", ".join(f"discovery {h} (group {g})" for g, h in leaders.items()) or "none"
         out_console.print(f"Cluster  {info.cluster_name}\nVersion  {info.server_version}\nCA pin   {info.ca_pin}\n"
-                          f"Auth     {conn.auth_server}\nIdentity {conn.source}\n", markup=False)
+                          f"Auth     {conn.auth_server}\nIdentity {conn.source}\nLeader   {lead}\n", markup=False)
         cgctl_db.print_fetcher_statuses(hosts, "text")
 
     emit(data, fmt, text)

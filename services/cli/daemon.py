@@ -54,7 +54,7 @@ def start(
     service: Optional[list[str]] = typer.Option(None, "--service", help="Run only these services (repeatable)."),
     token: Optional[str] = typer.Option(None, "--token", help="Join token (value or file) for a new host."),
     ca_pin: Optional[str] = typer.Option(None, "--ca-pin", help="CA pin of the cluster (from `cgctl tokens add`)."),
-    auth_server: Optional[str] = typer.Option(None, "--auth-server", help="host:port of auth's mesh port."),
+    auth_server: Optional[str] = typer.Option(None, "--auth-server", help="host:port of auth's mesh port; several: a:3025,b:3025 (docs/ha.md)."),
     ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write bound ports here as JSON when ready."),
 ):
     """Run the services enabled in the config (one process)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -176,11 +176,33 @@ class DiscoveryServiceConfig(_Model):
     discovery_group: str = "default"
     # Timeout of one Azure request.
     azure_timeout: Duration = 30.0
+    # Replicas of one discovery_group: only the holder of the group's lease in auth
+    # reconciles. It lasts lease_ttl after each renewal, renewed every lease_renew_interval,
+    # so another replica takes over within lease_ttl + lease_renew_interval of the
+    # holder's death (docs/ha.md).
+    lease_ttl: Duration = 15.0
+    lease_renew_interval: Duration = 5.0
     azure: list[AzureMatcherConfig] = Field(default_factory=list)
     azure_endpoints: AzureEndpoints = Field(default_factory=AzureEndpoints)
     static: list[StaticDatabaseConfig] = Field(default_factory=list)
 
-    _poll = field_validator("poll_interval", "azure_timeout", mode="before")(parse_duration)
+    _poll = field_validator("poll_interval", "azure_timeout", "lease_ttl", "lease_renew_interval",
+                            mode="before")(parse_duration)
+
+    @field_validator("lease_ttl")
+    @classmethod
+    def _lease_ttl(cls, v: float) -> float:
+        if not 1 <= v <= 300:
+            raise ValueError("lease_ttl must be between 1s and 5m")
+        return v
+
+    @field_validator("lease_renew_interval")
+    @classmethod
+    def _lease_renew(cls, v: float, info) -> float:
+        ttl = info.data.get("lease_ttl", 15.0)
+        if not 0.2 <= v <= ttl / 2:
+            raise ValueError(f"lease_renew_interval must be at least 0.2s and at most half of lease_ttl ({ttl:g}s)")
+        return v
 
     @field_validator("poll_interval")
     @classmethod
@@ -274,10 +296,13 @@ class DbProxyServiceConfig(_Model):
 class Config(_Model):
     version: Literal["v1"] = "v1"
     data_dir: str = "/var/lib/cachegate"
-    # host:port of the auth mesh port, for services that are not auth.
-    auth_server: str = f"127.0.0.1:{DEFAULT_AUTH_PORT}"
-    # host:port of the auth join port (default: auth_server's host, port 3026).
-    join_server: str = ""
+    # host:port of the auth mesh port, for services that are not auth. Several auth
+    # processes (HA): a list, a comma-separated string, or one DNS name with several
+    # addresses; calls are spread over them and fail over (docs/ha.md).
+    auth_server: str | list[str] = f"127.0.0.1:{DEFAULT_AUTH_PORT}"
+    # host:port of the auth join port, or several (tried in turn); default: each
+    # auth_server host, port 3026.
+    join_server: str | list[str] = ""
     join: JoinParams = Field(default_factory=JoinParams)
     # Plaintext grpc.health.v1 for probes that cannot present a client certificate (kubelet,
     # compose healthchecks), e.g. 0.0.0.0:3090 in a pod or 127.0.0.1:3090 on a host. Empty = off.
@@ -291,11 +316,30 @@ class Config(_Model):
     def service_dir(self, service: str) -> Path:
         return Path(self.data_dir) / service
 
-    def join_address(self) -> str:
+    @field_validator("auth_server", "join_server")
+    @classmethod
+    def _addresses(cls, v: str | list[str], info) -> str | list[str]:
+        if v or info.field_name == "auth_server":
+            try:
+                parse_addresses(v, DEFAULT_AUTH_PORT, info.field_name)
+            except ConfigError as exc:
+                raise ValueError(str(exc).removeprefix(f"{info.field_name}: ")) from None
+        return v
+
+    def auth_addresses(self) -> list[str]:
+        """Every auth mesh address (``host:port``), in the order given."""
+        return parse_addresses(self.auth_server, DEFAULT_AUTH_PORT)
+
+    def join_addresses(self) -> list[str]:
+        """Every auth join address, tried in turn when joining."""
         if self.join_server:
-            return self.join_server
-        host, _ = split_hostport(self.auth_server, DEFAULT_AUTH_PORT)
-        return join_hostport(host, DEFAULT_JOIN_PORT)
+            return parse_addresses(self.join_server, DEFAULT_JOIN_PORT, "join_server")
+        return [join_hostport(split_hostport(a, DEFAULT_AUTH_PORT)[0], DEFAULT_JOIN_PORT)
+                for a in self.auth_addresses()]
+
+    def join_address(self) -> str:
+        """The join addresses as one comma-separated string (what `ensure_joined` takes)."""
+        return ",".join(self.join_addresses())
 
 
 def split_hostport(addr: str, default_port: int) -> tuple[str, int]:
@@ -315,6 +359,29 @@ def split_hostport(addr: str, default_port: int) -> tuple[str, int]:
 
 def join_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_addresses(value: str | Iterable[str], default_port: int, what: str = "auth_server") -> list[str]:
+    """``host:port`` strings from one address, a comma-separated string or a list; each gets
+    ``default_port`` when it names none. Raises ConfigError (one line) on a bad entry."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out: list[str] = []
+    for raw in items:
+        raw = str(raw).strip()
+        if not raw:
+            continue
+        try:
+            host, port = split_hostport(raw, default_port)
+        except ConfigError:
+            raise ConfigError(f"{what}: invalid address {raw!r}: use host:port, or a list of them") from None
+        if not host or not 0 < port < 65536:
+            raise ConfigError(f"{what}: invalid address {raw!r}: use host:port, or a list of them")
+        hp = join_hostport(host, port)
+        if hp not in out:
+            out.append(hp)
+    if not out:
+        raise ConfigError(f"{what}: no address given: give the auth service's host:port (or a list of them)")
+    return out
 
 
 def _set_path(data: dict, path: list[str], value: Any, var: str) -> None:
@@ -357,7 +424,7 @@ def _format_error(exc: ValidationError, source: str) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         return f"{source}: unknown config key {loc!r}: check its spelling against docs/config.md"
-    return f"{source}: {loc}: {err['msg']}"
+    return f"{source}: {loc}: {err['msg'].removeprefix('Value error, ')}"
 
 
 def load_config(path: str | os.PathLike | None = None, environ: dict[str, str] | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,14 +121,21 @@ class Creds:
             root_certificates=self.host_ca_pem, private_key=self.key_pem, certificate_chain=self.cert_pem)
 
 
-def channel_options(server_role: str) -> list[tuple[str, object]]:
+def channel_options(server_role: str, service_config: str = "",
+                    extra_options: Sequence[tuple[str, object]] = ()) -> list[tuple[str, object]]:
     from services.common import keepalive
 
-    return [("grpc.ssl_target_name_override", internal_name(server_role)), *keepalive.client_options()]
+    opts: list[tuple[str, object]] = [("grpc.ssl_target_name_override", internal_name(server_role)),
+                                      *keepalive.client_options()]
+    if service_config:
+        opts.append(("grpc.service_config", service_config))
+    return opts + list(extra_options)
 
 
-def secure_channel(addr: str, creds: grpc.ChannelCredentials, server_role: str, interceptors=None) -> grpc.aio.Channel:
-    return grpc.aio.secure_channel(addr, creds, options=channel_options(server_role), interceptors=interceptors)
+def secure_channel(addr: str, creds: grpc.ChannelCredentials, server_role: str, interceptors=None,
+                   service_config: str = "", extra_options: Sequence[tuple[str, object]] = ()) -> grpc.aio.Channel:
+    return grpc.aio.secure_channel(addr, creds, options=channel_options(server_role, service_config, extra_options),
+                                   interceptors=interceptors)
 
 
 def server_only_channel(addr: str, ca_pem: bytes, server_role: str, interceptors=None) -> grpc.aio.Channel:

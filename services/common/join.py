@@ -18,7 +18,8 @@ import grpc
 from cachegate.auth.v1 import cluster_service_pb2, cluster_service_pb2_grpc
 from cachegate.types.v1 import types_pb2
 from services.common import identity as idmod
-from services.common.config import ConfigError, split_hostport
+from services.common import endpoints
+from services.common.config import DEFAULT_JOIN_PORT, ConfigError, join_hostport, split_hostport
 from services.common.creds import Creds, private_dir, server_only_channel
 from services.common.pki import (
     CertAuthority, cert_to_pem, fetch_unverified_chain, key_to_pem, make_csr, new_key, normalize_pin, spki_pin,
@@ -29,6 +30,10 @@ log = logging.getLogger("cachegate.join")
 
 class JoinError(Exception):
     """Joining failed; the message is one line that says what to do."""
+
+
+class JoinUnreachable(JoinError):
+    """This join address did not answer (the next one, if any, is tried)."""
 
 
 def read_token(value: str) -> str:
@@ -66,7 +71,8 @@ def verify_pin(join_addr: str, ca_pin: str) -> bytes:
     try:
         chain = fetch_unverified_chain(host, port)
     except (OSError, socket.timeout) as exc:
-        raise JoinError(f"cannot reach the auth join port at {join_addr}: {exc}; check the address and run `nc -zv {host} {port}`") from None
+        raise JoinUnreachable(f"cannot reach the auth join port at {join_addr}: {exc}; check the address and run "
+                              f"`nc -zv {host} {port}`") from None
     if not chain:
         raise JoinError(f"the server at {join_addr} presented no certificate")
     want = normalize_pin(ca_pin)
@@ -82,12 +88,36 @@ def verify_pin(join_addr: str, ca_pin: str) -> bytes:
         "check --ca-pin against `cgctl status` and the address you joined")
 
 
-async def join(join_addr: str, token: str, ca_pin: str, role: int, addresses: list[str],
+async def join(join_addr: str | list[str], token: str, ca_pin: str, role: int, addresses: list[str],
                timeout: float = 15.0) -> Creds:
+    """Join through the first auth join port that answers: ``join_addr`` is one address or
+    several (a list, commas, or a name with several addresses), tried in turn. A refusal
+    (bad token, wrong pin) is final; an address that cannot be reached moves on to the next."""
     if not token:
         raise JoinError("this host has not joined the cluster yet: pass --token (from `cgctl tokens add`) and --ca-pin")
     if not ca_pin:
         raise JoinError("no CA pin: pass --ca-pin (printed by `cgctl tokens add`) so the auth server can be verified")
+    try:
+        targets = [join_hostport(h, p) for h, p in endpoints.expand(join_addr, DEFAULT_JOIN_PORT)]
+    except ConfigError as exc:
+        raise JoinError(str(exc)) from None
+    unreachable: list[str] = []
+    for i, addr in enumerate(targets):
+        last = i == len(targets) - 1
+        try:
+            return await _join_one(addr, token, ca_pin, role, addresses, timeout)
+        except JoinUnreachable as exc:
+            unreachable.append(str(exc))
+            if not last:
+                log.warning("auth join port did not answer; trying the next one",
+                            extra={"addr": addr, "error": str(exc), "next": targets[i + 1]})
+    if len(unreachable) == 1:
+        raise JoinError(unreachable[0])
+    raise JoinError(f"no auth join port answered ({', '.join(targets)}): {unreachable[-1]}")
+
+
+async def _join_one(join_addr: str, token: str, ca_pin: str, role: int, addresses: list[str],
+                    timeout: float) -> Creds:
     ca_pem = await asyncio.to_thread(verify_pin, join_addr, ca_pin)
     key = new_key()
     csr = make_csr(key, idmod.role_name(role))
@@ -97,15 +127,17 @@ async def join(join_addr: str, token: str, ca_pin: str, role: int, addresses: li
         try:
             resp = await stub.JoinService(req, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise JoinUnreachable(f"the auth join port at {join_addr} did not answer: {exc.details()}") from None
             raise JoinError(f"joining the cluster failed: {exc.details()}") from None
     creds = Creds(key_pem=key_to_pem(key), cert_pem=resp.cert_pem.encode(),
                   host_ca_pem=resp.host_ca_pem.encode(), user_ca_pem=resp.user_ca_pem.encode())
     log.info("joined the cluster", extra={"host_id": resp.host_id, "role": idmod.role_name(role),
-                                          "cluster": resp.cluster_name})
+                                          "cluster": resp.cluster_name, "auth": join_addr})
     return creds
 
 
-async def ensure_joined(folder: Path, join_addr: str, token_value: str, ca_pin: str, role: int,
+async def ensure_joined(folder: Path, join_addr: str | list[str], token_value: str, ca_pin: str, role: int,
                         addresses: list[str]) -> Creds:
     """Use the saved host credentials, or join with the token and save them."""
     private_dir(folder, tighten_files=True)  # host key and certificate: the owner's only

@@ -216,6 +216,8 @@ class Reconciler:
         self.last_result: RunResult | None = None
         self._resync = asyncio.Event()
         self._lock = asyncio.Lock()
+        # Called with every failed Azure request (retried ones too): metrics.
+        self.on_error: Callable[[BaseException], None] | None = None
 
     # ------------------------------------------------------------------ status
     def statuses(self) -> list[FetcherStatus]:
@@ -279,6 +281,8 @@ class Reconciler:
         return isinstance(getattr(self, "_source_error", None), AzureCredentialError)
 
     async def _should_retry(self, st: FetcherStatus, exc: BaseException, attempt: int) -> bool:
+        if self.on_error is not None:
+            self.on_error(exc)
         err = exc if isinstance(exc, AzureDiscoveryError) else translate_error(exc, action="")
         if not err.retryable or attempt >= self.retry.max_attempts:
             return False

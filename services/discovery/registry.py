@@ -167,6 +167,8 @@ class StaticPublisher:
         self.owner = owner
         self.base_dir = base_dir
         self.status = FetcherStatus(name="static", kind="static")
+        # What the last round changed: (records published, records deleted).
+        self.last_changes = (0, 0)
 
     async def run_once(self) -> None:
         import datetime as dt
@@ -174,6 +176,8 @@ class StaticPublisher:
         now = dt.datetime.now(dt.UTC)
         self.status.last_attempt = now
         errors: list[str] = []
+        changes = [0, 0]
+        self.last_changes = (0, 0)
         wanted: dict[str, types_pb2.Database] = {}
         for e in self.entries:
             try:
@@ -189,6 +193,7 @@ class StaticPublisher:
                     await self.stub.UpsertDatabase(database_service_pb2.UpsertDatabaseRequest(database=db),
                                                    timeout=RPC_TIMEOUT)
                     log.info("static database published", extra={"db": name})
+                    changes[0] += 1
                 except grpc.aio.AioRpcError as exc:
                     errors.append(str(_rpc_error(exc, f"publishing {name}")))
             for name in sorted(set(current) - set(wanted)):
@@ -199,12 +204,14 @@ class StaticPublisher:
                     await self.stub.DeleteDatabase(database_service_pb2.DeleteDatabaseRequest(name=name),
                                                    timeout=RPC_TIMEOUT)
                     log.info("static database removed", extra={"db": name})
+                    changes[1] += 1
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() != grpc.StatusCode.NOT_FOUND:
                         errors.append(str(_rpc_error(exc, f"deleting {name}")))
         except grpc.aio.AioRpcError as exc:
             errors.append(str(_rpc_error(exc, "listing databases")))
         self.status.databases_found = len(wanted)
+        self.last_changes = (changes[0], changes[1])
         if errors:
             for err in errors:
                 log.error("discovery: %s", err)

@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from pathlib import Path
+
+import grpc
 
 from cachegate.auth.v1 import database_service_pb2
 from cachegate.discovery.v1 import discovery_service_pb2, discovery_service_pb2_grpc
@@ -19,8 +22,10 @@ from services.common.grpcserver import GrpcServer, ServiceBinding
 from services.common.grpcutil import paginate
 from services.common.join import ensure_joined, local_addresses
 from services.common.pki import cert_from_pem
-from services.common.telemetry import server_interceptors, setup_tracing
+from services.common.telemetry import server_interceptors, setup_metrics, setup_tracing
 
+from .lease import LeaderElection
+from .metrics import DiscoveryMetrics
 from .registry import (
     AuthRegistry,
     StaticPublisher,
@@ -59,6 +64,8 @@ class Discovery:
         self.static = None
         self._resync = asyncio.Event()
         self._round_lock = asyncio.Lock()
+        self.metrics = DiscoveryMetrics(group=self.group)
+        self.election: LeaderElection | None = None
         stub = auth.databases if auth is not None else None
         if self.dcfg.static:
             self.static = StaticPublisher(stub, self.dcfg.static, static_owner(self.group), config_dir)
@@ -92,6 +99,7 @@ class Discovery:
                                      interval=interval, jitter=poll_jitter(interval),
                                      fetch_timeout=max(self.dcfg.azure_timeout * 4, 30.0),
                                      source_name="azure-subscriptions")
+        self.reconciler.on_error = self.metrics.azure_error
 
     # --- status -------------------------------------------------------------------------
     def statuses(self) -> list[types_pb2.FetcherStatus]:
@@ -117,37 +125,76 @@ class Discovery:
             await self._run_once()
 
     async def _run_once(self) -> None:
+        t0 = time.monotonic()
         jobs = []
         if self.static is not None:
             jobs.append(self.static.run_once())
         if self.reconciler is not None:
             jobs.append(self.reconciler.run_once())
         results = await asyncio.gather(*jobs, return_exceptions=True)
+        ok = True
         for r in results:
             if isinstance(r, Exception):
+                ok = False
                 log.error("discovery round failed: %s", r)
+            elif r is not None:  # the reconciler's RunResult
+                ok = ok and r.ok
+                self.metrics.published("azure", len(r.created) + len(r.updated), len(r.deleted))
+        if self.static is not None:
+            ok = ok and not self.static.status.last_error
+            self.metrics.published("static", *self.static.last_changes)
+        self.metrics.round(ok, time.monotonic() - t0)
+        log.debug("discovery round done", extra={"ok": ok, "seconds": round(time.monotonic() - t0, 3)})
         await self.report()
 
     def request_resync(self) -> None:
         self._resync.set()
 
-    async def run_forever(self, stop: asyncio.Event) -> None:
-        interval = self.dcfg.poll_interval
-        while not stop.is_set():
-            self._resync.clear()
-            await self.run_once()
-            wait = interval + random.uniform(0, poll_jitter(interval))
-            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._resync.wait())]
-            try:
-                await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for t in waiters:
-                    t.cancel()
-                await asyncio.gather(*waiters, return_exceptions=True)
+    @property
+    def leading(self) -> bool:
+        return self.election is None or self.election.leading
 
-    def attach(self, auth: AuthClient) -> None:
-        """Publish through ``auth`` (set once the host has joined)."""
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        """Rounds every poll_interval while this host holds its group's lease; a standby
+        waits and starts a round as soon as it takes the lease over."""
+        interval = self.dcfg.poll_interval
+        election = self.election
+        lease_task = asyncio.create_task(election.run(stop), name="discovery-lease") if election else None
+        try:
+            if election is not None:  # the first answer about the lease, before any round
+                await asyncio.wait([asyncio.ensure_future(election.first_answer.wait())],
+                                   timeout=election.renew_interval)
+            while not stop.is_set():
+                self._resync.clear()
+                if self.leading:
+                    if election is not None:
+                        election.became_leader.clear()
+                    await self.run_once()
+                    wait = interval + random.uniform(0, poll_jitter(interval))
+                else:
+                    wait = interval
+                waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._resync.wait())]
+                if election is not None:
+                    waiters.append(asyncio.ensure_future(election.became_leader.wait()))
+                try:
+                    await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for t in waiters:
+                        t.cancel()
+                    await asyncio.gather(*waiters, return_exceptions=True)
+        finally:
+            if lease_task is not None:
+                lease_task.cancel()
+                await asyncio.gather(lease_task, return_exceptions=True)
+
+    def attach(self, auth: AuthClient, host_id: str = "") -> None:
+        """Publish through ``auth`` (set once the host has joined); with ``host_id``, take
+        part in the group's lease so that one replica reconciles at a time."""
         self.auth = auth
+        if host_id:
+            self.election = LeaderElection(auth.cluster, self.group, host_id, ttl=self.dcfg.lease_ttl,
+                                           renew_interval=self.dcfg.lease_renew_interval,
+                                           on_change=self.metrics.lease)
         if self.static is not None:
             self.static.stub = auth.databases
         if self.reconciler is not None:
@@ -171,12 +218,19 @@ class DiscoveryServicer(discovery_service_pb2_grpc.DiscoveryServiceServicer):
         return discovery_service_pb2.ListFetcherStatusesResponse(statuses=page, next_page_token=nxt)
 
     async def Resync(self, request, context):
+        d = self.discovery
+        if not d.leading:
+            leader = d.election.holder if d.election is not None else ""
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"this discovery host is standing by (group {d.group!r} is reconciled by "
+                                f"{leader or 'no host right now'}): resync on the leading host, see `cgctl status`")
         await self.discovery.run_once()
         return discovery_service_pb2.ResyncResponse(statuses=self.discovery.statuses())
 
 
 async def run_discovery(cfg: Config, stop: asyncio.Event, ready=None) -> None:
     tracing = setup_tracing("discovery", cfg.telemetry)
+    setup_metrics("discovery", cfg.telemetry)
     discovery = Discovery(cfg, None)  # checks the matchers before joining
     try:
         await _serve(cfg, discovery, tracing, stop, ready)
@@ -190,7 +244,7 @@ async def _serve(cfg: Config, discovery: Discovery, tracing, stop: asyncio.Event
                                 types_pb2.SERVICE_ROLE_DISCOVERY, local_addresses(dcfg.listen_addr, *dcfg.public_addrs))
     verifier = CertVerifier(cert_from_pem(creds.host_ca_pem), cert_from_pem(creds.user_ca_pem))
     auth = AuthClient(cfg.auth_server, creds, tracing)
-    discovery.attach(auth)
+    discovery.attach(auth, creds.identity.name)
     servicer = DiscoveryServicer(discovery)
     server = GrpcServer("discovery", [ServiceBinding(
         discovery_service_pb2_grpc.add_DiscoveryServiceServicer_to_server, servicer, DISCOVERY)],
@@ -207,5 +261,7 @@ async def _serve(cfg: Config, discovery: Discovery, tracing, stop: asyncio.Event
     finally:
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
+        if discovery.election is not None:
+            await discovery.election.release()
         await server.stop(5.0)
         await auth.close()

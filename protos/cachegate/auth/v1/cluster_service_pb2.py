@@ -23,23 +23,39 @@ _sym_db = _symbol_database.Default()
 
 
 from cachegate.types.v1 import types_pb2 as cachegate_dot_types_dot_v1_dot_types__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'cachegate/auth/v1/cluster_service.proto\x12\x11\x63\x61\x63hegate.auth.v1\x1a\x1e\x63\x61\x63hegate/types/v1/types.proto\"\x17\n\x15GetClusterInfoRequest\"\x80\x01\n\x16GetClusterInfoResponse\x12\x14\n\x0c\x63luster_name\x18\x01 \x01(\t\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61_pin\x18\x03 \x01(\t\x12\x13\n\x0bhost_ca_pem\x18\x04 \x01(\t\x12\x13\n\x0buser_ca_pem\x18\x05 \x01(\t\"\x87\x01\n\x12JoinServiceRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12-\n\x04role\x18\x02 \x01(\x0e\x32\x1f.cachegate.types.v1.ServiceRole\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\t\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\x0f\n\x07host_id\x18\x05 \x01(\t\"x\n\x13JoinServiceResponse\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x65rt_pem\x18\x02 \x01(\t\x12\x13\n\x0bhost_ca_pem\x18\x03 \x01(\t\x12\x13\n\x0buser_ca_pem\x18\x04 \x01(\t\x12\x14\n\x0c\x63luster_name\x18\x05 \x01(\t2\xd5\x01\n\x0e\x43lusterService\x12\x65\n\x0eGetClusterInfo\x12(.cachegate.auth.v1.GetClusterInfoRequest\x1a).cachegate.auth.v1.GetClusterInfoResponse\x12\\\n\x0bJoinService\x12%.cachegate.auth.v1.JoinServiceRequest\x1a&.cachegate.auth.v1.JoinServiceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'cachegate/auth/v1/cluster_service.proto\x12\x11\x63\x61\x63hegate.auth.v1\x1a\x1e\x63\x61\x63hegate/types/v1/types.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x17\n\x15GetClusterInfoRequest\"\x80\x01\n\x16GetClusterInfoResponse\x12\x14\n\x0c\x63luster_name\x18\x01 \x01(\t\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61_pin\x18\x03 \x01(\t\x12\x13\n\x0bhost_ca_pem\x18\x04 \x01(\t\x12\x13\n\x0buser_ca_pem\x18\x05 \x01(\t\"\x87\x01\n\x12JoinServiceRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12-\n\x04role\x18\x02 \x01(\x0e\x32\x1f.cachegate.types.v1.ServiceRole\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\t\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\x0f\n\x07host_id\x18\x05 \x01(\t\"x\n\x13JoinServiceResponse\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x65rt_pem\x18\x02 \x01(\t\x12\x13\n\x0bhost_ca_pem\x18\x03 \x01(\t\x12\x13\n\x0buser_ca_pem\x18\x04 \x01(\t\x12\x14\n\x0c\x63luster_name\x18\x05 \x01(\t\"\x88\x01\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x61\x63quire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x13\x41\x63quireLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"Q\n\x14\x41\x63quireLeaseResponse\x12\x10\n\x08\x61\x63quired\x18\x01 \x01(\x08\x12\'\n\x05lease\x18\x02 \x01(\x0b\x32\x18.cachegate.auth.v1.Lease\"#\n\x13ReleaseLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"(\n\x14ReleaseLeaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\":\n\x11ListLeasesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"W\n\x12ListLeasesResponse\x12(\n\x06leases\x18\x01 \x03(\x0b\x32\x18.cachegate.auth.v1.Lease\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xf2\x03\n\x0e\x43lusterService\x12\x65\n\x0eGetClusterInfo\x12(.cachegate.auth.v1.GetClusterInfoRequest\x1a).cachegate.auth.v1.GetClusterInfoResponse\x12\\\n\x0bJoinService\x12%.cachegate.auth.v1.JoinServiceRequest\x1a&.cachegate.auth.v1.JoinServiceResponse\x12_\n\x0c\x41\x63quireLease\x12&.cachegate.auth.v1.AcquireLeaseRequest\x1a\'.cachegate.auth.v1.AcquireLeaseResponse\x12_\n\x0cReleaseLease\x12&.cachegate.auth.v1.ReleaseLeaseRequest\x1a\'.cachegate.auth.v1.ReleaseLeaseResponse\x12Y\n\nListLeases\x12$.cachegate.auth.v1.ListLeasesRequest\x1a%.cachegate.auth.v1.ListLeasesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cachegate.auth.v1.cluster_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETCLUSTERINFOREQUEST']._serialized_start=94
-  _globals['_GETCLUSTERINFOREQUEST']._serialized_end=117
-  _globals['_GETCLUSTERINFORESPONSE']._serialized_start=120
-  _globals['_GETCLUSTERINFORESPONSE']._serialized_end=248
-  _globals['_JOINSERVICEREQUEST']._serialized_start=251
-  _globals['_JOINSERVICEREQUEST']._serialized_end=386
-  _globals['_JOINSERVICERESPONSE']._serialized_start=388
-  _globals['_JOINSERVICERESPONSE']._serialized_end=508
-  _globals['_CLUSTERSERVICE']._serialized_start=511
-  _globals['_CLUSTERSERVICE']._serialized_end=724
+  _globals['_GETCLUSTERINFOREQUEST']._serialized_start=159
+  _globals['_GETCLUSTERINFOREQUEST']._serialized_end=182
+  _globals['_GETCLUSTERINFORESPONSE']._serialized_start=185
+  _globals['_GETCLUSTERINFORESPONSE']._serialized_end=313
+  _globals['_JOINSERVICEREQUEST']._serialized_start=316
+  _globals['_JOINSERVICEREQUEST']._serialized_end=451
+  _globals['_JOINSERVICERESPONSE']._serialized_start=453
+  _globals['_JOINSERVICERESPONSE']._serialized_end=573
+  _globals['_LEASE']._serialized_start=576
+  _globals['_LEASE']._serialized_end=712
+  _globals['_ACQUIRELEASEREQUEST']._serialized_start=714
+  _globals['_ACQUIRELEASEREQUEST']._serialized_end=789
+  _globals['_ACQUIRELEASERESPONSE']._serialized_start=791
+  _globals['_ACQUIRELEASERESPONSE']._serialized_end=872
+  _globals['_RELEASELEASEREQUEST']._serialized_start=874
+  _globals['_RELEASELEASEREQUEST']._serialized_end=909
+  _globals['_RELEASELEASERESPONSE']._serialized_start=911
+  _globals['_RELEASELEASERESPONSE']._serialized_end=951
+  _globals['_LISTLEASESREQUEST']._serialized_start=953
+  _globals['_LISTLEASESREQUEST']._serialized_end=1011
+  _globals['_LISTLEASESRESPONSE']._serialized_start=1013
+  _globals['_LISTLEASESRESPONSE']._serialized_end=1100
+  _globals['_CLUSTERSERVICE']._serialized_start=1103
+  _globals['_CLUSTERSERVICE']._serialized_end=1601
 # @@protoc_insertion_point(module_scope)

@@ -46,6 +46,21 @@ class ClusterServiceStub:
                 request_serializer=cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.JoinServiceRequest.SerializeToString,
                 response_deserializer=cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.JoinServiceResponse.FromString,
                 _registered_method=True)
+        self.AcquireLease = channel.unary_unary(
+                '/cachegate.auth.v1.ClusterService/AcquireLease',
+                request_serializer=cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.AcquireLeaseRequest.SerializeToString,
+                response_deserializer=cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.AcquireLeaseResponse.FromString,
+                _registered_method=True)
+        self.ReleaseLease = channel.unary_unary(
+                '/cachegate.auth.v1.ClusterService/ReleaseLease',
+                request_serializer=cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.ReleaseLeaseRequest.SerializeToString,
+                response_deserializer=cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.ReleaseLeaseResponse.FromString,
+                _registered_method=True)
+        self.ListLeases = channel.unary_unary(
+                '/cachegate.auth.v1.ClusterService/ListLeases',
+                request_serializer=cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.ListLeasesRequest.SerializeToString,
+                response_deserializer=cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.ListLeasesResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServiceServicer:
@@ -67,6 +82,30 @@ class ClusterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcquireLease(self, request, context):
+        """Take the named lease for the calling host, or renew it if the host holds it already.
+        The holder is the caller's host id, from its certificate. Discovery replicas of one
+        discovery group share a lease ("discovery/<group>"): only the holder reconciles.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseLease(self, request, context):
+        """Give up the named lease if the calling host holds it (on shutdown), so that another
+        replica takes over at once instead of after the TTL.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLeases(self, request, context):
+        """Leases held now (expired ones are left out).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +118,21 @@ def add_ClusterServiceServicer_to_server(servicer, server):
                     servicer.JoinService,
                     request_deserializer=cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.JoinServiceRequest.FromString,
                     response_serializer=cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.JoinServiceResponse.SerializeToString,
+            ),
+            'AcquireLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquireLease,
+                    request_deserializer=cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.AcquireLeaseRequest.FromString,
+                    response_serializer=cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.AcquireLeaseResponse.SerializeToString,
+            ),
+            'ReleaseLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseLease,
+                    request_deserializer=cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.ReleaseLeaseRequest.FromString,
+                    response_serializer=cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.ReleaseLeaseResponse.SerializeToString,
+            ),
+            'ListLeases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLeases,
+                    request_deserializer=cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.ListLeasesRequest.FromString,
+                    response_serializer=cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.ListLeasesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +191,87 @@ class ClusterService:
             '/cachegate.auth.v1.ClusterService/JoinService',
             cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.JoinServiceRequest.SerializeToString,
             cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.JoinServiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachegate.auth.v1.ClusterService/AcquireLease',
+            cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.AcquireLeaseRequest.SerializeToString,
+            cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.AcquireLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachegate.auth.v1.ClusterService/ReleaseLease',
+            cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.ReleaseLeaseRequest.SerializeToString,
+            cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.ReleaseLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachegate.auth.v1.ClusterService/ListLeases',
+            cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.ListLeasesRequest.SerializeToString,
+            cachegate_dot_auth_dot_v1_dot_cluster__service__pb2.ListLeasesResponse.FromString,
             options,
             channel_credentials,
             insecure,
