@@ -204,7 +204,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
-def run(mode: str, clients_n: int) -> dict:
+def run(mode: str, clients_n: int, workers: int = 1) -> dict:
     cfg = MODES[mode]
     started = time.monotonic()
     preflight()
@@ -227,7 +227,8 @@ def run(mode: str, clients_n: int) -> dict:
             parts.append(cg)
             cg.start_auth()
             idle_max = max(int(c) for c in cfg["idle"].split(","))
-            proxy = cg.start_proxy(sessions_per_user=idle_max + 200)
+            proxy = cg.start_proxy(sessions_per_user=idle_max + 200, workers=workers if workers != 1 else None)
+            results["workers_setting"] = workers
             cg.register_redis(redis.port)
             dbcfg = cg.login_user(proxy)
             ca = str(d / "ca.pem")
@@ -393,7 +394,7 @@ def print_table(res: dict) -> None:
     m, s = res["machine"], res["summary"]
     print(f"Cachegate benchmark ({res['mode']}): {m['cpus']} CPUs {m['cpu_model']}, {m['mem_total_mib']} MiB, "
           f"Linux {m['kernel']}, Python {m['python']}, load {m['load_avg_at_start']} at start")
-    print(f"{m['redis_server']}; {m['stunnel']}")
+    print(f"{m['redis_server']}; {m['stunnel']}; dbproxy workers: {res.get('workers_setting', 1)}")
     print(f"redis-benchmark -c {res['settings']['clients']}, {res['settings']['rounds']} round(s) (median), "
           f"about {res['settings']['step_s']:g}s per test; -n per target: "
           + ", ".join(f"{k} {v:,}" for k, v in res["requests_per_test"].items()))
@@ -451,12 +452,15 @@ def main() -> None:
     g.add_argument("--quick", action="store_true", help="about two minutes: one round, short steps")
     g.add_argument("--smoke", action="store_true", help="seconds: proves every part runs; the figures mean nothing")
     ap.add_argument("-c", "--clients", type=int, default=50, help="redis-benchmark clients (default 50)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="dbproxy_service.workers of the measured dbproxy (default 1; 0 = one per CPU); "
+                         "RSS is summed over its processes")
     ap.add_argument("--json-out", default="", help="also write the whole result as JSON to this file")
     args = ap.parse_args()
     mode = "quick" if args.quick else "smoke" if args.smoke else "full"
     if not shutil.which("redis-benchmark"):
         raise BenchError("redis-benchmark is not installed (Debian package redis-tools): run make setup")
-    res = run(mode, args.clients)
+    res = run(mode, args.clients, args.workers)
     print_table(res)
     line = {**res["summary"], "mode": mode, "machine": res["machine"], "seconds": res["seconds"],
             "details": {k: res[k] for k in ("throughput", "sessions", "idle", "audit", "workers", "stall_probe",

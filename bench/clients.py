@@ -103,10 +103,22 @@ async def sessions(args) -> dict:
 
 
 def _rss(pid: int) -> int:
+    """VmRSS of ``pid`` and its child processes (dbproxy's workers), KiB."""
+    total = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+            total += int(line.split()[1])
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                total += _rss(int(child))
+            except OSError:
+                pass
+    return total
 
 
 async def idle(args) -> dict:
