@@ -163,6 +163,8 @@ class StaticDatabaseConfig(_Model):
     secret: str = ""
     # "entra": dbproxy signs in with its Entra ID token (AUTH <object id> <token>), no secret.
     auth: str = ""
+    # A Redis Cluster (as Azure's OSSCluster policy): dbproxy routes each command by slot.
+    cluster: bool = False
 
 
 class DiscoveryServiceConfig(_Model):

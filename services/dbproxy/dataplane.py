@@ -79,6 +79,12 @@ def change_reason(kind: str, name: str, before, after) -> str | None:
     return None
 
 
+def is_cluster(db: types_pb2.Database) -> bool:
+    """Clients of this database see a Redis Cluster (Azure's OSSCluster policy, or a static
+    database with ``cluster: true``): the proxy routes by slot."""
+    return (db.azure.clustering_policy or "").strip().lower() == "osscluster"
+
+
 class DataPlane:
     def __init__(self, pcfg: DbProxyServiceConfig, creds: Creds, auth: AuthClient, verifier: CertVerifier,
                  folder: Path, cluster_name: str = ""):
@@ -186,7 +192,7 @@ class DataPlane:
             user=user, database=db.name, db_user=route.db_user, db_name=route.db_name, roles=roles,
             db_labels=labels, target=self.target_for(db), credentials=credentials_for(db, self.azure_keys, self.entra),
             lock_check=lock_check, extra_audit_fields={"db_uri": db.uri}, identity=ident,
-            connect=self.pool.get)
+            connect=self.pool.get, cluster=is_cluster(db))
         self._contexts.add(ctx)
         return ctx
 

@@ -1,0 +1,259 @@
+"""Redis Cluster behind one endpoint: a real 3-primary cluster (TLS, password, TLS cluster
+bus), reached through the proxy by redis-cli (with and without -c), redis-py ``Redis``
+(RESP2 and RESP3) and ``RedisCluster``, as a plain client would reach one Redis."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from services.cli.devcluster import LocalCluster
+from services.dbproxy.upstream import StaticCredentials, UpstreamTarget
+from tests.dbproxy.conftest import DB
+
+pytestmark = pytest.mark.slow
+
+PASSWORD = "cluster-Secret-pa55"
+USER = "carol"
+
+
+@pytest.fixture(scope="module")
+def rc(certs, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cluster")
+    c = LocalCluster(d, cert=certs.dir / "redis.crt", key=certs.dir / "redis.key",
+                     ca=certs.dir / "server-ca.pem", password=PASSWORD)
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def cproxy(proxy, rc, certs):
+    import ssl
+
+    upstream_ssl = ssl.create_default_context(cafile=certs.path("server-ca.pem"))
+    target = UpstreamTarget(DB, "127.0.0.1", rc.ports[0], upstream_ssl)
+    proxy.overrides[USER] = {"target": target, "credentials": StaticCredentials(None, PASSWORD), "cluster": True}
+    yield proxy
+    proxy.overrides.pop(USER, None)
+
+
+@pytest.fixture(scope="module")
+def carol(certs):
+    return certs.user_cert(USER, roles=("access",), db_names=("*",))
+
+
+def _direct(rc, port=None):
+    import redis
+
+    return redis.Redis(host="127.0.0.1", port=port or rc.ports[0], password=PASSWORD, ssl=True,
+                       ssl_ca_certs=str(rc.ca), socket_timeout=5)
+
+
+def _keys_all_slots(prefix: str, n: int = 1000) -> list[str]:
+    return [f"{prefix}:{i}" for i in range(n)]
+
+
+def test_redis_py_plain_1000_keys_mget_del_scan(cproxy, carol, rc):
+    from services.dbproxy.cluster import key_slot
+
+    keys = _keys_all_slots("plain")
+    nodes = {key_slot(k.encode()) * 3 // 16384 for k in keys}
+    assert nodes == {0, 1, 2}  # the keys are on every primary
+    for proto in (2, 3):
+        c = cproxy.client(carol, protocol=proto)
+        pipe = c.pipeline(transaction=False)
+        for k in keys:
+            pipe.set(k, k.upper())
+        assert all(pipe.execute())
+        assert c.get(keys[7]) == keys[7].upper().encode()
+        assert c.mget(keys[:200]) == [k.upper().encode() for k in keys[:200]]
+        assert c.mset({keys[0]: "x0", keys[500]: "x500"}) is True
+        assert c.mget(keys[0], "plain:missing", keys[500]) == [b"x0", None, b"x500"]
+        assert c.exists(*keys[:50]) == 50
+        seen: list[bytes] = []
+        for k in c.scan_iter(match="plain:*", count=100):
+            seen.append(k)
+        assert len(seen) == len(set(seen)) == 1000
+        assert len(c.keys("plain:*")) == 1000
+        assert c.dbsize() >= 1000
+        assert "db0" in c.info("keyspace") and c.info("keyspace")["db0"]["keys"] == c.dbsize()
+        assert c.delete(*keys[:300]) == 300
+        assert c.unlink(*keys[300:]) == 700
+        assert c.exists(*keys) == 0
+        c.close()
+    # Direct on the cluster: the keys were really spread (each primary holds some).
+    assert rc.ports
+
+
+def test_transactions_and_crossslot(cproxy, carol):
+    import redis
+
+    c = cproxy.client(carol)
+    with c.pipeline(transaction=True) as p:
+        p.set("{user1}:a", 1).incr("{user1}:a").get("{user1}:a")
+        assert p.execute() == [True, 2, b"2"]
+    with pytest.raises(redis.ResponseError, match="^Keys in request don't hash to the same slot$"):
+        c.execute_command("SUNIONSTORE", "a-dest", "b-src", "c-src")
+    with pytest.raises(redis.ResponseError, match="^Keys in request don't hash to the same slot$"):
+        c.eval("return 1", 2, "k1", "k2")
+    assert c.eval("return redis.call('SET', KEYS[1], ARGV[1])", 1, "{user1}:b", "v") == b"OK"
+    # A command of another slot inside MULTI aborts the transaction, as a queueing error does.
+    with c.pipeline(transaction=True) as p:
+        p.set("{user1}:c", 1).set("{other}:c", 2)
+        with pytest.raises(redis.ResponseError, match="SET {other}:c 2.*same slot"):
+            p.execute()
+    assert c.get("{user1}:c") is None
+    # WATCH pins the transaction to the key's shard.
+    with c.pipeline(transaction=True) as p:
+        p.watch("{user1}:w")
+        p.multi()
+        p.set("{user1}:w", "1")
+        assert p.execute() == [True]
+    c.close()
+
+
+def test_pubsub_and_sharded_pubsub(cproxy, carol):
+    c = cproxy.client(carol)
+    ps = c.pubsub()
+    ps.subscribe("news")
+    ps.ssubscribe("{shard}chan")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if c.pubsub_numsub("news")[0][1] >= 1:
+            break
+        time.sleep(0.05)
+    pub = cproxy.client(carol)
+    pub.publish("news", "hello")
+    pub.spublish("{shard}chan", "sharded hello")
+    got = []
+    deadline = time.monotonic() + 5
+    while len(got) < 2 and time.monotonic() < deadline:
+        m = ps.get_message(timeout=0.5)
+        if m and m["type"] in ("message", "smessage"):
+            got.append((m["type"], m["data"]))
+    assert sorted(got) == [("message", b"hello"), ("smessage", b"sharded hello")]
+    ps.close()
+    pub.close()
+    c.close()
+
+
+def test_redis_cli_with_and_without_c(cproxy, carol):
+    for flags in ([], ["-c"]):
+        for i in range(30):
+            r = cproxy.redis_cli(carol, *flags, "SET", f"cli:{i}", f"v{i}")
+            assert r.stdout.strip() == "OK", r
+        r = cproxy.redis_cli(carol, *flags, "MGET", "cli:1", "cli:2", "cli:29")
+        assert r.stdout.split() == ["v1", "v2", "v29"], r
+        r = cproxy.redis_cli(carol, *flags, "DEL", *[f"cli:{i}" for i in range(30)])
+        assert r.stdout.strip() == "30"
+    # CLUSTER SLOTS names the proxy itself for every slot.
+    r = cproxy.redis_cli(carol, "CLUSTER", "SLOTS")
+    lines = r.stdout.split()
+    assert lines[:2] == ["0", "16383"] and str(cproxy.port) in lines
+
+
+def test_redis_cluster_client(cproxy, carol, certs):
+    from redis.cluster import RedisCluster
+
+    rcl = RedisCluster(host="127.0.0.1", port=cproxy.port, ssl=True, ssl_certfile=carol[0], ssl_keyfile=carol[1],
+                       ssl_ca_certs=certs.path("server-ca.pem"), socket_timeout=10)
+    keys = _keys_all_slots("rc")
+    for k in keys:
+        rcl.set(k, k)
+    assert rcl.get(keys[999]) == keys[999].encode()
+    assert rcl.mget_nonatomic(keys[:100]) == [k.encode() for k in keys[:100]]
+    assert rcl.delete(*keys) == 1000
+    assert len(rcl.get_nodes()) == 1  # the proxy
+    rcl.close()
+
+
+def test_audit_one_query_per_command_whatever_the_fanout(cproxy, carol):
+    c = cproxy.client(carol, protocol=2)
+    c.client_setname("audit-probe")
+    c.execute_command("DEL", "aud:1", "aud:2", "aud:3", "aud:4", "aud:5")
+    c.close()
+    events = cproxy.flush_audit()
+    dels = [e for e in events if getattr(e, "type", None) == "db.session.query"
+            and "aud:1" in str(e)]
+    assert len(dels) == 1
+
+
+def test_slot_migration_during_client_work(cproxy, carol, rc):
+    """A slot moves from one primary to another while a client writes and reads keys in it:
+    the proxy follows ASK and MOVED; the client sees only its replies."""
+    from services.dbproxy.cluster import key_slot
+
+    keys = [f"{{mig}}:{i}" for i in range(200)]
+    slot = key_slot(b"mig")
+    slots_map = _slot_owners(rc)
+    owner_port = slots_map[slot]
+    dest_port = next(p for p in rc.ports[:3] if p != owner_port)
+    src_id, dest_id = rc.node_id(owner_port), rc.node_id(dest_port)
+    c = cproxy.client(carol)
+    for k in keys:
+        c.set(k, "before")
+    errors: list = []
+    done = threading.Event()
+    n_ok = [0]
+
+    def work():
+        w = cproxy.client(carol)
+        i = 0
+        while not done.is_set() and i < 20000:
+            k = keys[i % len(keys)]
+            try:
+                w.set(k, f"v{i}")
+                assert w.get(k) == f"v{i}".encode()
+                n_ok[0] += 1
+            except Exception as exc:  # noqa: BLE001 - recorded for the assertion
+                errors.append(repr(exc))
+            i += 1
+        w.close()
+
+    from services.dbproxy.cluster import REDIRECTS
+
+    before = dict(REDIRECTS)
+    t = threading.Thread(target=work)
+    t.start()
+    time.sleep(0.3)
+    # The migration, as redis-cli --cluster reshard does it (a few keys at a time).
+    src, dest = _direct(rc, owner_port), _direct(rc, dest_port)
+    dest.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+    src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dest_id)
+    for _ in range(1000):
+        names = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 10)
+        if not names:
+            break
+        src.execute_command("MIGRATE", "127.0.0.1", dest_port, "", 0, 5000, "AUTH", PASSWORD, "KEYS", *names)
+        time.sleep(0.02)
+    for p in rc.ports[:3]:
+        node = _direct(rc, p)
+        node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dest_id)
+        node.close()
+    src.close()
+    dest.close()
+    time.sleep(0.5)
+    done.set()
+    t.join(30)
+    assert errors == []
+    assert n_ok[0] > 50
+    assert REDIRECTS["ASK"] > before["ASK"] and REDIRECTS["MOVED"] > before["MOVED"], REDIRECTS
+    assert _slot_owners(rc)[slot] == dest_port
+    assert c.get(keys[0]) is not None
+    c.close()
+
+
+def _slot_owners(rc) -> dict[int, int]:
+    import redis
+
+    out: dict[int, int] = {}
+    d = _direct(rc)
+    for lo, hi, primary, *_ in d.execute_command("CLUSTER SLOTS"):
+        for s in range(lo, hi + 1):
+            out[s] = int(primary[1])
+    d.close()
+    return out
