@@ -43,7 +43,8 @@ def free_cluster_port(taken: set[int] | None = None) -> int:
 
 class LocalCluster:
     def __init__(self, folder: Path, *, cert: Path, key: Path, ca: Path, password: str,
-                 primaries: int = 3, node_timeout_ms: int = 2000, log_dir: Path | None = None) -> None:
+                 primaries: int = 3, node_timeout_ms: int = 2000, log_dir: Path | None = None,
+                 ports: list[int] | None = None) -> None:
         self.dir = folder
         self.cert, self.key, self.ca = cert, key, ca
         self.password = password
@@ -52,12 +53,14 @@ class LocalCluster:
         self.log_dir = log_dir or folder
         self.procs: dict[int, subprocess.Popen] = {}
         self.ports: list[int] = []
+        self._fixed = list(ports or [])
 
     # -- nodes ------------------------------------------------------------------------------
 
     def _start_node(self, port: int) -> None:
         d = self.dir / f"node-{port}"
         private_dir(d)
+        (d / "nodes.conf").unlink(missing_ok=True)  # a new cluster each start
         conf = d / "redis.conf"
         write_private(conf, "\n".join([
             "bind 127.0.0.1", "port 0", f"tls-port {port}", f"tls-cert-file {self.cert}",
@@ -95,8 +98,8 @@ class LocalCluster:
             raise RuntimeError("redis-server and redis-cli are needed: apt-get install redis-server redis-tools")
         private_dir(self.dir)
         taken: set[int] = set()
-        for _ in range(self.primaries):
-            port = free_cluster_port(taken)
+        for i in range(self.primaries):
+            port = self._fixed[i] if i < len(self._fixed) else free_cluster_port(taken)
             taken.add(port)
             self._start_node(port)
             self.ports.append(port)
