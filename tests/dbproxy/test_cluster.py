@@ -172,14 +172,51 @@ def test_redis_cluster_client(cproxy, carol, certs):
 
 
 def test_audit_one_query_per_command_whatever_the_fanout(cproxy, carol):
-    c = cproxy.client(carol, protocol=2)
-    c.client_setname("audit-probe")
-    c.execute_command("DEL", "aud:1", "aud:2", "aud:3", "aud:4", "aud:5")
-    c.close()
-    events = cproxy.flush_audit()
-    dels = [e for e in events if getattr(e, "type", None) == "db.session.query"
-            and "aud:1" in str(e)]
-    assert len(dels) == 1
+    raw = cproxy.raw(carol)
+    raw.send(b"*6\r\n$3\r\nDEL\r\n$5\r\naud:1\r\n$5\r\naud:2\r\n$5\r\naud:3\r\n$5\r\naud:4\r\n$5\r\naud:5\r\n"
+             b"*1\r\n$6\r\nDBSIZE\r\n*2\r\n$4\r\nKEYS\r\n$5\r\naud:*\r\n")
+    assert raw.read(3)[0] == 0
+    raw.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        events = [e for e in cproxy.flush_audit() if e.actor == USER and e.type == "db.session.query"]
+        mine = [e for e in events if e.fields["command"] in ("DEL", "DBSIZE", "KEYS")
+                and (e.fields["command"] != "DEL" or "aud:1" in list(e.fields["args"]))]
+        if len(mine) >= 3:
+            break
+        time.sleep(0.05)
+    # DEL went to the primaries of five slots, DBSIZE and KEYS to all three: one event each.
+    assert [e.fields["command"] for e in mine[-3:]] == ["DEL", "DBSIZE", "KEYS"]
+    assert sum(1 for e in mine if e.fields["command"] == "DEL") == 1
+
+
+def _clients_on(rc) -> list[int]:
+    out = []
+    for p in rc.ports:
+        if rc.procs[p].poll() is None:
+            d = _direct(rc, p)
+            out.append(int(d.info("clients")["connected_clients"]))
+            d.close()
+    return out
+
+
+def test_a_lock_ends_the_session_on_every_shard(cproxy, certs, rc):
+    user = "dora"
+    locked: list[str] = []
+    cproxy.overrides[user] = dict(cproxy.overrides[USER], lock_check=lambda: locked[0] if locked else None)
+    cert = certs.user_cert(user, roles=("access",), db_names=("*",))
+    before = _clients_on(rc)
+    raw = cproxy.raw(cert)
+    raw.send(b"*1\r\n$4\r\nPING\r\n")
+    assert raw.read(1) == [b"PONG"]
+    assert [a - b for a, b in zip(_clients_on(rc), before)] == [1, 1, 1]  # one connection per primary
+    locked.append('user "dora" is locked: test')
+    assert raw.closed(5)
+    deadline = time.monotonic() + 5
+    while _clients_on(rc) != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _clients_on(rc) == before
+    cproxy.overrides.pop(user, None)
 
 
 def test_slot_migration_during_client_work(cproxy, carol, rc):
@@ -248,10 +285,83 @@ def test_slot_migration_during_client_work(cproxy, carol, rc):
 
 
 def _slot_owners(rc) -> dict[int, int]:
-    import redis
-
     out: dict[int, int] = {}
     d = _direct(rc)
+    for lo, hi, primary, *_ in d.execute_command("CLUSTER SLOTS"):
+        for s in range(lo, hi + 1):
+            out[s] = int(primary[1])
+    d.close()
+    return out
+
+
+def test_failover_a_killed_primary_and_its_promoted_replica(cproxy, carol, rc):
+    """Kill the primary of a slot, promote its replica (CLUSTER FAILOVER FORCE on it): the
+    session gets at most one clear error (the command in flight) and works again within
+    seconds, on the same connection. (Last in the module: it changes the cluster.)"""
+    import signal
+
+    from services.dbproxy.cluster import key_slot
+
+    owners = _slot_owners(rc)
+    slot = key_slot(b"fo")
+    primary = owners[slot]
+    replica = rc.add_replica(primary)
+    c = cproxy.client(carol, socket_timeout=20)
+    keys = [f"{{fo}}:{i}" for i in range(50)]
+    for k in keys:
+        c.set(k, "x")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the replica has the data
+        d = _direct(rc, replica)
+        d.execute_command("READONLY")
+        if d.execute_command("DBSIZE") >= 50:
+            d.close()
+            break
+        d.close()
+        time.sleep(0.05)
+    errors: list[str] = []
+    oks_after: list[float] = []
+    killed = [0.0]
+    done = threading.Event()
+
+    def work():
+        i = 0
+        while not done.is_set() and i < 100000:
+            k = keys[i % len(keys)]
+            try:
+                c.set(k, f"v{i}")
+                if killed[0]:
+                    oks_after.append(time.monotonic())
+            except Exception as exc:  # noqa: BLE001 - counted below
+                errors.append(str(exc))
+            i += 1
+
+    t = threading.Thread(target=work)
+    t.start()
+    time.sleep(0.3)
+    rc.procs[primary].send_signal(signal.SIGKILL)
+    rc.procs[primary].wait(5)
+    killed[0] = time.monotonic()
+    d = _direct(rc, replica)
+    d.execute_command("CLUSTER", "FAILOVER", "FORCE")
+    d.close()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and len(oks_after) < 20:
+        time.sleep(0.05)
+    done.set()
+    t.join(30)
+    c.close()
+    assert len(errors) <= 1, errors
+    assert all("lost its connection to cluster node" in e and "retry" in e for e in errors), errors
+    assert len(oks_after) >= 20, (errors, len(oks_after))
+    assert oks_after[0] - killed[0] < 10  # working again within seconds
+    assert _slot_owners_live(rc)[slot] == replica
+
+
+def _slot_owners_live(rc) -> dict[int, int]:
+    live = next(p for p in rc.ports if rc.procs[p].poll() is None)
+    out: dict[int, int] = {}
+    d = _direct(rc, live)
     for lo, hi, primary, *_ in d.execute_command("CLUSTER SLOTS"):
         for s in range(lo, hi + 1):
             out[s] = int(primary[1])
