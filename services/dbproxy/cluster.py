@@ -379,7 +379,7 @@ def _merge_mget(order: list[list[int]], n: int, proto: int) -> Callable[[list[by
 class _Op:
     """One command of the session: its parts' replies, merged in order."""
 
-    __slots__ = ("parts", "frames", "left", "merge", "local", "callback")
+    __slots__ = ("parts", "frames", "left", "merge", "local", "callback", "silent")
 
     def __init__(self, nparts: int, merge: Callable[[list[bytes]], bytes] | None = None,
                  local: bytes | None = None) -> None:
@@ -389,6 +389,7 @@ class _Op:
         self.merge = merge
         self.local = local
         self.callback: Callable[[bytes], None] | None = None  # the router's own command
+        self.silent = False  # CLIENT REPLY OFF/SKIP: its reply is not given
 
 
 class _Part:
@@ -483,6 +484,8 @@ class ClusterRouter:
         self._watch: tuple[int, str] | None = None
         self._pubsub_node: str | None = None
         self._chans: set[bytes] = set()
+        self._reply_off = False
+        self._skip = False
         self._pats: set[bytes] = set()
         self.default = slot_map.primaries[0] if slot_map.primaries else ""
 
@@ -603,6 +606,9 @@ class ClusterRouter:
         if name in _LOCAL_OK:
             self._local(_OK)
             return
+        if name == "CLIENT|REPLY":
+            self._client_reply(cmd)
+            return
         if name in _EVERY_CONNECTION:
             self._every(cmd, name)
             return
@@ -645,14 +651,35 @@ class ClusterRouter:
 
     # -- shapes of routing -------------------------------------------------------------------
 
+    def _add(self, op: _Op) -> None:
+        if self._reply_off or self._skip:
+            op.silent = True
+            self._skip = False
+        self._ops.append(op)
+
+    def _client_reply(self, cmd: Command) -> None:
+        """CLIENT REPLY is followed here, not on the shards: the replies of later commands
+        are dropped (OFF), or the next one's (SKIP), as Redis would."""
+        mode = cmd.argv[2].upper() if len(cmd.argv) == 3 else b""
+        if mode == b"ON":
+            self._reply_off = self._skip = False
+            self._add(_Op(0, local=_OK))
+        elif mode == b"OFF":
+            self._reply_off = True
+        elif mode == b"SKIP":
+            if not self._reply_off:
+                self._skip = True
+        else:
+            self._add(_Op(0, local=encode_error("ERR syntax error")))
+
     def _local(self, reply: bytes) -> None:
-        self._ops.append(_Op(0, local=reply))
+        self._add(_Op(0, local=reply))
 
     def _single(self, raw: bytes, slot: int | None, node: str | None = None, **kw) -> _Part:
         op = _Op(1)
         part = _Part(op, 0, raw, slot, node, **kw)
         op.parts.append(part)
-        self._ops.append(op)
+        self._add(op)
         self._route(part)
         return part
 
@@ -666,7 +693,7 @@ class ClusterRouter:
         for i, node in enumerate(targets):
             part = _Part(op, i, raw, None, node, retryable=False)
             op.parts.append(part)
-        self._ops.append(op)
+        self._add(op)
         for part in op.parts:
             self._route(part)
 
@@ -731,7 +758,7 @@ class ClusterRouter:
             for i in idx:
                 args.extend(argv[i:i + step])
             op.parts.append(_Part(op, j, encode_command(*args), slot))
-        self._ops.append(op)
+        self._add(op)
         for part in op.parts:
             self._route(part)
 
@@ -766,7 +793,7 @@ class ClusterRouter:
         op = _Op(1, merge=merge)
         part = _Part(op, 0, raw, None, shards[shard], retryable=False)
         op.parts.append(part)
-        self._ops.append(op)
+        self._add(op)
         self._route(part)
 
     def _pubsub(self, cmd: Command, name: str) -> None:
@@ -811,7 +838,7 @@ class ClusterRouter:
             op.parts.append(_Part(op, i, cmd.raw, None, n.name, n=len(n.ssubs), push=self.proto >= 3,
                                   hook=self._sub_hook, retryable=False))
             n.ssubs = set()
-        self._ops.append(op)
+        self._add(op)
         for part in op.parts:
             self._route(part)
 
@@ -869,7 +896,7 @@ class ClusterRouter:
         op = _Op(1)
         part = _Part(op, 0, raw, None, None, retryable=False)
         op.parts.append(part)
-        self._ops.append(op)
+        self._add(op)
         if txn["node"] is None and slot is not None:
             txn["slot"], txn["node"] = slot, self.map.node_for(slot) or self.default
         if txn["node"] is None and final:
@@ -1086,7 +1113,10 @@ class ClusterRouter:
         ops = self._ops
         while ops:
             op = ops[0]
-            if op.local is not None:
+            if op.silent:
+                if op.left and op.local is None:
+                    return
+            elif op.local is not None:
                 self._down.append(op.local)
             elif op.left:
                 return

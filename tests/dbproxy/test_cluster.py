@@ -116,8 +116,9 @@ def test_transactions_and_crossslot(cproxy, carol):
     c.close()
 
 
-def test_pubsub_and_sharded_pubsub(cproxy, carol):
-    c = cproxy.client(carol)
+@pytest.mark.parametrize("proto", [2, 3])
+def test_pubsub_and_sharded_pubsub(cproxy, carol, proto):
+    c = cproxy.client(carol, protocol=proto)
     ps = c.pubsub()
     ps.subscribe("news")
     ps.ssubscribe("{shard}chan")
@@ -139,6 +140,19 @@ def test_pubsub_and_sharded_pubsub(cproxy, carol):
     ps.close()
     pub.close()
     c.close()
+
+
+def test_blocking_commands_on_their_shard(cproxy, carol):
+    c = cproxy.client(carol, socket_timeout=10)
+    other = cproxy.client(carol)
+    c.delete("{q}jobs", "{r}jobs")
+    timer = threading.Timer(0.3, lambda: other.rpush("{r}jobs", "job-1"))
+    timer.start()
+    assert c.blpop(["{r}jobs"], timeout=5) == (b"{r}jobs", b"job-1")
+    timer.join()
+    assert c.blpop(["{q}jobs"], timeout=0.2) is None  # timed out: nil, as Redis
+    c.close()
+    other.close()
 
 
 def test_redis_cli_with_and_without_c(cproxy, carol):

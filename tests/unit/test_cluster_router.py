@@ -303,3 +303,16 @@ def test_static_cluster_true_makes_an_osscluster_record():
 @pytest.mark.parametrize("sections,expected", [([], True), ([b"server"], False), ([b"ALL"], True)])
 def test_info_keyspace_detection(sections, expected):
     assert cl._info_has_keyspace([b"INFO", *sections]) is expected
+
+
+def test_client_reply_off_and_skip_are_followed_by_the_router():
+    r = router()
+    r.send(cmd("CLIENT", "REPLY", "SKIP") + cmd("SET", "foo", "1") + cmd("SET", "bar", "2"))
+    w = r.take_writes()
+    assert w == {C: cmd("SET", "foo", "1"), A: cmd("SET", "bar", "2")}  # CLIENT REPLY stays here
+    r.feed(C, b"+OK\r\n")
+    r.feed(A, b"+OK-bar\r\n")
+    assert r.take_replies() == b"+OK-bar\r\n"  # the skipped reply is dropped
+    r.send(cmd("CLIENT", "REPLY", "OFF") + cmd("SET", "foo", "1") + cmd("CLIENT", "REPLY", "ON"))
+    r.feed(C, b"+OK\r\n")
+    assert r.take_replies() == b"+OK\r\n"  # only ON's own +OK
