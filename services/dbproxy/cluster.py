@@ -425,7 +425,8 @@ class _Node:
     def __init__(self, name: str, max_line: int) -> None:
         self.name = name
         self.framer = ReplyFramer(max_line=max_line)
-        self.carry = b""
+        self.chunks: list[bytes] = []  # an incomplete frame's bytes so far
+        self.carry_len = 0
         self.sent: deque[_Sent] = deque()
         self.out: list[bytes] = []  # bytes to write
         self.waiting: list[_Part] = []  # parts for a node not connected yet
@@ -462,8 +463,10 @@ class ClusterRouter:
 
     def __init__(self, slot_map: SlotMap, *, address: tuple[str, int], node_id: str,
                  clock: Callable[[], float] = time.monotonic, max_reply_line: int = 1 << 20,
-                 allow_node: Callable[[str], bool] | None = None) -> None:
+                 allow_node: Callable[[str], bool] | None = None,
+                 on_map: Callable[[SlotMap], None] | None = None) -> None:
         self.map = slot_map
+        self._on_map = on_map
         self.address = address
         self.node_id = node_id
         self.clock = clock
@@ -549,6 +552,8 @@ class ClusterRouter:
     def update_map(self, slot_map: SlotMap) -> None:
         self.map = slot_map
         self.wants_refresh = False
+        if self._on_map is not None:
+            self._on_map(slot_map)
         if slot_map.primaries and self.default not in slot_map.primaries:
             self.default = slot_map.primaries[0]
         self.run_retries(force=True)
@@ -988,15 +993,22 @@ class ClusterRouter:
         if n is None:
             return
         frames = n.framer.feed(data)
-        buf = n.carry + data if n.carry else data
-        base = len(n.carry)
+        if not frames:
+            # The start of a frame: kept in chunks (one join when it completes, not one
+            # copy of everything so far per chunk).
+            n.chunks.append(data)
+            n.carry_len += len(data)
+            return
+        base = n.carry_len
+        buf = b"".join(n.chunks) + data if n.chunks else data
         last = 0
         for f in frames:
             end = base + f.end
             frame = buf[end - f.raw_len:end]
             last = end
             self._frame(n, f, frame)
-        n.carry = buf[last:]
+        rest = buf[last:]
+        n.chunks, n.carry_len = ([rest], len(rest)) if rest else ([], 0)
         self._emit()
 
     def _frame(self, n: _Node, f, frame: bytes) -> None:

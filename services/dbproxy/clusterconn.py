@@ -167,9 +167,13 @@ class ClusterUpstream:
             transport.resume_reading()
         return first
 
-    async def start(self) -> None:
-        """Connect to every primary (all of them, or the session is refused)."""
+    async def start(self, seed: Upstream | None = None) -> None:
+        """Connect to every primary (all of them, or the session is refused); ``seed``, the
+        connection that asked for the map, is kept when it is one of them."""
         names = self.router.map.primaries
+        if seed is not None and seed.target.address not in names:
+            seed.close()
+            seed = None
         if not names:
             raise UpstreamError(f'database "{self.target.name}" is a Redis Cluster whose slots no primary '
                                 "serves; check the cluster (CLUSTER INFO)", "protocol")
@@ -178,7 +182,12 @@ class ClusterUpstream:
                 raise UpstreamError(f'database "{self.target.name}" names cluster node {name}, which is not '
                                     f"on its configured host {self.target.host}; Cachegate sends credentials "
                                     "only there (use TLS so that nodes can prove the host name)", "protocol")
-        ups = await asyncio.gather(*(self._open(n) for n in names), return_exceptions=True)
+        async def open_one(name: str) -> Upstream:
+            if seed is not None and seed.target.address == name:
+                return seed
+            return await self._open(name)
+
+        ups = await asyncio.gather(*(open_one(n) for n in names), return_exceptions=True)
         errors = [u for u in ups if isinstance(u, BaseException)]
         if errors:
             for u in ups:
@@ -374,24 +383,58 @@ async def connect_cluster(target: UpstreamTarget, credentials: CredentialProvide
                             "unreachable") from None
 
 
+# The last slot map of each cluster, shared by the sessions of this process: a new session
+# connects to the primaries at once (no extra connection to ask for the map); a stale map
+# costs only redirections, which refresh it.
+_MAPS: dict[tuple, tuple[float, list[str | None]]] = {}
+_MAP_TTL = 60.0
+
+
+def _map_key(target: UpstreamTarget) -> tuple:
+    return (target.name, target.host, target.port, target.ssl is not None)
+
+
+def forget_maps(name: str | None = None) -> None:
+    for key in [k for k in _MAPS if name is None or k[0] == name]:
+        del _MAPS[key]
+
+
 async def _connect_cluster(target, credentials, logical_db, timeout, tracer, on_auth_refused, address):
     async with asyncio.timeout(timeout * 2):
-        m, seed = await fetch_slot_map(target, credentials, timeout=timeout, tracer=tracer,
-                                       on_auth_refused=on_auth_refused)
-        if m is None:  # not a cluster after all: the plain path, as for any database
-            seed.close()
-            return await connect_upstream(target, credentials, logical_db, timeout=timeout, tracer=tracer,
-                                          on_auth_refused=on_auth_refused)
-        seed.close()
-        if logical_db:
-            raise UpstreamError(f'database "{target.name}" is a Redis Cluster, which has only logical database 0; '
-                                f"run `cgate db login {target.name}` without --db-name", "select")
-        router = ClusterRouter(m, address=address, node_id=proxy_node_id(target.name),
-                               allow_node=node_allowed(target))
-        up = ClusterUpstream(target, credentials, router, timeout=timeout, tracer=tracer)
-        try:
-            await up.start()
-        except BaseException:
-            up.close()
-            raise
-        return up
+        key = _map_key(target)
+        loop = asyncio.get_running_loop()
+        cached = _MAPS.get(key)
+        for attempt in (0, 1):
+            seed = None
+            if cached is not None and attempt == 0 and loop.time() - cached[0] < _MAP_TTL:
+                m = SlotMap(owner=list(cached[1]))
+            else:
+                m, seed = await fetch_slot_map(target, credentials, timeout=timeout, tracer=tracer,
+                                               on_auth_refused=on_auth_refused)
+                if m is None:  # not a cluster after all: the plain path, as for any database
+                    seed.close()
+                    return await connect_upstream(target, credentials, logical_db, timeout=timeout,
+                                                  tracer=tracer, on_auth_refused=on_auth_refused)
+                _MAPS[key] = (loop.time(), list(m.owner))
+            if logical_db:
+                if seed is not None:
+                    seed.close()
+                raise UpstreamError(f'database "{target.name}" is a Redis Cluster, which has only logical '
+                                    f"database 0; run `cgate db login {target.name}` without --db-name", "select")
+            router = ClusterRouter(m, address=address, node_id=proxy_node_id(target.name),
+                                   allow_node=node_allowed(target),
+                                   on_map=lambda sm: _MAPS.__setitem__(key, (loop.time(), list(sm.owner))))
+            up = ClusterUpstream(target, credentials, router, timeout=timeout, tracer=tracer)
+            try:
+                await up.start(seed)
+            except UpstreamError:
+                up.close()
+                if seed is not None or attempt:
+                    raise
+                _MAPS.pop(key, None)  # the cached map named a node that is gone: ask again
+                continue
+            except BaseException:
+                up.close()
+                raise
+            return up
+        raise AssertionError("unreachable")  # pragma: no cover

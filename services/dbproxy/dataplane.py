@@ -34,6 +34,7 @@ from services.common.grpcutil import dur, paginate, ts
 from services.common.locks import lock_applies, locked_message
 from services.dbproxy.auditspool import AuditRejected, AuditSpool
 from services.dbproxy.cache import Changes, ClusterCache
+from services.dbproxy.clusterconn import forget_maps
 from services.dbproxy.entra import EntraTokenCache
 from services.dbproxy.keys import AUTH_ENTRA, AzureKeyCache, credentials_for, database_auth
 from services.dbproxy.limits import ProxyLimits
@@ -202,6 +203,7 @@ class DataPlane:
         if kind == "databases":  # connections made ahead for an old record are not used
             for name, _, after in changes:
                 self.pool.forget(name)
+                forget_maps(name)  # a cluster's slot map is learnt again
                 if after is not None and database_auth(after) == AUTH_ENTRA:
                     self.entra.prefetch()  # the token is there before the first session
         reasons: dict[str, str] = {}
