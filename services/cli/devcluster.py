@@ -19,7 +19,7 @@ from pathlib import Path
 
 from services.common.creds import private_dir, write_private
 
-__all__ = ["LocalCluster", "free_cluster_port"]
+__all__ = ["LocalCluster", "free_cluster_port", "stop_processes"]
 
 
 def _free(port: int) -> bool:
@@ -144,11 +144,17 @@ class LocalCluster:
         raise RuntimeError("the replica did not sync")
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(self.procs.values())
+
+
+def stop_processes(procs) -> None:
+    """Terminate, wait up to 10 s each, then kill."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()

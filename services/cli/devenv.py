@@ -29,7 +29,7 @@ import yaml
 
 from services.azure_standin import dev as standin_dev
 from services.cli.common import CLIError
-from services.cli.devcluster import LocalCluster
+from services.cli.devcluster import LocalCluster, stop_processes
 from services.common import pki
 from services.common.creds import private_dir, write_private
 
@@ -195,11 +195,4 @@ class DevAzure:
     def stop(self) -> None:
         if self.cluster is not None:
             self.cluster.stop()
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(self.procs.values())

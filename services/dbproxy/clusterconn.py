@@ -18,13 +18,13 @@ configured host are used.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from collections.abc import Callable
 
 import hiredis
 from opentelemetry import trace
 
+from services.common.config import is_loopback
 from services.dbproxy.cluster import ClusterRouter, SlotMap, parse_cluster_slots, proxy_node_id, split_name
 from services.dbproxy.resp import encode_command
 from services.dbproxy.upstream import (
@@ -43,21 +43,12 @@ log = logging.getLogger("cachegate.dbproxy.cluster")
 _REFRESH_GAP = 0.2  # seconds between slot-map refreshes at most
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def node_allowed(target: UpstreamTarget) -> Callable[[str], bool]:
     def allow(name: str) -> bool:
         if target.ssl is not None:
             return True  # its certificate must be valid for the configured host name
         host = split_name(name)[0]
-        return host == target.host or (_loopback(host) and _loopback(target.host))
+        return host == target.host or (is_loopback(host) and is_loopback(target.host))
     return allow
 
 
