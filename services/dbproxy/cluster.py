@@ -820,19 +820,24 @@ class ClusterRouter:
     def _shard_pubsub(self, cmd: Command, name: str) -> None:
         channels = cmd.argv[1:]
         if channels:
-            slots = {key_slot(c) for c in channels}
-            if len(slots) > 1:
-                self._local(CROSSSLOT)
-                return
-            slot = slots.pop()
-            if name == "SSUBSCRIBE":
-                node = self.map.node_for(slot)
-                if node is not None:
-                    self.node(node).ssubs.update(channels)
-            else:
-                for n in self._nodes.values():
-                    n.ssubs.difference_update(channels)
-            self._single(cmd.raw, slot, n=len(channels), push=self.proto >= 3, hook=self._sub_hook)
+            # Per slot (one endpoint takes channels of any slot; each shard only its own).
+            groups: dict[int, list[bytes]] = {}
+            for c in channels:
+                groups.setdefault(key_slot(c), []).append(c)
+            op = _Op(len(groups), merge=b"".join)
+            for i, (slot, chans) in enumerate(groups.items()):
+                if name == "SSUBSCRIBE":
+                    node = self.map.node_for(slot)
+                    if node is not None:
+                        self.node(node).ssubs.update(chans)
+                else:
+                    for n in self._nodes.values():
+                        n.ssubs.difference_update(chans)
+                op.parts.append(_Part(op, i, encode_command(cmd.argv[0], *chans), slot, n=len(chans),
+                                      push=self.proto >= 3, hook=self._sub_hook))
+            self._add(op)
+            for part in op.parts:
+                self._route(part)
             return
         holders = [n for n in self._nodes.values() if n.ssubs]
         if not holders:

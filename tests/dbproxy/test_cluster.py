@@ -308,6 +308,59 @@ def _slot_owners(rc) -> dict[int, int]:
     return out
 
 
+def test_entra_tokens_are_renewed_on_every_shard(cproxy, certs, rc):
+    """Entra ID: each primary's connection is authenticated with the token, and renewed in
+    band before it expires (3-second tokens here); the session works throughout."""
+    import itertools
+
+    lifetime = 3.0
+    oid = "0d1c5c2e-2222-4000-8000-00000000c1c1"
+    admins = [_direct(rc, p) for p in rc.ports[:3]]
+    seq = itertools.count(1)
+    current: list = []
+
+    class Tokens:
+        def issue(self) -> None:
+            token = f"cluster-token-{next(seq)}-{time.monotonic_ns()}"
+            for a in admins:  # Azure's data access policy: the principal's current tokens
+                a.execute_command("ACL", "SETUSER", oid, "on", f">{token}", "~*", "&*", "+@all")
+            current[:] = [token, time.time() + lifetime]
+
+        async def get(self, force_refresh: bool = False):
+            user, token, _ = await self.expiring(force_refresh)
+            return user, token
+
+        async def expiring(self, force_refresh: bool = False):
+            if not current or force_refresh or current[1] - time.time() < lifetime / 2:
+                self.issue()
+            return oid, current[0], current[1]
+
+    user = "erin"
+    cproxy.overrides[user] = dict(cproxy.overrides[USER], credentials=Tokens())
+    cert = certs.user_cert(user, roles=("access",), db_names=("*",))
+
+    def auth_calls() -> list[int]:
+        return [int(a.info("commandstats").get("cmdstat_auth", {}).get("calls", 0)) for a in admins]
+
+    before = auth_calls()
+    c = cproxy.client(cert, protocol=2)
+    keys = [f"entra:{i}" for i in range(30)]  # on every shard
+    deadline = time.monotonic() + 2.5 * lifetime
+    n = 0
+    while time.monotonic() < deadline:
+        c.mset({k: n for k in keys})
+        assert c.mget(keys) == [str(n).encode()] * len(keys)
+        n += 1
+        time.sleep(0.1)
+    after = auth_calls()
+    c.close()
+    assert all(a - b >= 3 for a, b in zip(after, before)), (before, after)  # connect + 2 renewals each
+    for a in admins:
+        a.execute_command("ACL", "DELUSER", oid)
+        a.close()
+    cproxy.overrides.pop(user, None)
+
+
 def test_failover_a_killed_primary_and_its_promoted_replica(cproxy, carol, rc):
     """Kill the primary of a slot, promote its replica (CLUSTER FAILOVER FORCE on it): the
     session gets at most one clear error (the command in flight) and works again within

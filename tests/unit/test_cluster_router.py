@@ -316,3 +316,15 @@ def test_client_reply_off_and_skip_are_followed_by_the_router():
     r.send(cmd("CLIENT", "REPLY", "OFF") + cmd("SET", "foo", "1") + cmd("CLIENT", "REPLY", "ON"))
     r.feed(C, b"+OK\r\n")
     assert r.take_replies() == b"+OK\r\n"  # only ON's own +OK
+
+
+def test_ssubscribe_of_channels_in_several_slots_goes_to_each_shard():
+    r = router()
+    a, c = next(k for k in (b"x1", b"x2", b"x3", b"x4", b"x5") if node_of(k) == A), \
+        next(k for k in (b"y1", b"y2", b"y3", b"y4", b"y5", b"y6") if node_of(k) == C)
+    r.send(cmd("SSUBSCRIBE", a, c))
+    w = r.take_writes()
+    assert w == {A: cmd("SSUBSCRIBE", a), C: cmd("SSUBSCRIBE", c)}
+    r.feed(C, b"*3\r\n$10\r\nssubscribe\r\n$%d\r\n%s\r\n:1\r\n" % (len(c), c))
+    r.feed(A, b"*3\r\n$10\r\nssubscribe\r\n$%d\r\n%s\r\n:1\r\n" % (len(a), a))
+    assert [x[1] for x in parse(r.take_replies())] == [a, c]  # in the order asked
