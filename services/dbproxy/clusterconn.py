@@ -130,6 +130,7 @@ class ClusterUpstream:
         self._last_refresh = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._full = 0
+        self._soon = False
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -207,6 +208,16 @@ class ClusterUpstream:
         if self._closed:
             return
         self.router.send(data)
+        # Replies the router has at once (its own, CLUSTER SLOTS) reach the session on the next
+        # turn of the loop, never inside this call: the session still has to write what it
+        # decided before them (its own earlier replies).
+        self._pump(deliver=False)
+        if not self._soon:
+            self._soon = True
+            asyncio.get_running_loop().call_soon(self._deliver_soon)
+
+    def _deliver_soon(self) -> None:
+        self._soon = False
         self._pump()
 
     def pause_reading(self) -> None:
@@ -276,7 +287,7 @@ class ClusterUpstream:
         elif not full and self._full == 0:
             side.resume_writing()
 
-    def _pump(self) -> None:
+    def _pump(self, deliver: bool = True) -> None:
         if self._closed:
             return
         r = self.router
@@ -287,7 +298,7 @@ class ClusterUpstream:
         for name in r.nodes_wanted:
             if name not in self._connecting:
                 self._connecting[name] = asyncio.get_running_loop().create_task(self._connect(name))
-        replies = r.take_replies()
+        replies = r.take_replies() if deliver else b""
         if replies and self._side is not None:
             self._side.data_received(replies)
         if r.wants_refresh and (self._refreshing is None or self._refreshing.done()):

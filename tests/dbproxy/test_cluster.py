@@ -170,6 +170,17 @@ def test_redis_cli_with_and_without_c(cproxy, carol):
     assert lines[:2] == ["0", "16383"] and str(cproxy.port) in lines
 
 
+def test_proxy_replies_and_cluster_replies_keep_their_order(cproxy, carol):
+    from services.dbproxy.cluster import proxy_node_id
+
+    raw = cproxy.raw(carol)
+    # AUTH is answered by the session core, CLUSTER MYID by the router, GET by a shard.
+    raw.send(b"*2\r\n$4\r\nAUTH\r\n$2\r\npw\r\n*2\r\n$7\r\nCLUSTER\r\n$4\r\nMYID\r\n"
+             b"*2\r\n$3\r\nGET\r\n$7\r\nnothing\r\n*1\r\n$8\r\nREADONLY\r\n")
+    assert raw.read(4) == [b"OK", proxy_node_id(DB).encode(), None, b"OK"]
+    raw.close()
+
+
 def test_redis_cluster_client(cproxy, carol, certs):
     from redis.cluster import RedisCluster
 
