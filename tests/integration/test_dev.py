@@ -98,6 +98,26 @@ def test_cachegate_dev_starts_a_joined_cluster_that_cgctl_and_curl_reach(tmp_pat
         out = res.stdout.split()
         assert out[:20] == ["OK"] * 20 and out[20:23] == ["v0", "v7", "v19"] and out[23] == "20", res
         assert "cluster_state:ok" in res.stdout and "MOVED" not in res.stdout, res
+        # Cluster-aware and plain redis-py with the database certificate of `cgate db login`.
+        run_cli("cgate", "db", "login", "my-azure-redis-enterprise", extra_env=user_env)
+        cfg = json.loads(run_cli("cgate", "db", "config", "my-azure-redis-enterprise", "--format=json",
+                                 extra_env=user_env).stdout)
+        tls = {"ssl": True, "ssl_certfile": cfg["cert"], "ssl_keyfile": cfg["key"], "ssl_ca_certs": cfg["ca"],
+               "socket_timeout": 10}
+        from redis import Redis
+        from redis.cluster import RedisCluster
+
+        rcl = RedisCluster(host=cfg["host"], port=cfg["port"], **tls)
+        keys = [f"dev:{i}" for i in range(1000)]
+        for k in keys:
+            rcl.set(k, k)
+        assert rcl.mget_nonatomic(keys[:50]) == [k.encode() for k in keys[:50]]
+        rcl.close()
+        plain = Redis(host=cfg["host"], port=cfg["port"], **tls)
+        assert plain.mget(keys[::100]) == [k.encode() for k in keys[::100]]
+        assert sorted(plain.scan_iter(match="dev:*", count=200)) == sorted(k.encode() for k in keys)
+        assert plain.delete(*keys) == 1000
+        plain.close()
 
         # Key rotation: Redis gets a new password and Azure a new primary key; the proxy's
         # cached key fails once with WRONGPASS, it fetches the keys again, and the next
