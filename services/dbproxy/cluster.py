@@ -432,7 +432,8 @@ class _Node:
         self.waiting: list[_Part] = []  # parts for a node not connected yet
         self.connected = False
         self.sub2 = False  # RESP2 subscribed: message arrays are out of band
-        self.subs = 0  # (classic) subscriptions on this node's connection
+        self.subs = 0  # classic subscriptions (channels and patterns) on this connection
+        self.shard_subs = 0
         self.ssubs: set[bytes] = set()
         self.monitor = False
 
@@ -733,6 +734,7 @@ class ClusterRouter:
                 n = self._nodes.get(node)
                 if n is not None:
                     n.framer.protocol, n.sub2, n.subs, n.ssubs, n.monitor = 2, False, 0, set(), False
+                    n.shard_subs = 0
             self._broadcast_hooked(raw, _merge_first_error, reset)
             return
         if name == "CLIENT|SETNAME" and len(cmd.argv) == 3:
@@ -858,9 +860,13 @@ class ClusterRouter:
             return
         v = _parse(frame)
         if isinstance(v, list) and len(v) == 3 and isinstance(v[2], int):
-            kind = _text(v[0]).lower()
-            if self.proto == 2:
-                n.sub2 = v[2] > 0
+            # The count is of the connection's classic (channels and patterns) or of its shard
+            # subscriptions, after this one; in RESP2 either keeps it in subscribed mode.
+            if _text(v[0]).lower().startswith("s"):
+                n.shard_subs = v[2]
+            else:
+                n.subs = v[2]
+            n.sub2 = self.proto == 2 and (n.subs > 0 or n.shard_subs > 0)
 
     def _monitor_hook(self, node: str, frame: bytes) -> None:
         n = self._nodes.get(node)

@@ -4,7 +4,6 @@ bus), reached through the proxy by redis-cli (with and without -c), redis-py ``R
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
