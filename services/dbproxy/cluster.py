@@ -548,7 +548,39 @@ class ClusterRouter:
                 self._answer(s.part, err, final=True)
         for part in n.waiting:
             self._again(part, "connection lost")
+        self._resubscribe(n)
         self._emit()
+
+    def _resubscribe(self, lost: _Node) -> None:
+        """The subscriptions of a lost connection are made again elsewhere (the new primary of
+        a shard channel's slot, another node for classic ones), their confirmations kept from
+        the client, so that a subscribed client goes on receiving messages after a failover."""
+        again: list[tuple[bytes, list[bytes], int | None]] = []
+        if lost.subs:
+            if self._chans:
+                again.append((b"SUBSCRIBE", sorted(self._chans), None))
+            if self._pats:
+                again.append((b"PSUBSCRIBE", sorted(self._pats), None))
+        groups: dict[int, list[bytes]] = {}
+        for c in lost.ssubs:
+            groups.setdefault(key_slot(c), []).append(c)
+        again += [(b"SSUBSCRIBE", sorted(chans), slot) for slot, chans in groups.items()]
+        for verb, chans, slot in again:
+            op = _Op(1)
+            op.callback = lambda frame: None
+            part = _Part(op, 0, encode_command(verb, *chans), slot, None, n=len(chans), push=self.proto >= 3,
+                         hook=self._resub_hook(chans if slot is not None else None))
+            op.parts.append(part)
+            self._route(part)
+
+    def _resub_hook(self, shard_channels: list[bytes] | None) -> Callable[[str, bytes], None]:
+        def hook(node: str, frame: bytes) -> None:
+            if node != self._pubsub_node and shard_channels is None:
+                self._pubsub_node = node
+            if shard_channels is not None and node in self._nodes:
+                self._nodes[node].ssubs.update(shard_channels)
+            self._sub_hook(node, frame)
+        return hook
 
     def update_map(self, slot_map: SlotMap) -> None:
         self.map = slot_map

@@ -396,6 +396,9 @@ def test_failover_a_killed_primary_and_its_promoted_replica(cproxy, carol, rc):
             break
         d.close()
         time.sleep(0.05)
+    sub = cproxy.client(carol).pubsub()
+    sub.ssubscribe("{fo}chan")  # on the shard that fails over
+    assert sub.get_message(timeout=5)["type"] == "ssubscribe"
     errors: list[str] = []
     oks_after: list[float] = []
     killed = [0.0]
@@ -433,6 +436,19 @@ def test_failover_a_killed_primary_and_its_promoted_replica(cproxy, carol, rc):
     assert len(oks_after) >= 20, (errors, len(oks_after))
     assert oks_after[0] - killed[0] < 10  # working again within seconds
     assert _slot_owners_live(rc)[slot] == replica
+    # The subscriber was subscribed again on the new primary, without noticing.
+    pub = cproxy.client(carol)
+    got = None
+    deadline = time.monotonic() + 10
+    while got is None and time.monotonic() < deadline:
+        pub.spublish("{fo}chan", "after failover")
+        m = sub.get_message(timeout=0.5)
+        while m is not None and m["type"] != "smessage":
+            m = sub.get_message(timeout=0.5)
+        got = m
+    assert got is not None and got["data"] == b"after failover"
+    sub.close()
+    pub.close()
 
 
 def _slot_owners_live(rc) -> dict[int, int]:

@@ -328,3 +328,26 @@ def test_ssubscribe_of_channels_in_several_slots_goes_to_each_shard():
     r.feed(C, b"*3\r\n$10\r\nssubscribe\r\n$%d\r\n%s\r\n:1\r\n" % (len(c), c))
     r.feed(A, b"*3\r\n$10\r\nssubscribe\r\n$%d\r\n%s\r\n:1\r\n" % (len(a), a))
     assert [x[1] for x in parse(r.take_replies())] == [a, c]  # in the order asked
+
+
+def test_subscriptions_of_a_lost_node_are_made_again_elsewhere():
+    r = router()
+    r.send(cmd("SUBSCRIBE", "news") + cmd("SSUBSCRIBE", "{s}x"))
+    w = r.take_writes()
+    classic = next(n for n, d in w.items() if b"SUBSCRIBE\r\n$4\r\nnews" in d)
+    r.feed(classic, b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n")
+    shard = node_of(b"s")
+    r.feed(shard, b"*3\r\n$10\r\nssubscribe\r\n$4\r\n{s}x\r\n:1\r\n")
+    assert len(parse(r.take_replies())) == 2
+    # The shard's primary fails over: its slots now belong to another node.
+    new = next(n for n in (A, B, C) if n != shard)
+    m = three()
+    m.owner = [new if o == shard else o for o in m.owner]
+    r.update_map(m)
+    r.lost(shard)
+    w = r.take_writes()
+    assert cmd("SSUBSCRIBE", "{s}x") in w.get(new, b"")
+    r.feed(new, b"*3\r\n$10\r\nssubscribe\r\n$4\r\n{s}x\r\n:1\r\n")
+    assert r.take_replies() == b""  # the confirmation is the router's own
+    r.feed(new, b"*3\r\n$8\r\nsmessage\r\n$4\r\n{s}x\r\n$2\r\nhi\r\n")
+    assert parse(r.take_replies()) == [[b"smessage", b"{s}x", b"hi"]]
