@@ -664,6 +664,11 @@ class ClusterRouter:
         if name == "SCAN":
             self._scan(cmd)
             return
+        if name == "UNWATCH":  # where the WATCH was
+            node = self._watch[1] if self._watch is not None else self.default
+            self._watch = None
+            self._single(cmd.raw, None, node)
+            return
         if name == "MONITOR":
             part = self._single(cmd.raw, None, self.default)
             part.hook = self._monitor_hook

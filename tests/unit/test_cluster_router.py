@@ -351,3 +351,15 @@ def test_subscriptions_of_a_lost_node_are_made_again_elsewhere():
     assert r.take_replies() == b""  # the confirmation is the router's own
     r.feed(new, b"*3\r\n$8\r\nsmessage\r\n$4\r\n{s}x\r\n$2\r\nhi\r\n")
     assert parse(r.take_replies()) == [[b"smessage", b"{s}x", b"hi"]]
+
+
+def test_unwatch_goes_where_the_watch_was_and_frees_the_next_transaction():
+    r = router()
+    r.send(cmd("WATCH", "{u}a"))
+    node = node_of(b"u")
+    assert r.take_writes() == {node: cmd("WATCH", "{u}a")}
+    r.send(cmd("UNWATCH"))
+    assert r.take_writes() == {node: cmd("UNWATCH")}
+    other = next(k for k in (b"foo", b"bar", b"zz") if node_of(k) != node)
+    r.send(cmd("MULTI") + cmd("SET", other, "1") + cmd("EXEC"))
+    assert r.take_writes() == {node_of(other): cmd("MULTI") + cmd("SET", other, "1") + cmd("EXEC")}
