@@ -1143,10 +1143,14 @@ class ClusterRouter:
     # -- the router's own commands ---------------------------------------------------------------
 
     def refresh_node(self) -> str | None:
-        """A connected node to ask for the slot map (None: the shell asks the seed)."""
-        if self.default in self._nodes and self._nodes[self.default].connected:
-            return self.default
-        return next((n.name for n in self._nodes.values() if n.connected), None)
+        """A connected node with nothing in flight to ask for the slot map (a reply behind a
+        blocking command could be long in coming); None: the shell asks on a connection of
+        its own."""
+        free = [n for n in self._nodes.values() if n.connected and not n.sent and not n.monitor and not n.sub2]
+        for n in free:
+            if n.name == self.default:
+                return n.name
+        return free[0].name if free else None
 
     def request_map(self, node: str, on_map: Callable[[SlotMap | None], None]) -> None:
         """Ask ``node`` for CLUSTER SLOTS on its connection; ``on_map`` gets the new map (None:
