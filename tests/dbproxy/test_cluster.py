@@ -155,14 +155,21 @@ def test_blocking_commands_on_their_shard(cproxy, carol):
 
 
 def test_redis_cli_with_and_without_c(cproxy, carol):
+    from services.dbproxy.cluster import key_slot
+
+    keys = [f"cli:{i}" for i in range(1000)]
+    assert len({key_slot(k.encode()) * 3 // 16384 for k in keys}) == 3  # every primary's slots
     for flags in ([], ["-c"]):
-        for i in range(30):
-            r = cproxy.redis_cli(carol, *flags, "SET", f"cli:{i}", f"v{i}")
-            assert r.stdout.strip() == "OK", r
-        r = cproxy.redis_cli(carol, *flags, "MGET", "cli:1", "cli:2", "cli:29")
-        assert r.stdout.split() == ["v1", "v2", "v29"], r
-        r = cproxy.redis_cli(carol, *flags, "DEL", *[f"cli:{i}" for i in range(30)])
-        assert r.stdout.strip() == "30"
+        lines = "".join(f"SET {k} v{i}\n" for i, k in enumerate(keys))
+        lines += "".join(f"GET {k}\n" for k in keys[::97])
+        lines += "MGET cli:1 cli:2 cli:999\nDBSIZE\nDEL " + " ".join(keys) + "\n"
+        r = cproxy.redis_cli(carol, *flags, input=lines, timeout=60)
+        out = r.stdout.split()
+        assert out[:1000] == ["OK"] * 1000, r.stdout[-500:]
+        assert out[1000:1000 + len(keys[::97])] == [f"v{i}" for i in range(0, 1000, 97)]
+        rest = out[1000 + len(keys[::97]):]
+        assert rest[:3] == ["v1", "v2", "v999"] and int(rest[3]) >= 1000 and rest[4] == "1000", rest
+        assert "MOVED" not in r.stdout and "ASK" not in r.stdout and not r.stderr.strip(), r.stderr
     # CLUSTER SLOTS names the proxy itself for every slot.
     r = cproxy.redis_cli(carol, "CLUSTER", "SLOTS")
     lines = r.stdout.split()
