@@ -448,6 +448,8 @@ _EVERY_CONNECTION = frozenset(("AUTH", "HELLO", "RESET", "SELECT", "CLIENT|SETNA
                                "CLIENT|TRACKING", "CLIENT|NO-EVICT", "CLIENT|NO-TOUCH", "SCRIPT|LOAD",
                                "SCRIPT|FLUSH", "FUNCTION|LOAD", "FUNCTION|DELETE", "FUNCTION|FLUSH",
                                "FUNCTION|RESTORE", "CONFIG|SET", "CONFIG|RESETSTAT", "FLUSHDB", "FLUSHALL"))
+_CONNECTION_STATE = frozenset(("AUTH", "HELLO", "RESET", "SELECT", "CLIENT|SETNAME", "CLIENT|SETINFO",
+                               "CLIENT|TRACKING", "CLIENT|NO-EVICT", "CLIENT|NO-TOUCH"))
 _PUBSUB = frozenset(("SUBSCRIBE", "PSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE"))
 _LOCAL_OK = frozenset(("READONLY", "READWRITE", "ASKING"))
 
@@ -741,6 +743,12 @@ class ClusterRouter:
             self._route(part)
 
     def _all_nodes(self) -> list[str]:
+        """Every primary: where data commands (DBSIZE, KEYS, FLUSHDB, SCRIPT LOAD...) go."""
+        return list(self.map.primaries)
+
+    def _all_connections(self) -> list[str]:
+        """Every primary and every other open connection (a primary demoted since): where the
+        connection's own state (AUTH, HELLO, RESET, CLIENT SETNAME) goes."""
         names = list(self.map.primaries)
         for n in self._nodes:
             if n not in names and self._nodes[n].connected:
@@ -776,10 +784,11 @@ class ClusterRouter:
             return
         if name == "CLIENT|SETNAME" and len(cmd.argv) == 3:
             self._name = cmd.argv[2] or None
-        self._broadcast(raw, _merge_first_error)
+        state = name in _CONNECTION_STATE
+        self._broadcast(raw, _merge_first_error, self._all_connections() if state else None)
 
     def _broadcast_hooked(self, raw: bytes, merge, hook) -> None:
-        self._broadcast(raw, merge)
+        self._broadcast(raw, merge, self._all_connections())
         for part in self._ops[-1].parts:
             part.hook = hook
 

@@ -363,3 +363,17 @@ def test_unwatch_goes_where_the_watch_was_and_frees_the_next_transaction():
     other = next(k for k in (b"foo", b"bar", b"zz") if node_of(k) != node)
     r.send(cmd("MULTI") + cmd("SET", other, "1") + cmd("EXEC"))
     assert r.take_writes() == {node_of(other): cmd("MULTI") + cmd("SET", other, "1") + cmd("EXEC")}
+
+
+def test_a_demoted_primary_gets_connection_state_but_not_data_commands():
+    r = router()
+    m = three()
+    m.owner = [B if o == C else o for o in m.owner]  # C failed over to B... and stays connected
+    r.update_map(m)
+    r.send(cmd("DBSIZE"))
+    assert set(r.take_writes()) == {A, B}  # no key counted twice
+    r.feed(A, b":1\r\n")
+    r.feed(B, b":2\r\n")
+    assert r.take_replies() == b":3\r\n"
+    r.send(cmd("AUTH", "oid", "token"))
+    assert set(r.take_writes()) == {A, B, C}
