@@ -200,8 +200,12 @@ class ClusterUpstream:
     # -- the transport the session writes to -------------------------------------------------------
 
     def attach(self, side: asyncio.Protocol) -> ClusterUpstream:
+        """``side`` receives the reply stream from the next loop turn on (the session sets up
+        its client side first)."""
         self._side = side
-        self._pump()
+        self._pump(deliver=False)
+        self._soon = True
+        asyncio.get_running_loop().call_soon(self._deliver_soon)
         return self
 
     def write(self, data: bytes) -> None:
