@@ -74,6 +74,7 @@ RETRY_DELAY = 0.1
 REDIRECTS = {"MOVED": 0, "ASK": 0}
 CROSSSLOT = b"-CROSSSLOT Keys in request don't hash to the same slot\r\n"
 _OK = b"+OK\r\n"
+_EXEC = b"*1\r\n$4\r\nEXEC\r\n"
 
 # --------------------------------------------------------------------------------------------
 # Slots and keys
@@ -397,7 +398,7 @@ class _Part:
     how many reply frames it takes (``n``), redirections so far."""
 
     __slots__ = ("op", "index", "raw", "slot", "node", "n", "got", "redirects", "deadline",
-                 "asking", "push", "hook", "retry_at", "retryable")
+                 "asking", "push", "hook", "retry_at", "retryable", "txn", "txn_kind", "pre")
 
     def __init__(self, op: _Op, index: int, raw: bytes, slot: int | None, node: str | None = None,
                  n: int = 1, push: bool = False, hook: Callable[[str, bytes], None] | None = None,
@@ -411,14 +412,18 @@ class _Part:
         self.hook = hook  # called with (node, frame) for each reply frame
         self.retry_at = 0.0
         self.retryable = retryable
+        self.txn: dict | None = None  # the transaction it is part of
+        self.txn_kind = ""  # "multi", "cmd" or "exec"
+        self.pre = 0  # replies of the router's own that come before this part's (a replay)
 
 
 class _Sent:
-    __slots__ = ("part", "swallow")
+    __slots__ = ("part", "swallow", "txn")
 
-    def __init__(self, part: _Part | None, swallow: bool = False) -> None:
+    def __init__(self, part: _Part | None, swallow: bool = False, txn: dict | None = None) -> None:
         self.part = part
         self.swallow = swallow
+        self.txn = txn  # a replayed transaction's own replies: a redirection among them counts
 
 
 class _Node:
@@ -635,10 +640,11 @@ class ClusterRouter:
             self._in_txn(cmd, name)
             return
         if name == "MULTI":
-            self._txn = {"slot": None, "node": None, "buffer": [], "bad": False}
+            self._txn = {"slot": None, "node": None, "buffer": [], "bad": False, "raws": [], "moved": None,
+                         "watched": self._watch is not None}
             if self._watch is not None:
                 self._txn["slot"], self._txn["node"] = self._watch
-            self._txn_part(cmd.raw)
+            self._txn_part(cmd.raw, kind="multi")
             return
         if cmd.name == "CLUSTER":
             self._cluster(cmd, name)
@@ -952,11 +958,14 @@ class ClusterRouter:
 
     # -- transactions ------------------------------------------------------------------------
 
-    def _txn_part(self, raw: bytes, slot: int | None = None, final: bool = False) -> None:
+    def _txn_part(self, raw: bytes, slot: int | None = None, final: bool = False, kind: str = "cmd") -> None:
         txn = self._txn
         assert txn is not None
         op = _Op(1)
         part = _Part(op, 0, raw, None, None, retryable=False)
+        part.txn, part.txn_kind = txn, kind
+        if kind == "cmd":
+            txn["raws"].append(raw)
         op.parts.append(part)
         self._add(op)
         if txn["node"] is None and slot is not None:
@@ -979,15 +988,15 @@ class ClusterRouter:
         if name in ("EXEC", "DISCARD"):
             self._watch = None
             if txn["bad"] and name == "EXEC":
-                self._txn_part(encode_command("DISCARD"), final=True)
+                self._txn_part(encode_command("DISCARD"), final=True, kind="discard")
                 self._ops[-1].local = None
                 self._ops[-1].merge = lambda frames: b"-EXECABORT Transaction discarded because of previous errors.\r\n"
             else:
-                self._txn_part(cmd.raw, final=True)
+                self._txn_part(cmd.raw, final=True, kind="exec" if name == "EXEC" else "discard")
             self._txn = None
             return
         if name == "MULTI":
-            self._txn_part(cmd.raw)
+            self._txn_part(cmd.raw, kind="nested")
             return
         keys = command_keys(cmd.name, cmd.argv)
         slots = {key_slot(k) for k in keys}
@@ -1023,6 +1032,8 @@ class ClusterRouter:
 
     def _register(self, n: _Node, part: _Part) -> bytes:
         part.got = []
+        for _ in range(part.pre):
+            n.sent.append(_Sent(None, swallow=True, txn=part.txn))
         if part.asking:
             n.sent.append(_Sent(None, swallow=True))
             n.sent.append(_Sent(part))
@@ -1085,11 +1096,16 @@ class ClusterRouter:
             return  # nothing expected (a connection's stray reply): dropped
         if head.swallow:
             n.sent.popleft()
+            if head.txn is not None and k == "-":
+                self._txn_redirected(n, head.txn, frame)
             return
         part = head.part
         assert part is not None
         if part.hook is not None:
             part.hook(n.name, frame)
+        if k == "-" and part.txn is not None and self._txn_frame(n, part, frame):
+            n.sent.popleft()
+            return
         if k == "-" and self._redirect(n, part, frame):
             n.sent.popleft()
             return
@@ -1097,6 +1113,70 @@ class ClusterRouter:
         if len(part.got) >= part.n:
             n.sent.popleft()
             self._answer(part, b"".join(part.got), final=True)
+
+    # -- transactions that meet a slot on the move ------------------------------------------
+
+    def _txn_redirected(self, n: _Node, txn: dict, frame: bytes) -> bool:
+        """A MOVED/ASK for a command of ``txn``: remembered, the transaction runs again there."""
+        bits = frame[:-2].split(b" ")
+        if bits[0] == b"-TRYAGAIN":  # keys of the slot on both sides of a migration: wait a moment
+            txn["moved"] = ("TRYAGAIN", "")
+            return True
+        if len(bits) < 3 or bits[0] not in (b"-MOVED", b"-ASK"):
+            return False
+        host, port = split_name(bits[2].decode("latin-1"))
+        target = node_name(host or split_name(n.name)[0], port)
+        word = bits[0][1:].decode()
+        self.redirects_seen[word] += 1
+        REDIRECTS[word] += 1
+        if word == "MOVED":
+            self.wants_refresh = True
+            slot = _int(bits[1])
+            if slot is not None and 0 <= slot < SLOTS:
+                self.map.owner[slot] = target
+        txn["moved"] = (word, target)
+        return True
+
+    def _txn_frame(self, n: _Node, part: _Part, frame: bytes) -> bool:
+        """A transaction's queued command redirected: the client is told +QUEUED (it will be
+        queued where the slot is now); its EXEC (an EXECABORT, or a redirection itself) sends
+        MULTI, the commands and EXEC again to that node, the client sees that EXEC's reply."""
+        txn = part.txn
+        assert txn is not None
+        if part.txn_kind == "cmd" and self._txn_redirected(n, txn, frame):
+            self._answer(part, b"+QUEUED\r\n", final=True)
+            return True
+        if part.txn_kind != "exec" or part.redirects >= MAX_REDIRECTS:
+            return False
+        if not (frame.startswith(b"-EXECABORT") and txn["moved"]) and not self._txn_redirected(n, txn, frame):
+            return False
+        if txn["watched"]:
+            # Its WATCH was on the old node: it cannot be carried over, so EXEC fails as a WATCH
+            # conflict does (nothing ran) and the client runs the transaction again.
+            self._answer(part, b"_\r\n" if self.proto >= 3 else b"*-1\r\n", final=True)
+            return True
+        word, target = txn["moved"]
+        txn["moved"] = None
+        if word == "TRYAGAIN":
+            if self.clock() >= part.deadline:
+                return False
+            part.raw = b"".join([b"*1\r\n$5\r\nMULTI\r\n", *txn["raws"], part.raw if not part.pre else _EXEC])
+            part.pre = 1 + len(txn["raws"])
+            part.slot, part.node, part.asking = txn["slot"], None, False
+            part.retry_at = self.clock() + RETRY_DELAY
+            self._retry.append(part)
+            return True
+        # ASKING before MULTI: inside a transaction ASKING would be queued, and the flag it sets
+        # lasts until EXEC (Redis clears it after each command only outside MULTI).
+        asking = [b"*1\r\n$6\r\nASKING\r\n"] if word == "ASK" else []
+        replay = [*asking, b"*1\r\n$5\r\nMULTI\r\n", *txn["raws"], part.raw if not part.pre else _EXEC]
+        part.raw = b"".join(replay)
+        part.pre = len(asking) + 1 + len(txn["raws"])
+        part.redirects += 1
+        part.asking = False
+        part.node = target
+        self._route(part)
+        return True
 
     def _redirect(self, n: _Node, part: _Part, frame: bytes) -> bool:
         """MOVED, ASK, TRYAGAIN, CLUSTERDOWN: sent again (True), within the budget."""

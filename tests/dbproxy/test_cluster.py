@@ -276,9 +276,13 @@ def test_slot_migration_during_client_work(cproxy, carol, rc):
             try:
                 w.set(k, f"v{i}")
                 assert w.get(k) == f"v{i}".encode()
+                if i % 3 == 0:  # a transaction on the moving slot too
+                    with w.pipeline(transaction=True) as p:
+                        p.incr("{mig}:count").get(k)
+                        assert p.execute()[1] == f"v{i}".encode()
                 n_ok[0] += 1
             except Exception as exc:  # noqa: BLE001 - recorded for the assertion
-                errors.append(repr(exc))
+                errors.append(f"{type(exc).__name__}: {exc}")
             i += 1
         w.close()
 

@@ -377,3 +377,59 @@ def test_a_demoted_primary_gets_connection_state_but_not_data_commands():
     assert r.take_replies() == b":3\r\n"
     r.send(cmd("AUTH", "oid", "token"))
     assert set(r.take_writes()) == {A, B, C}
+
+
+def test_a_transaction_whose_slot_moved_runs_again_where_the_slot_is():
+    r = router()
+    node = node_of(b"u")
+    new = next(n for n in (A, B, C) if n != node)
+    r.send(cmd("MULTI") + cmd("SET", "{u}a", "1") + cmd("INCR", "{u}b") + cmd("EXEC"))
+    r.take_writes()
+    # The slot moved: the node queues nothing and aborts EXEC.
+    r.feed(node, b"+OK\r\n-MOVED %d %s\r\n-MOVED %d %s\r\n-EXECABORT Transaction discarded because of "
+           b"previous errors.\r\n" % (key_slot(b"u"), new.encode(), key_slot(b"u"), new.encode()))
+    assert r.take_replies() == b"+OK\r\n+QUEUED\r\n+QUEUED\r\n"
+    assert r.take_writes() == {new: cmd("MULTI") + cmd("SET", "{u}a", "1") + cmd("INCR", "{u}b") + cmd("EXEC")}
+    r.feed(new, b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n+OK\r\n:1\r\n")
+    assert r.take_replies() == b"*2\r\n+OK\r\n:1\r\n"
+    assert r.map.node_for(key_slot(b"u")) == new
+
+
+def test_a_transaction_asked_elsewhere_runs_there_after_asking():
+    r = router()
+    node = node_of(b"u")
+    new = next(n for n in (A, B, C) if n != node)
+    r.send(cmd("MULTI") + cmd("GET", "{u}a") + cmd("EXEC"))
+    r.take_writes()
+    r.feed(node, b"+OK\r\n-ASK %d %s\r\n-EXECABORT Transaction discarded.\r\n" % (key_slot(b"u"), new.encode()))
+    ask = b"*1\r\n$6\r\nASKING\r\n"
+    assert r.take_writes() == {new: ask + cmd("MULTI") + cmd("GET", "{u}a") + cmd("EXEC")}
+    r.feed(new, b"+OK\r\n+OK\r\n+QUEUED\r\n*1\r\n$1\r\nv\r\n")
+    assert r.take_replies() == b"+OK\r\n+QUEUED\r\n*1\r\n$1\r\nv\r\n"
+    assert r.map.node_for(key_slot(b"u")) == node  # ASK: the slot is not moved yet
+
+
+def test_a_watched_transaction_whose_slot_moved_fails_as_a_watch_conflict():
+    r = router()
+    node = node_of(b"u")
+    new = next(n for n in (A, B, C) if n != node)
+    r.send(cmd("WATCH", "{u}a") + cmd("MULTI") + cmd("SET", "{u}a", "1") + cmd("EXEC"))
+    r.take_writes()
+    r.feed(node, b"+OK\r\n+OK\r\n-MOVED %d %s\r\n-EXECABORT x\r\n" % (key_slot(b"u"), new.encode()))
+    assert r.take_replies() == b"+OK\r\n+OK\r\n+QUEUED\r\n*-1\r\n"
+    assert r.take_writes() == {}
+
+
+def test_a_transaction_meeting_tryagain_runs_again_after_a_moment():
+    clock = Clock()
+    r = router(clock)
+    node = node_of(b"u")
+    r.send(cmd("MULTI") + cmd("INCR", "{u}a") + cmd("EXEC"))
+    r.take_writes()
+    r.feed(node, b"+OK\r\n+QUEUED\r\n-TRYAGAIN Multiple keys request during rehashing of slot\r\n")
+    assert r.take_replies() == b"+OK\r\n+QUEUED\r\n" and r.take_writes() == {}
+    clock.t += cl.RETRY_DELAY
+    r.run_retries()
+    assert r.take_writes() == {node: cmd("MULTI") + cmd("INCR", "{u}a") + cmd("EXEC")}
+    r.feed(node, b"+OK\r\n+QUEUED\r\n*1\r\n:1\r\n")
+    assert r.take_replies() == b"*1\r\n:1\r\n"
