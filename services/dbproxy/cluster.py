@@ -18,7 +18,11 @@ and gives back one reply stream in the order of the commands, as a single Redis 
   loading, CONFIG SET, CLIENT SETNAME/TRACKING, HELLO, AUTH, RESET and SELECT go to every
   connection so that each one is in the session's state.
 * MULTI/EXEC and WATCH run on the primary of the transaction's slot; a command of another
-  slot inside it is a queueing error (``CROSSSLOT``), so that EXEC answers ``EXECABORT``.
+  slot inside it is a queueing error (``CROSSSLOT``), so that EXEC answers ``EXECABORT``. A
+  transaction whose slot moves meanwhile runs again where the slot is (a watched one fails
+  as a WATCH conflict: its WATCH cannot move with it).
+* Subscriptions of a lost connection are made again on the new primary; CLIENT REPLY is
+  followed here.
 * SUBSCRIBE/PSUBSCRIBE go to one primary (Redis Cluster delivers PUBLISH to every node);
   SSUBSCRIBE and SPUBLISH to the channel's shard. Messages from any shard are passed on.
 * CLUSTER SLOTS, SHARDS, NODES, INFO and MYID are answered here: one node, the proxy
