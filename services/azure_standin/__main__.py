@@ -12,22 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import signal
 import sys
 
+from services.common.config import is_loopback
+
 from .server import run_standin
 from .state import StandinConfig, load_config
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
 
-    if not _loopback(args.host):
+    if not is_loopback(args.host):
         p.error("the stand-in only listens on loopback (127.0.0.1, ::1, localhost)")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr)
     config = load_config(args.state) if args.state else StandinConfig()

@@ -22,7 +22,7 @@ import typer
 import yaml
 
 from services.cli.common import CLIError, dev_dir, err_console, out_console
-from services.cli.devenv import DEV_DB, DEV_ENTRA_DB, DevAzure
+from services.cli.devenv import DEV_DB, DEV_ENTERPRISE_DB, DEV_ENTRA_DB, DevAzure
 from services.common.config import ConfigError, load_config
 from services.common.creds import Creds, private_dir, write_private
 from services.common.join import JoinError
@@ -165,7 +165,7 @@ def health(
 # --- the local dev cluster ---------------------------------------------------------------
 
 DEV_PORTS = {"auth": 3025, "join": 3026, "discovery": 3027, "proxy": 3080, "redis": 3081, "api": 3082, "web": 3443,
-             "azure": 3444, "redis_db": 6380}
+             "azure": 3444, "redis_db": 6380, "redis_enterprise": 10000}
 DEV_USER_ROLES = "access,editor"
 
 
@@ -337,6 +337,7 @@ class DevCluster:
         info["user"] = self.login_dev_user(info)
         self.wait_for_database(auth["admin_identity"], auth["mesh_port"], DEV_DB, 60)
         self.wait_for_database(auth["admin_identity"], auth["mesh_port"], DEV_ENTRA_DB, 60)
+        self.wait_for_database(auth["admin_identity"], auth["mesh_port"], DEV_ENTERPRISE_DB, 60)
         write_private(self.home / "cluster.json", json.dumps(info, indent=2).encode())
         return info
 
@@ -396,7 +397,8 @@ def dev(
   CA pin     {info['ca_pin']}
   logs       {cluster.logs}/
 
-  Azure      {info['azure']}   (local stand-in: publishes {DEV_DB} (access key) and {DEV_ENTRA_DB} (Entra ID), one TLS redis-server)
+  Azure      {info['azure']}   (local stand-in: publishes {DEV_DB} (access key) and {DEV_ENTRA_DB} (Entra ID), one TLS redis-server,
+             and {DEV_ENTERPRISE_DB}, Azure Managed Redis with the OSS cluster policy: a local Redis Cluster of 3 primaries)
   you        logged in as "{info['user']}" (roles {DEV_USER_ROLES})
 
 Next, in another terminal:
@@ -405,6 +407,7 @@ Next, in another terminal:
   cgate db ls
   cgate db connect {DEV_DB}        # redis-cli through the proxy; no password typed
   cgate db connect {DEV_ENTRA_DB}  # the same through Entra ID: the proxy AUTHs with its token
+  cgate db connect {DEV_ENTERPRISE_DB}  # a Redis Cluster behind one endpoint: no MOVED, no -c needed
   cgctl status
   curl -s --cacert {info['host_ca']} https://{info['web']}/v1/webapi/find
 

@@ -6,6 +6,9 @@
   ``my-azure-redis-entra``, a cache with access keys disabled reached through Entra ID (the
   stand-in keeps an ACL user per principal on the redis-server, whose passwords are the
   principal's current tokens, and ends connections whose token expired, as Azure does);
+* a small local Redis Cluster (3 primaries, TLS, the cluster bus on TLS too) that the stand-in
+  publishes as the Azure Managed Redis database ``my-azure-redis-enterprise`` with Azure's
+  default OSSCluster policy, whose access key is its password;
 * the settings discovery and dbproxy need to use the real Azure SDK against the stand-in.
 
 Everything listens on 127.0.0.1; state lives in ``$CACHEGATE_HOME/dev``.
@@ -26,11 +29,13 @@ import yaml
 
 from services.azure_standin import dev as standin_dev
 from services.cli.common import CLIError
+from services.cli.devcluster import LocalCluster, stop_processes
 from services.common import pki
 from services.common.creds import private_dir, write_private
 
 DEV_DB = "my-azure-redis"
 DEV_ENTRA_DB = "my-azure-redis-entra"
+DEV_ENTERPRISE_DB = "my-azure-redis-enterprise"
 SUBSCRIPTION = "11111111-2222-3333-4444-555555555555"
 TENANT = "72f9aa00-0000-4000-8000-00000000c0de"
 CLIENT_ID = "0d1c5c2e-0000-4000-8000-000000000001"
@@ -63,6 +68,7 @@ class DevAzure:
         self.fixed = fixed_ports
         self.procs: dict[str, subprocess.Popen] = {}
         self.info: dict = {}
+        self.cluster: LocalCluster | None = None
 
     # --- files --------------------------------------------------------------------------------
     def _secrets(self) -> dict:
@@ -71,6 +77,14 @@ class DevAzure:
             return json.loads(path.read_text())
         data = {"primary": secrets.token_urlsafe(32), "secondary": secrets.token_urlsafe(32),
                 "client_secret": secrets.token_urlsafe(24)}
+        write_private(path, json.dumps(data).encode())
+        return data
+
+    def _enterprise_secrets(self) -> dict:
+        path = self.dir / "enterprise-secrets.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        data = {"primary": secrets.token_urlsafe(32), "secondary": secrets.token_urlsafe(32)}
         write_private(path, json.dumps(data).encode())
         return data
 
@@ -110,6 +124,17 @@ class DevAzure:
             start_new_session=True)
         _wait_port(redis_port, self.procs["redis-server"], "redis-server", rlog)
 
+        # Azure Managed Redis with the OSS cluster policy: a real Redis Cluster, 3 primaries.
+        ent_keys = self._enterprise_secrets()
+        first = (self.fixed or {}).get("redis_enterprise")
+        self.cluster = LocalCluster(self.dir / "enterprise", cert=self.dir / "redis.crt", key=self.dir / "redis.key",
+                                    ca=ca_file, password=ent_keys["primary"], log_dir=self.logs,
+                                    ports=[first, first + 1, first + 2] if first else None)
+        try:
+            self.cluster.start()
+        except RuntimeError as exc:
+            raise CLIError(f"the local Redis Cluster ({DEV_ENTERPRISE_DB}) did not start: {exc}") from None
+
         state = {
             "tenant": TENANT, "page_size": 100,
             "subscriptions": [{"id": SUBSCRIPTION, "display_name": "Cachegate dev"}],
@@ -128,6 +153,12 @@ class DevAzure:
                 "sku": {"name": "Standard", "family": "C", "capacity": 1},
                 "disableAccessKeyAuthentication": True,
             }],
+            "enterprise_clusters": [{
+                "name": DEV_ENTERPRISE_DB, "subscription": SUBSCRIPTION, "resourceGroup": "dev-rg",
+                "location": "East US", "tags": {"env": "dev"}, "hostName": "localhost",
+                "databases": [{"name": "default", "port": self.cluster.ports[0], "clusteringPolicy": "OSSCluster",
+                               "keys": {"primary": ent_keys["primary"], "secondary": ent_keys["secondary"]}}],
+            }],
             # The data plane of the Entra ID cache: the stand-in administers the redis-server
             # with its default user's password (the access key of my-azure-redis).
             "entra_redis": {"servers": [{"host": "127.0.0.1", "port": redis_port, "tls": True,
@@ -142,7 +173,8 @@ class DevAzure:
         except RuntimeError as exc:
             raise CLIError(str(exc)) from None
         self.procs["azure-standin"] = proc
-        self.info = info | {"redis_port": redis_port, "redis_ca": str(ca_file)}
+        self.info = info | {"redis_port": redis_port, "redis_ca": str(ca_file),
+                            "enterprise_ports": list(self.cluster.ports)}
         return self.info
 
     def endpoints(self) -> dict:
@@ -161,11 +193,6 @@ class DevAzure:
         return {"azure_endpoints": self.endpoints(), "database_ca_files": [self.info["redis_ca"]]}
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        if self.cluster is not None:
+            self.cluster.stop()
+        stop_processes(self.procs.values())

@@ -163,6 +163,8 @@ class StaticDatabaseConfig(_Model):
     secret: str = ""
     # "entra": dbproxy signs in with its Entra ID token (AUTH <object id> <token>), no secret.
     auth: str = ""
+    # A Redis Cluster (as Azure's OSSCluster policy): dbproxy routes each command by slot.
+    cluster: bool = False
 
 
 class DiscoveryServiceConfig(_Model):
@@ -355,6 +357,18 @@ def split_hostport(addr: str, default_port: int) -> tuple[str, int]:
         return host, int(port) if port else default_port
     except ValueError:
         raise ConfigError(f"invalid address {addr!r}: use host:port") from None
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def join_hostport(host: str, port: int) -> str:

@@ -34,6 +34,7 @@ from services.common.grpcutil import dur, paginate, ts
 from services.common.locks import lock_applies, locked_message
 from services.dbproxy.auditspool import AuditRejected, AuditSpool
 from services.dbproxy.cache import Changes, ClusterCache
+from services.dbproxy.clusterconn import forget_maps
 from services.dbproxy.entra import EntraTokenCache
 from services.dbproxy.keys import AUTH_ENTRA, AzureKeyCache, credentials_for, database_auth
 from services.dbproxy.limits import ProxyLimits
@@ -77,6 +78,12 @@ def change_reason(kind: str, name: str, before, after) -> str | None:
             return f'database "{name}" labels changed'
         return None
     return None
+
+
+def is_cluster(db: types_pb2.Database) -> bool:
+    """Clients of this database see a Redis Cluster (Azure's OSSCluster policy, or a static
+    database with ``cluster: true``): the proxy routes by slot."""
+    return (db.azure.clustering_policy or "").strip().lower() == "osscluster"
 
 
 class DataPlane:
@@ -186,7 +193,7 @@ class DataPlane:
             user=user, database=db.name, db_user=route.db_user, db_name=route.db_name, roles=roles,
             db_labels=labels, target=self.target_for(db), credentials=credentials_for(db, self.azure_keys, self.entra),
             lock_check=lock_check, extra_audit_fields={"db_uri": db.uri}, identity=ident,
-            connect=self.pool.get)
+            connect=self.pool.get, cluster=is_cluster(db))
         self._contexts.add(ctx)
         return ctx
 
@@ -196,6 +203,7 @@ class DataPlane:
         if kind == "databases":  # connections made ahead for an old record are not used
             for name, _, after in changes:
                 self.pool.forget(name)
+                forget_maps(name)  # a cluster's slot map is learnt again
                 if after is not None and database_auth(after) == AUTH_ENTRA:
                     self.entra.prefetch()  # the token is there before the first session
         reasons: dict[str, str] = {}

@@ -126,6 +126,9 @@ class SessionContext:
     extra_audit_fields: dict[str, Any] = field(default_factory=dict)
     # How the upstream connection is made (an UpstreamPool's ``get``); connect_upstream if None.
     connect: Callable[..., Awaitable[Upstream]] | None = None
+    # The database is a Redis Cluster (OSSCluster): the session routes by slot
+    # (services/dbproxy/clusterconn.py) instead of using ``connect``.
+    cluster: bool = False
 
     @property
     def logical_db(self) -> int:
@@ -323,11 +326,17 @@ class Session:
                     return
                 try:
                     connect = ctx.connect or connect_upstream
+                    extra = {}
+                    if ctx.cluster:
+                        from services.dbproxy.clusterconn import connect_cluster
+
+                        connect = connect_cluster
+                        extra["address"] = _client_facing(self._cwriter)
                     self._up = await connect(
                         ctx.target, ctx.credentials, self.core.logical_db,
                         timeout=self.limits.upstream_connect_timeout, tracer=tracer,
                         on_auth_refused=(lambda: m.upstream_auth_failure(ctx.database, "auth"))
-                        if m.enabled else None,
+                        if m.enabled else None, **extra,
                     )
                 except UpstreamError as exc:
                     span.set_status(trace.Status(trace.StatusCode.ERROR, f"upstream {exc.reason}"))
@@ -454,7 +463,10 @@ class Session:
         # the database is not read, and the other way round.
         client = _Side(self._from_client, self._lost, self._pause_upstream, self._resume_upstream, "client")
         upstream = _Side(self._from_upstream, self._lost, self._pause_client, self._resume_client, "database")
-        self._ut, up_left = _take_over(up.reader, up.writer, upstream)
+        if hasattr(up, "attach"):  # a Redis Cluster: the router is the session's upstream
+            self._ut, up_left = up.attach(upstream), b""
+        else:
+            self._ut, up_left = _take_over(up.reader, up.writer, upstream)
         self._ct, client_left = _take_over(self._creader, self._cwriter, client)
         if up_left:
             self._from_upstream(up_left)
@@ -680,6 +692,14 @@ class Session:
             return
         ct.close()
         loop.call_later(_CLOSE_GRACE, _abort, ct)
+
+
+def _client_facing(writer: asyncio.StreamWriter) -> tuple[str, int]:
+    """The proxy's address as this client reached it (what CLUSTER SLOTS names)."""
+    addr = writer.get_extra_info("sockname")
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return str(addr[0]), int(addr[1])
+    return "", 0
 
 
 def _block_cap(token_life: float) -> float:

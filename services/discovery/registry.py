@@ -140,11 +140,17 @@ def static_record(entry: Any, owner: str, base_dir: Path | None = None) -> types
     labels = {"cloud": "static", **entry.labels}
     if auth == "entra":
         labels["auth"] = "entra"
+    cluster = bool(getattr(entry, "cluster", False))
+    if cluster:
+        labels["clustering-policy"] = "OSSCluster"
+    azure = None
+    if auth == "entra" or cluster:
+        azure = types_pb2.AzureDatabase(auth="entra" if auth == "entra" else "",
+                                        clustering_policy="OSSCluster" if cluster else "")
     return types_pb2.Database(
         name=entry.name, description=entry.description or f"Redis server at {entry.uri}", protocol="redis",
         uri=entry.uri, labels=labels, origin=types_pb2.DATABASE_ORIGIN_CONFIG, ca_cert_pem=ca_pem,
-        secret_ref=secret, owner=owner, tls=entry.tls,
-        azure=types_pb2.AzureDatabase(auth="entra") if auth == "entra" else None)
+        secret_ref=secret, owner=owner, tls=entry.tls, azure=azure)
 
 
 def _same(a: types_pb2.Database, b: types_pb2.Database) -> bool:

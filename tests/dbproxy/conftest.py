@@ -312,7 +312,7 @@ def proxy(certs, redis_server, tmp_path_factory):
             user=ident.name, database=DB, db_user=route.db_user, db_name=route.db_name, roles=roles,
             db_labels={"env": "test"}, target=target, credentials=over.get("credentials", creds),
             lock_check=over.get("lock_check"), client_idle_timeout=over.get("idle"),
-            disconnect_expired_cert=over.get("disconnect_expired_cert"),
+            disconnect_expired_cert=over.get("disconnect_expired_cert"), cluster=over.get("cluster", False),
         )
 
     limits = ProxyLimits(max_bulk_len=8 * 1024 * 1024, max_request=16 * 1024 * 1024,

@@ -90,6 +90,34 @@ def test_cachegate_dev_starts_a_joined_cluster_that_cgctl_and_curl_reach(tmp_pat
         assert "my-azure-redis-entra" in ls.stdout
         res = run_cli("cgate", "db", "connect", "my-azure-redis-entra", input="GET guide\n", extra_env=user_env)
         assert res.stdout.strip() == "ok", res
+        # The guide's table has both halves: Azure Managed Redis (OSSCluster, a local 3-primary
+        # Redis Cluster) works with a plain redis-cli: keys on every shard, no MOVED.
+        assert "my-azure-redis-enterprise" in ls.stdout and "Azure Redis Enterprise server in East US" in ls.stdout
+        lines = "".join(f"SET k{i} v{i}\n" for i in range(20)) + "MGET k0 k7 k19\nDBSIZE\nCLUSTER INFO\n"
+        res = run_cli("cgate", "db", "connect", "my-azure-redis-enterprise", input=lines, extra_env=user_env)
+        out = res.stdout.split()
+        assert out[:20] == ["OK"] * 20 and out[20:23] == ["v0", "v7", "v19"] and out[23] == "20", res
+        assert "cluster_state:ok" in res.stdout and "MOVED" not in res.stdout, res
+        # Cluster-aware and plain redis-py with the database certificate of `cgate db login`.
+        run_cli("cgate", "db", "login", "my-azure-redis-enterprise", extra_env=user_env)
+        cfg = json.loads(run_cli("cgate", "db", "config", "my-azure-redis-enterprise", "--format=json",
+                                 extra_env=user_env).stdout)
+        tls = {"ssl": True, "ssl_certfile": cfg["cert"], "ssl_keyfile": cfg["key"], "ssl_ca_certs": cfg["ca"],
+               "socket_timeout": 10}
+        from redis import Redis
+        from redis.cluster import RedisCluster
+
+        rcl = RedisCluster(host=cfg["host"], port=cfg["port"], **tls)
+        keys = [f"dev:{i}" for i in range(1000)]
+        for k in keys:
+            rcl.set(k, k)
+        assert rcl.mget_nonatomic(keys[:50]) == [k.encode() for k in keys[:50]]
+        rcl.close()
+        plain = Redis(host=cfg["host"], port=cfg["port"], **tls)
+        assert plain.mget(keys[::100]) == [k.encode() for k in keys[::100]]
+        assert sorted(plain.scan_iter(match="dev:*", count=200)) == sorted(k.encode() for k in keys)
+        assert plain.delete(*keys) == 1000
+        plain.close()
 
         # Key rotation: Redis gets a new password and Azure a new primary key; the proxy's
         # cached key fails once with WRONGPASS, it fetches the keys again, and the next
