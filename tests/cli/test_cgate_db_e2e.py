@@ -111,6 +111,41 @@ def cgate(c, *args, input=None, check=True, timeout=60):
                    extra_env={"CACHEGATE_HOME": str(c.home)})
 
 
+def proxy_with_one_database(root, redis_tls, proxy_section: dict | None = None,
+                            telemetry: dict | None = None) -> Cluster:
+    """auth and dbproxy (``proxy_section``: more of dbproxy_service) with the TLS database DB,
+    and alice (access role) logged in with a database certificate (``c.db``: its config).
+    ``c.proxy``/``c.api``: the public and API addresses. The caller stops it."""
+    cl = Cluster(root)
+    cl.start_auth()
+    cfg = cl.joiner_config("dbproxy", cl.token("proxy"), database_ca_files=[redis_tls["ca"]],
+                           **(proxy_section or {}))
+    if telemetry:
+        cfg["telemetry"] = telemetry
+    proxy = cl.proc("dbproxy", cfg)
+    proxy.extra_env = {SECRET_ENV: REDIS_PASSWORD}
+    proxy.start()
+    cl.proxy = f"127.0.0.1:{proxy.info['public_port']}"
+    cl.api = f"127.0.0.1:{proxy.info['api_port']}"
+    cl.home = root / "home"
+    cl.redis = redis_tls
+    doc = {"kind": "db", "version": "v1", "metadata": {"name": DB, "labels": {"env": "test"}},
+           "spec": {"protocol": "redis", "uri": f"127.0.0.1:{redis_tls['port']}", "tls": True,
+                    "ca_cert_file": redis_tls["ca"], "secret": f"env:{SECRET_ENV}"}}
+    cl.cgctl("create", "-f", str(write_yaml(root / "db.yaml", doc)))
+    data = json.loads(cl.cgctl("users", "add", "alice", "--roles=access", "--db-users=*", "--db-names=0",
+                               "--format=json").stdout)
+    cgate(cl, "login", f"--proxy={cl.proxy}", f"--invite={data['invite']}", f"--ca-pin={cl.ca_pin}",
+          "--password-stdin", input=PASSWORD + "\n")
+    deadline = time.monotonic() + 30
+    while DB not in cgate(cl, "db", "ls", check=False).stdout:
+        assert time.monotonic() < deadline, "the database was not listed"
+        time.sleep(0.3)
+    cgate(cl, "db", "login", DB)
+    cl.db = json.loads(cgate(cl, "db", "config", DB, "--format=json").stdout)
+    return cl
+
+
 def wait_listed(c, timeout: float = 30) -> None:
     """dbproxy learns databases from auth by watching: wait until both are listed."""
     deadline = time.monotonic() + timeout

@@ -18,8 +18,9 @@ import urllib.request
 
 import pytest
 
-from tests.cli.test_cgate_db_e2e import DB, PASSWORD, SECRET_ENV, REDIS_PASSWORD, cgate, redis_tls, wait_listed  # noqa: F401
-from tests.helpers import REPO, Cluster, free_port, tool, write_yaml
+from tests.cli.test_cgate_db_e2e import (  # noqa: F401
+    DB, PASSWORD, REDIS_PASSWORD, cgate, proxy_with_one_database, redis_tls)
+from tests.helpers import REPO, free_port, tool
 from tests.helpers import env as base_env
 
 pytestmark = pytest.mark.slow
@@ -30,34 +31,12 @@ BUDGET = 128 * MiB
 
 @pytest.fixture(scope="module")
 def c(tmp_path_factory, redis_tls):  # noqa: F811
-    root = tmp_path_factory.mktemp("limits-e2e")
-    cl = Cluster(root)
-    cl.start_auth()
     metrics_port = free_port()
-    cfg = cl.joiner_config("dbproxy", cl.token("proxy"), database_ca_files=[redis_tls["ca"]],
-                           limits={"request_buffer": "128MiB", "tls_handshake_timeout": "2s"})
-    cfg["telemetry"] = {"metrics": "prometheus", "prometheus_listen_addr": f"127.0.0.1:{metrics_port}"}
-    proxy = cl.proc("dbproxy", cfg)
-    proxy.extra_env = {SECRET_ENV: REDIS_PASSWORD}
-    proxy.start()
-    cl.proxy = f"127.0.0.1:{proxy.info['public_port']}"
-    cl.home = root / "home"
-    cl.redis = redis_tls
+    cl = proxy_with_one_database(
+        tmp_path_factory.mktemp("limits-e2e"), redis_tls,
+        {"limits": {"request_buffer": "128MiB", "tls_handshake_timeout": "2s"}},
+        {"metrics": "prometheus", "prometheus_listen_addr": f"127.0.0.1:{metrics_port}"})
     cl.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-    doc = {"kind": "db", "version": "v1", "metadata": {"name": DB, "labels": {"env": "test"}},
-           "spec": {"protocol": "redis", "uri": f"127.0.0.1:{redis_tls['port']}", "tls": True,
-                    "ca_cert_file": redis_tls["ca"], "secret": f"env:{SECRET_ENV}"}}
-    cl.cgctl("create", "-f", str(write_yaml(root / "db.yaml", doc)))
-    data = json.loads(cl.cgctl("users", "add", "alice", "--roles=access", "--db-users=*", "--db-names=0",
-                               "--format=json").stdout)
-    cgate(cl, "login", f"--proxy={cl.proxy}", f"--invite={data['invite']}", f"--ca-pin={cl.ca_pin}",
-          "--password-stdin", input=PASSWORD + "\n")
-    deadline = time.monotonic() + 30
-    while DB not in cgate(cl, "db", "ls", check=False).stdout:
-        assert time.monotonic() < deadline, "the database was not listed"
-        time.sleep(0.3)
-    cgate(cl, "db", "login", DB)
-    cl.db = json.loads(cgate(cl, "db", "config", DB, "--format=json").stdout)
     yield cl
     cl.stop()
 

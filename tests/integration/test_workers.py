@@ -16,39 +16,15 @@ import time
 
 import pytest
 
-from tests.cli.test_cgate_db_e2e import DB, PASSWORD, SECRET_ENV, REDIS_PASSWORD, cgate, redis_tls  # noqa: F401
-from tests.helpers import Cluster, write_yaml
+from tests.cli.test_cgate_db_e2e import proxy_with_one_database, redis_tls  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def c(tmp_path_factory, redis_tls):  # noqa: F811
-    root = tmp_path_factory.mktemp("workers")
-    cl = Cluster(root)
-    cl.start_auth()
-    cfg = cl.joiner_config("dbproxy", cl.token("proxy"), database_ca_files=[redis_tls["ca"]], workers=2)
-    proxy = cl.proc("dbproxy", cfg)
-    proxy.extra_env = {SECRET_ENV: REDIS_PASSWORD}
-    proxy.start()
-    cl.proxy = f"127.0.0.1:{proxy.info['public_port']}"
-    cl.api = f"127.0.0.1:{proxy.info['api_port']}"
-    cl.redis_port = proxy.info["redis_port"]
-    cl.home = root / "home"
-    doc = {"kind": "db", "version": "v1", "metadata": {"name": DB, "labels": {"env": "test"}},
-           "spec": {"protocol": "redis", "uri": f"127.0.0.1:{redis_tls['port']}", "tls": True,
-                    "ca_cert_file": redis_tls["ca"], "secret": f"env:{SECRET_ENV}"}}
-    cl.cgctl("create", "-f", str(write_yaml(root / "db.yaml", doc)))
-    data = json.loads(cl.cgctl("users", "add", "alice", "--roles=access", "--db-users=*", "--db-names=0",
-                               "--format=json").stdout)
-    cgate(cl, "login", f"--proxy={cl.proxy}", f"--invite={data['invite']}", f"--ca-pin={cl.ca_pin}",
-          "--password-stdin", input=PASSWORD + "\n")
-    deadline = time.monotonic() + 30
-    while DB not in cgate(cl, "db", "ls", check=False).stdout:
-        assert time.monotonic() < deadline, "the database was not listed"
-        time.sleep(0.3)
-    cgate(cl, "db", "login", DB)
-    cl.db = json.loads(cgate(cl, "db", "config", DB, "--format=json").stdout)
+    cl = proxy_with_one_database(tmp_path_factory.mktemp("workers"), redis_tls, {"workers": 2})
+    cl.redis_port = cl.procs["dbproxy"].info["redis_port"]
     yield cl
     cl.stop()
 
