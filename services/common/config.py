@@ -265,6 +265,18 @@ class DbProxyServiceConfig(_Model):
     # Where audit events wait while auth cannot be reached (default: data_dir/dbproxy/audit-spool).
     audit_spool_dir: str = ""
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    # Seconds between heartbeats to auth (database health, shown by `cgctl status`); between
+    # them the proxy re-checks the databases that are down or were used lately.
+    heartbeat_interval: Duration = 10.0
+
+    _heartbeat = field_validator("heartbeat_interval", mode="before")(parse_duration)
+
+    @field_validator("heartbeat_interval")
+    @classmethod
+    def _min_heartbeat(cls, v: float) -> float:
+        if not 0.2 <= v <= 3600:
+            raise ValueError("heartbeat_interval must be between 0.2s and 1h")
+        return v
 
 
 class Config(_Model):

@@ -65,6 +65,7 @@ API_POLICY = Policy({
     _m(PROXY, "GenerateDatabaseCert"): rule(USER),
     _m(SESSIONS, "ListSessions"): rule(ADMIN, resource="session", verb="list"),
     _m(SESSIONS, "TerminateSession"): rule(ADMIN, resource="session", verb="delete"),
+    _m(SESSIONS, "CheckDatabase"): rule(ADMIN, resource="db", verb="read"),
 })
 
 
