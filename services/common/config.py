@@ -380,6 +380,9 @@ def load_config(path: str | os.PathLike | None = None, environ: dict[str, str] |
                 text = Path(path).read_text()
             except OSError as exc:
                 raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"{path}: not UTF-8 text (a stray byte at offset {exc.start}): "
+                                  "save the config as UTF-8") from None
             try:
                 data = yaml.safe_load(text) or {}
             except yaml.YAMLError as exc:
