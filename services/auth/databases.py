@@ -249,7 +249,8 @@ class DatabaseServicer(database_service_pb2_grpc.DatabaseServiceServicer):
     async def ReportFetcherStatus(self, request, context):
         caller = authz.current_caller()
         host = database_service_pb2.HostFetcherStatus(host_id=caller.name, statuses=request.statuses,
-                                                      report_time=ts(time.time()))
+                                                      report_time=ts(time.time()),
+                                                      poll_interval_seconds=max(0, request.poll_interval_seconds))
         await self.backend.put(STATUS_PREFIX + caller.name, host.SerializeToString(deterministic=True),
                                expires=time.time() + STATUS_TTL)
         return database_service_pb2.ReportFetcherStatusResponse()

@@ -174,9 +174,11 @@ def print_dbs(dbs: Iterable[types_pb2.Database], fmt: str = "text", verbose: boo
     table(columns, rows)
 
 
-# A discovery host unheard of for this long is marked stale (its default poll is 60s; it
-# reports after every round). A dbproxy host: three of its heartbeat intervals.
+# A discovery host reports after every round: unheard of for three of its poll intervals
+# (plus a round's own time) it is marked stale; this long when it did not say its interval.
+# A dbproxy host: three of its heartbeat intervals.
 DISCOVERY_STALE_AFTER = 300.0
+ROUND_GRACE = 5.0
 # A host unheard of for this long is left out of `cgctl status` (auth forgets it later).
 DROP_AFTER = 3600.0
 HEALTH_NAMES = {0: "unknown", 1: "ok", 2: "down"}
@@ -262,7 +264,8 @@ def fetcher_statuses_to_list(hosts: Iterable[Any], now: float | None = None) -> 
         for s in h.statuses:
             out.append({
                 "host": h.host_id, "fetcher": s.name, "kind": s.kind, "last_report": fmt_time(seen or None),
-                "stale": bool(seen) and now - seen > DISCOVERY_STALE_AFTER,
+                "stale": bool(seen) and now - seen > (3 * h.poll_interval_seconds + ROUND_GRACE
+                                                      if h.poll_interval_seconds else DISCOVERY_STALE_AFTER),
                 "last_success": fmt_time(s.last_success_time),
                 "last_error": s.last_error, "last_error_time": fmt_time(s.last_error_time) if s.last_error else "",
                 "databases_found": s.databases_found, "unpublished": list(s.unpublished)})

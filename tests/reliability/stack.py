@@ -29,6 +29,7 @@ PASSWORD = "reliability user password 7"
 REDIS_PASSWORD = "rel-Redis-Secret-5521"
 SECRET_ENV = "CACHEGATE_DB_ORDERS"
 DB = "orders"
+STATIC_DB = "static-orders"  # published by discovery from its static config
 
 
 def wait_for(pred, what: str, timeout: float = 20.0, interval: float = 0.1):
@@ -149,7 +150,10 @@ class Stack:
         c.redis_port = proxy.info["redis_port"]
         c.home = self.root / "home"
         if self.with_discovery:
-            c.start_joiner("discovery", c.token("discovery"), poll_interval="1s")
+            static = [{"name": STATIC_DB, "uri": f"127.0.0.1:{self.redis.port}", "tls": True, "ca_file": self.redis.ca,
+                       "secret": f"env:{SECRET_ENV}", "labels": {"env": "test"}}]
+            c.start_joiner("discovery", c.token("discovery"), poll_interval="1s", static=static,
+                           listen_addr=f"127.0.0.1:{free_port()}")
         self.create_db(DB, self.redis.port)
         for u in self.users:
             self.login(u)

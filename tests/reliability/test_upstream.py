@@ -10,18 +10,9 @@ import time
 import pytest
 import redis
 
-from tests.reliability.stack import DB, Stack, wait_for
+from tests.reliability.stack import DB, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
-
-
-@pytest.fixture(scope="module")
-def st(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("rel-upstream"), users=("alice",))
-    try:
-        yield s.start()
-    finally:
-        s.stop()
 
 
 def _check(st, name=DB):

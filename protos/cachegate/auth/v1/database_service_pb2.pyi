@@ -85,10 +85,12 @@ class WatchDatabasesResponse(_message.Message):
     def __init__(self, type: _Optional[_Union[_types_pb2.WatchEventType, str]] = ..., database: _Optional[_Union[_types_pb2.Database, _Mapping]] = ...) -> None: ...
 
 class ReportFetcherStatusRequest(_message.Message):
-    __slots__ = ("statuses",)
+    __slots__ = ("statuses", "poll_interval_seconds")
     STATUSES_FIELD_NUMBER: _ClassVar[int]
+    POLL_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     statuses: _containers.RepeatedCompositeFieldContainer[_types_pb2.FetcherStatus]
-    def __init__(self, statuses: _Optional[_Iterable[_Union[_types_pb2.FetcherStatus, _Mapping]]] = ...) -> None: ...
+    poll_interval_seconds: int
+    def __init__(self, statuses: _Optional[_Iterable[_Union[_types_pb2.FetcherStatus, _Mapping]]] = ..., poll_interval_seconds: _Optional[int] = ...) -> None: ...
 
 class ReportFetcherStatusResponse(_message.Message):
     __slots__ = ()
@@ -111,14 +113,16 @@ class ListFetcherStatusesResponse(_message.Message):
     def __init__(self, hosts: _Optional[_Iterable[_Union[HostFetcherStatus, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class HostFetcherStatus(_message.Message):
-    __slots__ = ("host_id", "statuses", "report_time")
+    __slots__ = ("host_id", "statuses", "report_time", "poll_interval_seconds")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     STATUSES_FIELD_NUMBER: _ClassVar[int]
     REPORT_TIME_FIELD_NUMBER: _ClassVar[int]
+    POLL_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     statuses: _containers.RepeatedCompositeFieldContainer[_types_pb2.FetcherStatus]
     report_time: _timestamp_pb2.Timestamp
-    def __init__(self, host_id: _Optional[str] = ..., statuses: _Optional[_Iterable[_Union[_types_pb2.FetcherStatus, _Mapping]]] = ..., report_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    poll_interval_seconds: int
+    def __init__(self, host_id: _Optional[str] = ..., statuses: _Optional[_Iterable[_Union[_types_pb2.FetcherStatus, _Mapping]]] = ..., report_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., poll_interval_seconds: _Optional[int] = ...) -> None: ...
 
 class DatabaseHealth(_message.Message):
     __slots__ = ("name", "state", "last_success_time", "last_failure_time", "last_error", "last_error_kind", "connect_failures", "timeouts", "auth_failures", "successes", "consecutive_failures")
