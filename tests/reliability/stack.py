@@ -118,7 +118,7 @@ class Stack:
     """auth + dbproxy + redis, users logged in. ``start()`` once per module."""
 
     def __init__(self, root: Path, users: tuple[str, ...] = ("alice",), *, discovery: bool = False,
-                 auth_kw: dict | None = None, heartbeat: str = "0.5s"):
+                 auth_kw: dict | None = None, heartbeat: str | None = "0.5s"):
         self.root = root
         self.c = Cluster(root)
         self.users = users
@@ -138,9 +138,9 @@ class Stack:
                      **self.auth_kw)
         fixed = {"listen_addr": f"127.0.0.1:{free_port()}", "api_listen_addr": f"127.0.0.1:{free_port()}",
                  "redis_listen_addr": f"127.0.0.1:{free_port()}", "web_listen_addr": f"127.0.0.1:{free_port()}"}
+        extra = {"heartbeat_interval": self.heartbeat} if self.heartbeat else {}
         cfg = c.joiner_config("dbproxy", c.token("proxy"), database_ca_files=[self.redis.ca],
-                              heartbeat_interval=self.heartbeat,
-                              limits={"sessions_per_user": 2000, "max_sessions": 8000}, **fixed)
+                              limits={"sessions_per_user": 2000, "max_sessions": 8000}, **fixed, **extra)
         cfg["telemetry"] = {"metrics": "prometheus", "prometheus_listen_addr": f"127.0.0.1:{self.metrics_port}"}
         proxy = c.proc("dbproxy", cfg)
         proxy.extra_env = {SECRET_ENV: REDIS_PASSWORD}

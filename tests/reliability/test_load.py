@@ -1,0 +1,175 @@
+"""Load: many concurrent sessions from several users with mixed commands (one at a time,
+pipelined, Pub/Sub, blocking, MULTI/EXEC), twice over. Every reply equals what the same
+script gets from Redis directly; no protocol error, no refused session; the audit log has
+exactly one event per command sent; dbproxy's memory after the second round is within 10%
+of the first. CI runs 200 sessions; CACHEGATE_RELIABILITY=full runs 1,000 (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import time
+
+import hiredis
+import pytest
+
+from services.dbproxy.resp import encode_command
+from tests.reliability.stack import FULL, REDIS_PASSWORD
+
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]
+
+SESSIONS = 1000 if FULL else 200
+USERS = ("alice", "bob", "carol")
+KINDS = ("plain", "pipeline", "pubsub", "blocking", "multi")
+TIME_LIMIT = 240 if FULL else 60  # seconds for one round, all sessions
+
+
+def script(kind: str, p: str, i: int) -> list[list[str]]:
+    """The commands of session ``i`` of this kind, keys under prefix ``p``."""
+    k = f"{p}{i}"
+    if kind == "plain":
+        return [["SET", f"{k}:s", f"v{i}"], ["GET", f"{k}:s"], ["INCR", f"{k}:n"], ["INCR", f"{k}:n"],
+                ["APPEND", f"{k}:s", "x"], ["STRLEN", f"{k}:s"], ["DEL", f"{k}:s", f"{k}:n"], ["EXISTS", f"{k}:s"]]
+    if kind == "pipeline":
+        out = []
+        for j in range(40):
+            out += [["RPUSH", f"{k}:l", str(j)], ["HSET", f"{k}:h", f"f{j}", str(j)]]
+        return out + [["LRANGE", f"{k}:l", "0", "-1"], ["HLEN", f"{k}:h"], ["LLEN", f"{k}:l"], ["DEL", f"{k}:l", f"{k}:h"]]
+    if kind == "blocking":
+        return [["RPUSH", f"{k}:q", "a", "b"], ["BLPOP", f"{k}:q", "0"], ["BLPOP", f"{k}:q", "0"],
+                ["BLPOP", f"{k}:q", "0.2"], ["LLEN", f"{k}:q"]]
+    if kind == "multi":
+        return [["MULTI"], ["INCR", f"{k}:t"], ["SET", f"{k}:m", "x"], ["GET", f"{k}:m"], ["EXEC"],
+                ["DEL", f"{k}:t", f"{k}:m"]]
+    if kind == "pubsub":
+        return [["SUBSCRIBE", f"{k}:ch"], ["PING"], ["UNSUBSCRIBE", f"{k}:ch"], ["PING", "done"]]
+    raise AssertionError(kind)
+
+
+def _norm(reply, p: str):
+    """A reply with the session's key prefix taken out (BLPOP and SUBSCRIBE name their key)."""
+    if isinstance(reply, list):
+        return [_norm(x, p) for x in reply]
+    if isinstance(reply, bytes):
+        return reply.replace(p.encode(), b"<p>")
+    if isinstance(reply, hiredis.ReplyError):
+        return ("error", str(reply).replace(p, "<p>"))
+    return reply
+
+
+async def run_session(host: str, port: int, ctx: ssl.SSLContext, kind: str, p: str, i: int,
+                      auth: bytes | None = None) -> list:
+    reader, writer = await asyncio.open_connection(host, port, ssl=ctx, server_hostname=None if ctx.check_hostname
+                                                   is False else "localhost", limit=1 << 20)
+    parser = hiredis.Reader(notEnoughData=Ellipsis)
+
+    async def read(n: int) -> list:
+        got = []
+        while len(got) < n:
+            item = parser.gets()
+            if item is not Ellipsis:
+                got.append(item)
+                continue
+            data = await asyncio.wait_for(reader.read(1 << 16), 30)
+            if not data:
+                raise ConnectionError(f"closed after {len(got)} of {n} replies")
+            parser.feed(data)
+        return got
+
+    try:
+        if auth is not None:
+            writer.write(auth)
+            assert (await read(1)) == [b"OK"]
+        cmds = script(kind, p, i)
+        replies: list = []
+        if kind == "pipeline":
+            writer.write(b"".join(encode_command(*c) for c in cmds))
+            replies = await read(len(cmds))
+        elif kind == "pubsub":
+            writer.write(encode_command(*cmds[0]))
+            replies += await read(1)
+            writer.write(encode_command(*cmds[1]))  # a command while subscribed
+            replies += await read(1)
+            writer.write(encode_command(*cmds[2]) + encode_command(*cmds[3]))
+            replies += await read(2)
+        else:
+            for c in cmds:
+                writer.write(encode_command(*c))
+                replies += await read(1)
+        return [_norm(r, p) for r in replies]
+    finally:
+        writer.close()
+
+
+async def one_round(st, round_no: int, certs: dict, direct_ctx: ssl.SSLContext) -> tuple[collections.Counter, list]:
+    sem = asyncio.Semaphore(1000)
+    sent: collections.Counter = collections.Counter()
+    failures: list = []
+    auth = encode_command("AUTH", REDIS_PASSWORD)
+
+    async def one(i: int):
+        user = USERS[i % len(USERS)]
+        kind = KINDS[(i // len(USERS)) % len(KINDS)]
+        async with sem:
+            try:
+                via_proxy, direct = await asyncio.gather(
+                    run_session("127.0.0.1", st.c.redis_port, certs[user], kind, f"r{round_no}:p:", i),
+                    run_session("127.0.0.1", st.redis.port, direct_ctx, kind, f"r{round_no}:d:", i, auth=auth))
+            except Exception as exc:  # noqa: BLE001 - counted and shown
+                failures.append((i, kind, repr(exc)))
+                return
+            if via_proxy != direct:
+                failures.append((i, kind, via_proxy, direct))
+            if any(isinstance(x, tuple) and x[0] == "error" and "Protocol" in x[1] for x in via_proxy):
+                failures.append((i, kind, "protocol error", via_proxy))
+            for c in script(kind, "", i):
+                sent[(user, c[0])] += 1
+
+    await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(SESSIONS))), TIME_LIMIT)
+    return sent, failures
+
+
+def _rss(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_concurrent_sessions_mixed_commands(st):
+    certs = {u: st.tls_context(st.cert(u)) for u in USERS}
+    direct_ctx = ssl.create_default_context(cafile=st.redis.ca)
+    refused_before = st.metric("cachegate_dbproxy_sessions_refused_total")
+    since = time.time() - 1
+    pid = st.proxy.popen.pid
+    results = []
+    rss = []
+    for round_no in (1, 2):
+        t0 = time.monotonic()
+        sent, failures = asyncio.run(one_round(st, round_no, certs, direct_ctx))
+        took = time.monotonic() - t0
+        assert not failures, failures[:5]
+        results.append((sent, took))
+        time.sleep(1.0)  # sessions' ends and the audit flush
+        rss.append(_rss(pid))
+    total_sent = results[0][0] + results[1][0]
+    assert st.metric("cachegate_dbproxy_sessions_refused_total") == refused_before
+    want = {(u, c): n for (u, c), n in total_sent.items()}
+    audited = st.audit_commands(since)
+    deadline = time.monotonic() + 60
+    while True:
+        per = collections.Counter()
+        for (u, c, _arg), n in audited.items():
+            if u in USERS and (u, c) in want:
+                per[(u, c)] += n
+        if per == collections.Counter(want) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+        audited = st.audit_commands(since)
+    assert per == collections.Counter(want), {k: (per.get(k), v) for k, v in want.items() if per.get(k) != v}
+    growth = (rss[1] - rss[0]) / rss[0]
+    print(f"load: {SESSIONS} sessions x 2 rounds, {sum(total_sent.values())} commands through the proxy, "
+          f"rounds {results[0][1]:.1f}s / {results[1][1]:.1f}s, dbproxy RSS {rss[0] >> 20} -> {rss[1] >> 20} MiB "
+          f"({growth:+.1%})")
+    assert growth < 0.10, rss
