@@ -143,7 +143,7 @@ class Stack:
                               limits={"sessions_per_user": 2000, "max_sessions": 8000}, **fixed, **extra)
         cfg["telemetry"] = {"metrics": "prometheus", "prometheus_listen_addr": f"127.0.0.1:{self.metrics_port}"}
         proxy = c.proc("dbproxy", cfg)
-        proxy.extra_env = {SECRET_ENV: REDIS_PASSWORD}
+        proxy.extra_env = {**proxy.extra_env, SECRET_ENV: REDIS_PASSWORD}
         proxy.start()
         c.proxy = f"127.0.0.1:{proxy.info['public_port']}"
         c.api = f"127.0.0.1:{proxy.info['api_port']}"
