@@ -35,6 +35,8 @@ def env(**extra) -> dict:
     e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
     # The machine's /etc/cachegate.yaml is none of the tests' business.
     e.setdefault("CACHEGATE_SYSTEM_CONFIG", str(REPO / "tests" / "no-such-system-config.yaml"))
+    # The test suite's own switch, not a config key (CACHEGATE_* variables override config).
+    e.pop("CACHEGATE_RELIABILITY", None)
     e.update({k: str(v) for k, v in extra.items()})
     return e
 
