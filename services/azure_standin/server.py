@@ -643,8 +643,8 @@ class AzureStandin:
             if "api-version" not in request.query:
                 raise _ArmError(400, "MissingApiVersionParameter", "The api-version query parameter (?api-version=) is required for all requests.")
             scope = self._scope_of(path)
-            await self._apply_delays(request)
-            self._apply_faults(request, claims, action, scope)
+            if not await self._apply_delays(request):
+                self._apply_faults(request, claims, action, scope)
             if action and action.lower() in self.denied_actions:
                 raise self._authorization_failed(claims, action, scope)
             params = {k: v for k, v in m.groupdict().items()}
@@ -676,18 +676,22 @@ class AzureStandin:
             scope = scope[: -len("/providers/Microsoft.Cache")]
         return scope or "/"
 
-    async def _apply_delays(self, request: web.Request) -> None:
-        """Faults with a delay: wait first; one with status 0 is then used up here."""
+    async def _apply_delays(self, request: web.Request) -> bool:
+        """Faults with a delay: wait first. One with status 0 is used up here and the request
+        is then served as it is (True): it takes no other fault, even one injected while it
+        waited (its client has usually given up by then)."""
         for f in list(self.faults):
             if f.delay and f.matches(request.method, request.path) and (f.count is None or f.count > 0):
-                if not f.status:
+                late = not f.status
+                if late:
                     f.hits += 1
                     if f.count is not None:
                         f.count -= 1
                         if f.count <= 0:
                             self.faults.remove(f)
                 await asyncio.sleep(f.delay)
-                return
+                return late
+        return False
 
     def _apply_faults(self, request: web.Request, claims: dict[str, Any] | None, action: str | None, scope: str) -> None:
         for f in list(self.faults):
