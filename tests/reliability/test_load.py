@@ -58,10 +58,15 @@ def _norm(reply, p: str):
     return reply
 
 
-async def run_session(host: str, port: int, ctx: ssl.SSLContext, kind: str, p: str, i: int,
-                      auth: bytes | None = None) -> list:
-    reader, writer = await asyncio.open_connection(host, port, ssl=ctx, server_hostname=None if ctx.check_hostname
-                                                   is False else "localhost", limit=1 << 20)
+async def _connect(host: str, port: int, ctx: ssl.SSLContext):
+    return await asyncio.open_connection(host, port, ssl=ctx, limit=1 << 20,
+                                         server_hostname=None if ctx.check_hostname is False else "localhost")
+
+
+async def run_session(conn, kind: str, p: str, i: int, auth: bytes | None = None, ready=None) -> list:
+    """Run the script of session ``i`` on an open connection; ``ready``: awaited first (all
+    sessions connected), so that they are all open at once."""
+    reader, writer = conn
     parser = hiredis.Reader(notEnoughData=Ellipsis)
 
     async def read(n: int) -> list:
@@ -71,7 +76,7 @@ async def run_session(host: str, port: int, ctx: ssl.SSLContext, kind: str, p: s
             if item is not Ellipsis:
                 got.append(item)
                 continue
-            data = await asyncio.wait_for(reader.read(1 << 16), 30)
+            data = await asyncio.wait_for(reader.read(1 << 16), 60)
             if not data:
                 raise ConnectionError(f"closed after {len(got)} of {n} replies")
             parser.feed(data)
@@ -81,6 +86,8 @@ async def run_session(host: str, port: int, ctx: ssl.SSLContext, kind: str, p: s
         if auth is not None:
             writer.write(auth)
             assert (await read(1)) == [b"OK"]
+        if ready is not None:
+            await ready()
         cmds = script(kind, p, i)
         replies: list = []
         if kind == "pipeline":
@@ -102,31 +109,54 @@ async def run_session(host: str, port: int, ctx: ssl.SSLContext, kind: str, p: s
         writer.close()
 
 
+def _kind(i: int) -> tuple[str, str]:
+    return USERS[i % len(USERS)], KINDS[(i // len(USERS)) % len(KINDS)]
+
+
 async def one_round(st, round_no: int, certs: dict, direct_ctx: ssl.SSLContext) -> tuple[collections.Counter, list]:
-    sem = asyncio.Semaphore(1000)
+    """SESSIONS sessions through the proxy, all connected before any starts its script (so they
+    are open at once), then the same scripts against Redis directly; replies compared."""
+    connecting = asyncio.Semaphore(64)  # TLS handshakes in flight (the proxy's max_handshakes is 512)
+    all_in = asyncio.Barrier(SESSIONS)
     sent: collections.Counter = collections.Counter()
     failures: list = []
     auth = encode_command("AUTH", REDIS_PASSWORD)
 
-    async def one(i: int):
-        user = USERS[i % len(USERS)]
-        kind = KINDS[(i // len(USERS)) % len(KINDS)]
-        async with sem:
-            try:
-                via_proxy, direct = await asyncio.gather(
-                    run_session("127.0.0.1", st.c.redis_port, certs[user], kind, f"r{round_no}:p:", i),
-                    run_session("127.0.0.1", st.redis.port, direct_ctx, kind, f"r{round_no}:d:", i, auth=auth))
-            except Exception as exc:  # noqa: BLE001 - counted and shown
-                failures.append((i, kind, repr(exc)))
-                return
-            if via_proxy != direct:
-                failures.append((i, kind, via_proxy, direct))
-            if any(isinstance(x, tuple) and x[0] == "error" and "Protocol" in x[1] for x in via_proxy):
-                failures.append((i, kind, "protocol error", via_proxy))
-            for c in script(kind, "", i):
-                sent[(user, c[0])] += 1
+    async def via_proxy(i: int):
+        user, kind = _kind(i)
+        try:
+            async with connecting:
+                conn = await asyncio.wait_for(_connect("127.0.0.1", st.c.redis_port, certs[user]), 60)
+        except Exception as exc:  # noqa: BLE001 - counted and shown
+            failures.append((i, kind, "connect", repr(exc)))
+            await all_in.abort()
+            return None
+        try:
+            return await run_session(conn, kind, f"r{round_no}:p:", i, ready=all_in.wait)
+        except Exception as exc:  # noqa: BLE001
+            failures.append((i, kind, repr(exc)))
+            return None
 
-    await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(SESSIONS))), TIME_LIMIT)
+    proxied = await asyncio.wait_for(asyncio.gather(*(via_proxy(i) for i in range(SESSIONS))), TIME_LIMIT)
+    direct_sem = asyncio.Semaphore(100)
+
+    async def direct(i: int):
+        user, kind = _kind(i)
+        async with direct_sem:
+            conn = await _connect("127.0.0.1", st.redis.port, direct_ctx)
+            return await run_session(conn, kind, f"r{round_no}:d:", i, auth=auth)
+
+    directs = await asyncio.wait_for(asyncio.gather(*(direct(i) for i in range(SESSIONS))), TIME_LIMIT)
+    for i, (got, want) in enumerate(zip(proxied, directs)):
+        user, kind = _kind(i)
+        if got is None:
+            continue
+        if got != want:
+            failures.append((i, kind, got, want))
+        if any(isinstance(x, tuple) and x[0] == "error" and "Protocol" in x[1] for x in got):
+            failures.append((i, kind, "protocol error", got))
+        for c in script(kind, "", i):
+            sent[(user, c[0])] += 1
     return sent, failures
 
 
