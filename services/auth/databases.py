@@ -255,19 +255,23 @@ class DatabaseServicer(database_service_pb2_grpc.DatabaseServiceServicer):
                                expires=time.time() + STATUS_TTL)
         return database_service_pb2.ReportFetcherStatusResponse()
 
-    async def ListFetcherStatuses(self, request, context):
+    async def _host_page(self, prefix: str, cls, request, context) -> tuple[list, str]:
+        """One page of the per-host reports stored under ``prefix`` (by host id)."""
         hosts = []
-        for item in await self.backend.list(STATUS_PREFIX):
-            h = database_service_pb2.HostFetcherStatus()
+        for item in await self.backend.list(prefix):
+            h = cls()
             try:
                 h.ParseFromString(item.value)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - a damaged report must not break listing
                 continue
             hosts.append(h)
         try:
-            page, nxt = paginate(hosts, lambda h: h.host_id, request.page_size, request.page_token)
+            return paginate(hosts, lambda h: h.host_id, request.page_size, request.page_token)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def ListFetcherStatuses(self, request, context):
+        page, nxt = await self._host_page(STATUS_PREFIX, database_service_pb2.HostFetcherStatus, request, context)
         return database_service_pb2.ListFetcherStatusesResponse(hosts=page, next_page_token=nxt)
 
     async def ReportProxyStatus(self, request, context):
@@ -285,16 +289,5 @@ class DatabaseServicer(database_service_pb2_grpc.DatabaseServiceServicer):
         return database_service_pb2.ReportProxyStatusResponse()
 
     async def ListProxyStatuses(self, request, context):
-        proxies = []
-        for item in await self.backend.list(PROXY_STATUS_PREFIX):
-            st = database_service_pb2.ProxyStatus()
-            try:
-                st.ParseFromString(item.value)
-            except Exception:  # noqa: BLE001
-                continue
-            proxies.append(st)
-        try:
-            page, nxt = paginate(proxies, lambda p: p.host_id, request.page_size, request.page_token)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        page, nxt = await self._host_page(PROXY_STATUS_PREFIX, database_service_pb2.ProxyStatus, request, context)
         return database_service_pb2.ListProxyStatusesResponse(proxies=page, next_page_token=nxt)

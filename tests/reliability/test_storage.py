@@ -35,19 +35,23 @@ def _probe_unshare(tmp) -> bool:
     return res.returncode == 0
 
 
-@needs_unshare
-def test_storage_full_then_read_only(tmp_path):
-    if not _probe_unshare(tmp_path):
-        pytest.skip("this machine does not allow a private mount namespace (unshare -m needs CAP_SYS_ADMIN)")
+def _auth_cluster(tmp_path) -> tuple[Cluster, "object", "Path", "Path"]:
+    """A cluster whose auth keeps its SQLite file in tmp_path/auth-store (not started)."""
     c = Cluster(tmp_path)
     store = tmp_path / "auth-store"
     store.mkdir()
     db = store / "cachegate.db"
+    cfg = c.base(auth_service={"enabled": True, "cluster_name": "storage-test", "listen_addr": "127.0.0.1:0",
+                               "join_listen_addr": "127.0.0.1:0", "storage": {"type": "sqlite", "path": str(db)}})
+    return c, c.proc("auth", cfg), store, db
+
+
+@needs_unshare
+def test_storage_full_then_read_only(tmp_path):
+    if not _probe_unshare(tmp_path):
+        pytest.skip("this machine does not allow a private mount namespace (unshare -m needs CAP_SYS_ADMIN)")
+    c, p, store, db = _auth_cluster(tmp_path)
     try:
-        cfg = c.base(auth_service={"enabled": True, "cluster_name": "storage-test", "listen_addr": "127.0.0.1:0",
-                                   "join_listen_addr": "127.0.0.1:0",
-                                   "storage": {"type": "sqlite", "path": str(db)}})
-        p = c.proc("auth", cfg)
         p.prefix = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=6M tmpfs "$0" && exec "$@"', str(store)]
         p.start()
         pid = p.popen.pid
@@ -80,15 +84,8 @@ def test_storage_read_only_at_start(tmp_path):
     does not start, and says why in one line; once writable, it starts with its data intact."""
     if not _probe_unshare(tmp_path):
         pytest.skip("this machine does not allow a private mount namespace (unshare -m needs CAP_SYS_ADMIN)")
-    c = Cluster(tmp_path)
-    store = tmp_path / "auth-store"
-    store.mkdir()
-    db = store / "cachegate.db"
+    c, p, store, db = _auth_cluster(tmp_path)
     try:
-        cfg = c.base(auth_service={"enabled": True, "cluster_name": "storage-test", "listen_addr": "127.0.0.1:0",
-                                   "join_listen_addr": "127.0.0.1:0",
-                                   "storage": {"type": "sqlite", "path": str(db)}})
-        p = c.proc("auth", cfg)
         p.start()
         c.cgctl("users", "add", "kept")
         p.stop()
