@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup dev test test-quick protos protos-check docs bench clean
+.PHONY: setup dev test test-quick reliability protos protos-check docs bench clean
 
 setup:
 	@scripts/setup.sh
@@ -20,6 +20,10 @@ test: setup protos-check
 ## make test-quick: the unit tests only (no real processes)
 test-quick: setup
 	$(VENV)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+## make reliability: the full reliability run (faults, fuzzing, 1,000 sessions; docs/reliability.md)
+reliability: setup
+	CACHEGATE_RELIABILITY=full $(VENV)/python -m pytest -m reliability -s -rxs $(PYTEST_ARGS)
 
 ## make bench: the benchmark against stunnel and direct TLS, about two minutes (docs/performance.md)
 bench: setup

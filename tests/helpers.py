@@ -35,6 +35,8 @@ def env(**extra) -> dict:
     e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
     # The machine's /etc/cachegate.yaml is none of the tests' business.
     e.setdefault("CACHEGATE_SYSTEM_CONFIG", str(REPO / "tests" / "no-such-system-config.yaml"))
+    # The test suite's own switch, not a config key (CACHEGATE_* variables override config).
+    e.pop("CACHEGATE_RELIABILITY", None)
     e.update({k: str(v) for k, v in extra.items()})
     return e
 
@@ -48,11 +50,13 @@ class Proc:
     popen: subprocess.Popen | None = None
     info: dict = field(default_factory=dict)
     extra_env: dict = field(default_factory=dict)
+    # Put before the command (e.g. ``unshare -m ...`` to run the service in its own mount namespace).
+    prefix: list = field(default_factory=list)
 
     def start(self, timeout: float = 60, extra_args: list[str] | None = None, expect_fail: bool = False) -> "Proc":
         self.ready_file.unlink(missing_ok=True)
         logf = open(self.log, "ab")  # noqa: SIM115
-        cmd = [sys.executable, "-m", "services.cli.daemon", "start", "-c", str(self.config),
+        cmd = [*self.prefix, sys.executable, "-m", "services.cli.daemon", "start", "-c", str(self.config),
                "--ready-file", str(self.ready_file), *(extra_args or [])]
         self.popen = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO, env=env(**self.extra_env))
         deadline = time.monotonic() + timeout

@@ -8,13 +8,47 @@ expire. Writes publish change events to in-process watchers.
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import os
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+
+log = logging.getLogger("cachegate.auth.storage")
+
+
+class StorageError(Exception):
+    """The storage cannot do what was asked (full, read-only, failing disk): a one-line message
+    for the caller that says what to do. gRPC handlers answer it as UNAVAILABLE."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        import grpc
+
+        self.grpc_status = grpc.StatusCode.UNAVAILABLE
+
+
+def sqlite_error(exc: sqlite3.Error, path: Path) -> StorageError:
+    text = str(exc).lower()
+    if "full" in text:
+        msg = (f"auth's storage is full ({path.parent}): free space on that file system (or move "
+               "auth_service.storage.path), then try again")
+    elif "readonly" in text or "read-only" in text:
+        msg = (f"auth's storage is read-only ({path.parent}): make that file system writable again "
+               "(mounts, permissions), then try again")
+    elif "locked" in text or "busy" in text:
+        msg = f"auth's storage is busy ({path}): another process holds a lock on it; try again"
+    elif "i/o" in text:
+        msg = f"auth's storage failed with an I/O error ({path}): check the disk, then try again"
+    else:
+        msg = f"auth's storage failed ({path}): {' '.join(str(exc).split())}"
+    return StorageError(msg)
+
 
 # One audit event as the backends store it: (id, time, type, actor, serialized AuditEvent).
 AuditRow = tuple[str, float, str, str, bytes]
@@ -116,6 +150,20 @@ def audit_search_sql(table: str, ph: str, since, until, types, actor, after, lim
 class SQLiteBackend(Backend):
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        try:
+            self._open()
+        except OSError as exc:
+            if exc.errno == errno.EROFS:
+                raise sqlite_error(sqlite3.OperationalError("readonly"), self.path) from None
+            if exc.errno == errno.ENOSPC:
+                raise sqlite_error(sqlite3.OperationalError("full"), self.path) from None
+            raise StorageError(f"cannot open auth's storage {self.path}: {exc.strerror}; make "
+                               f"{self.path.parent} writable by this user, or set auth_service.storage.path") from None
+        except sqlite3.OperationalError as exc:
+            raise sqlite_error(exc, self.path) from None
+        self._init_watchers()
+
+    def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Created 0600 before SQLite opens it (its -wal and -shm files take the same mode).
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
@@ -131,7 +179,16 @@ class SQLiteBackend(Backend):
             "CREATE TABLE IF NOT EXISTS audit (id TEXT PRIMARY KEY, time REAL NOT NULL, type TEXT NOT NULL, "
             "actor TEXT NOT NULL, data BLOB NOT NULL)")
         self._db.execute("CREATE INDEX IF NOT EXISTS audit_time ON audit (time, id)")
-        self._init_watchers()
+
+    @contextmanager
+    def _errors(self):
+        """A failing storage as a StorageError that says what to do (logged once per call)."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            err = sqlite_error(exc, self.path)
+            log.error("%s", err)
+            raise err from None
 
     def _live(self, row) -> Item | None:
         if row is None:
@@ -142,12 +199,12 @@ class SQLiteBackend(Backend):
         return Item(key, bytes(value), expires)
 
     async def get(self, key: str) -> Item | None:
-        with self._lock:
+        with self._lock, self._errors():
             row = self._db.execute("SELECT key, value, expires FROM items WHERE key=?", (key,)).fetchone()
         return self._live(row)
 
     async def put(self, key: str, value: bytes, expires: float | None = None) -> None:
-        with self._lock:
+        with self._lock, self._errors():
             self._db.execute("INSERT INTO items (key, value, expires) VALUES (?, ?, ?) "
                              "ON CONFLICT(key) DO UPDATE SET value=excluded.value, expires=excluded.expires",
                              (key, value, expires))
@@ -155,7 +212,7 @@ class SQLiteBackend(Backend):
 
     async def create(self, key: str, value: bytes, expires: float | None = None) -> bool:
         now = time.time()
-        with self._lock:
+        with self._lock, self._errors():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute("DELETE FROM items WHERE key=? AND expires IS NOT NULL AND expires<=?", (key, now))
@@ -163,14 +220,15 @@ class SQLiteBackend(Backend):
                                        (key, value, expires))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may have rolled back already (a full disk)
+                    self._db.execute("ROLLBACK")
                 raise
         if cur.rowcount:
             self._notify(Change("put", key, value))
         return bool(cur.rowcount)
 
     async def compare_and_swap(self, key: str, old: bytes, new: bytes, expires: float | None = None) -> bool:
-        with self._lock:
+        with self._lock, self._errors():
             cur = self._db.execute("UPDATE items SET value=?, expires=? WHERE key=? AND value=?",
                                    (new, expires, key, old))
         if cur.rowcount:
@@ -178,7 +236,7 @@ class SQLiteBackend(Backend):
         return bool(cur.rowcount)
 
     async def delete(self, key: str) -> bool:
-        with self._lock:
+        with self._lock, self._errors():
             cur = self._db.execute("DELETE FROM items WHERE key=?", (key,))
         if cur.rowcount:
             self._notify(Change("delete", key, None))
@@ -195,14 +253,14 @@ class SQLiteBackend(Backend):
         if limit:
             sql += " LIMIT ?"
             args.append(limit)
-        with self._lock:
+        with self._lock, self._errors():
             rows = self._db.execute(sql, args).fetchall()
         return [i for i in (self._live(r) for r in rows) if i is not None]
 
     _INSERT_AUDIT = "INSERT OR IGNORE INTO audit (id, time, type, actor, data) VALUES (?, ?, ?, ?, ?)"
 
     async def append_audit(self, event_id: str, when: float, type_: str, actor: str, data: bytes) -> None:
-        with self._lock:
+        with self._lock, self._errors():
             self._db.execute(self._INSERT_AUDIT, (event_id, when, type_, actor, data))
 
     async def append_audit_many(self, rows: Sequence[AuditRow]) -> None:
@@ -215,7 +273,7 @@ class SQLiteBackend(Backend):
         await asyncio.to_thread(self._append_audit_many, rows)
 
     def _append_audit_many(self, rows: Sequence[AuditRow]) -> None:
-        with self._lock:
+        with self._lock, self._errors():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(self._INSERT_AUDIT, rows)
@@ -227,12 +285,12 @@ class SQLiteBackend(Backend):
 
     async def search_audit(self, since, until, types, actor, after, limit, desc=False):
         sql, args = audit_search_sql("audit", "?", since, until, types, actor, after, limit, desc)
-        with self._lock:
+        with self._lock, self._errors():
             rows = self._db.execute(sql, args).fetchall()
         return [(r[0], r[1], bytes(r[2])) for r in rows]
 
     async def close(self) -> None:
-        with self._lock:
+        with self._lock, self._errors():
             self._db.close()
 
 

@@ -31,8 +31,12 @@ log = logging.getLogger("cachegate.auth.databases")
 
 PREFIX = "databases/"
 STATUS_PREFIX = "fetcher_status/"
-# A host that stopped reporting is forgotten after this long.
+PROXY_STATUS_PREFIX = "proxy_status/"
+# A host that stopped reporting is forgotten after this long (cgctl status marks it stale
+# well before: after three of its report intervals).
 STATUS_TTL = 7 * 86400.0
+PROXY_STATUS_TTL = 86400.0
+MAX_PROXY_DATABASES = 10_000
 NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
 # Secrets an administrator's record may point at: only variables meant for it, so that an
 # admin record cannot make dbproxy send another secret of its host to a chosen address.
@@ -244,22 +248,46 @@ class DatabaseServicer(database_service_pb2_grpc.DatabaseServiceServicer):
 
     async def ReportFetcherStatus(self, request, context):
         caller = authz.current_caller()
-        host = database_service_pb2.HostFetcherStatus(host_id=caller.name, statuses=request.statuses)
+        host = database_service_pb2.HostFetcherStatus(host_id=caller.name, statuses=request.statuses,
+                                                      report_time=ts(time.time()),
+                                                      poll_interval_seconds=max(0, request.poll_interval_seconds))
         await self.backend.put(STATUS_PREFIX + caller.name, host.SerializeToString(deterministic=True),
                                expires=time.time() + STATUS_TTL)
         return database_service_pb2.ReportFetcherStatusResponse()
 
-    async def ListFetcherStatuses(self, request, context):
+    async def _host_page(self, prefix: str, cls, request, context) -> tuple[list, str]:
+        """One page of the per-host reports stored under ``prefix`` (by host id)."""
         hosts = []
-        for item in await self.backend.list(STATUS_PREFIX):
-            h = database_service_pb2.HostFetcherStatus()
+        for item in await self.backend.list(prefix):
+            h = cls()
             try:
                 h.ParseFromString(item.value)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - a damaged report must not break listing
                 continue
             hosts.append(h)
         try:
-            page, nxt = paginate(hosts, lambda h: h.host_id, request.page_size, request.page_token)
+            return paginate(hosts, lambda h: h.host_id, request.page_size, request.page_token)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def ListFetcherStatuses(self, request, context):
+        page, nxt = await self._host_page(STATUS_PREFIX, database_service_pb2.HostFetcherStatus, request, context)
         return database_service_pb2.ListFetcherStatusesResponse(hosts=page, next_page_token=nxt)
+
+    async def ReportProxyStatus(self, request, context):
+        caller = authz.current_caller()
+        st = database_service_pb2.ProxyStatus()
+        st.CopyFrom(request.status)
+        if len(st.databases) > MAX_PROXY_DATABASES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"a heartbeat carries at most {MAX_PROXY_DATABASES} databases")
+        st.host_id = caller.name  # who reports is the certificate's business, not the request's
+        now = time.time()
+        st.heartbeat_time.CopyFrom(ts(now))
+        await self.backend.put(PROXY_STATUS_PREFIX + caller.name, st.SerializeToString(deterministic=True),
+                               expires=now + PROXY_STATUS_TTL)
+        return database_service_pb2.ReportProxyStatusResponse()
+
+    async def ListProxyStatuses(self, request, context):
+        page, nxt = await self._host_page(PROXY_STATUS_PREFIX, database_service_pb2.ProxyStatus, request, context)
+        return database_service_pb2.ListProxyStatusesResponse(proxies=page, next_page_token=nxt)

@@ -89,6 +89,8 @@ MESH_POLICY = Policy({
     m(DATABASES, "WatchDatabases"): rule(HOST_DBPROXY),
     m(DATABASES, "ReportFetcherStatus"): rule(HOST_DISCOVERY),
     m(DATABASES, "ListFetcherStatuses"): rule(ADMIN, resource="db", verb="list"),
+    m(DATABASES, "ReportProxyStatus"): rule(HOST_DBPROXY),
+    m(DATABASES, "ListProxyStatuses"): rule(ADMIN, resource="db", verb="list"),
     m(AUDIT, "EmitAuditEvents"): rule(HOST_DBPROXY, HOST_DISCOVERY),
     m(AUDIT, "SearchAuditEvents"): rule(ADMIN, resource="event", verb="list"),
 })

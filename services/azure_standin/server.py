@@ -75,6 +75,9 @@ class Fault:
     method: str | None = None
     code: str | None = None
     message: str | None = None
+    # Seconds to wait before answering (a slow or hung Azure): with status 0 the request is
+    # then served normally, else it gets ``status``.
+    delay: float = 0.0
     hits: int = 0
 
     def matches(self, method: str, path: str) -> bool:
@@ -484,11 +487,13 @@ class AzureStandin:
         method: str | None = None,
         code: str | None = None,
         message: str | None = None,
+        delay: float = 0.0,
     ) -> Fault:
         """Answer the next ``count`` matching requests with ``status`` (500, 429 + Retry-After,
-        403 AuthorizationFailed naming ``action`` ...). Patterns are fnmatch globs over the path,
-        e.g. ``*/providers/Microsoft.Cache/redis``."""
-        f = Fault(pattern, status, count, retry_after, action, method, code, message)
+        403 AuthorizationFailed naming ``action`` ...), after ``delay`` seconds; status 0 with a
+        delay: answer normally, late (a timeout for a client that waits less). Patterns are
+        fnmatch globs over the path, e.g. ``*/providers/Microsoft.Cache/redis``."""
+        f = Fault(pattern, status, count, retry_after, action, method, code, message, delay)
         self.faults.append(f)
         return f
 
@@ -659,7 +664,8 @@ class AzureStandin:
             if "api-version" not in request.query:
                 raise _ArmError(400, "MissingApiVersionParameter", "The api-version query parameter (?api-version=) is required for all requests.")
             scope = self._scope_of(path)
-            self._apply_faults(request, claims, action, scope)
+            if not await self._apply_delays(request):
+                self._apply_faults(request, claims, action, scope)
             if action and action.lower() in self.denied_actions:
                 raise self._authorization_failed(claims, action, scope)
             params = {k: v for k, v in m.groupdict().items()}
@@ -691,11 +697,28 @@ class AzureStandin:
             scope = scope[: -len("/providers/Microsoft.Cache")]
         return scope or "/"
 
+    async def _apply_delays(self, request: web.Request) -> bool:
+        """Faults with a delay: wait first. One with status 0 is used up here and the request
+        is then served as it is (True): it takes no other fault, even one injected while it
+        waited (its client has usually given up by then)."""
+        for f in list(self.faults):
+            if f.delay and f.matches(request.method, request.path) and (f.count is None or f.count > 0):
+                late = not f.status
+                if late:
+                    f.hits += 1
+                    if f.count is not None:
+                        f.count -= 1
+                        if f.count <= 0:
+                            self.faults.remove(f)
+                await asyncio.sleep(f.delay)
+                return late
+        return False
+
     def _apply_faults(self, request: web.Request, claims: dict[str, Any] | None, action: str | None, scope: str) -> None:
         for f in list(self.faults):
             if not f.matches(request.method, request.path):
                 continue
-            if f.count is not None and f.count <= 0:
+            if not f.status or (f.count is not None and f.count <= 0):
                 continue
             f.hits += 1
             if f.count is not None:
@@ -1120,6 +1143,7 @@ class AzureStandin:
                 retry_after=body.get("retry_after"),
                 action=body.get("action"),
                 method=body.get("method"),
+                delay=float(body.get("delay", 0.0)),
             )
             return {"ok": True, "pattern": f.pattern}
         if op == "faults" and method == "DELETE":

@@ -405,6 +405,15 @@ def connect_cmd(name: str) -> str:
     return f"cgate db connect {shlex.quote(name)}"
 
 
+def health_cell(h) -> str:
+    """How the proxy last found the database: ok, unknown (not tried yet) or down (why, since)."""
+    if h is None or not h.state:
+        return "unknown"
+    if h.state == 1:
+        return "ok"
+    return f"down ({h.last_error_kind or 'error'} since {fmt_time(h.last_failure_time)})"
+
+
 def db_record(a, active: DbLogin | None) -> dict[str, Any]:
     db = a.database
     return {
@@ -413,6 +422,7 @@ def db_record(a, active: DbLogin | None) -> dict[str, Any]:
         "allowed_users": list(a.allowed_db_users), "denied_users": list(a.denied_db_users),
         "allowed_db_names": list(a.allowed_db_names), "denied_db_names": list(a.denied_db_names),
         "connect": connect_cmd(db.name),
+        "health": health_cell(a.health if a.HasField("health") else None),
         "logged_in": None if active is None else {
             "db_user": active.db_user, "db_name": active.db_name, "expires": fmt_time(active.expires)},
     }
@@ -431,14 +441,15 @@ def db_table(dbs: list, verbose: bool, active: dict[str, DbLogin]) -> tuple[list
     """Columns and rows of `cgate db ls`; logged-in databases are marked with ``>``."""
     cols = ["Name", "Description"]
     if verbose:
-        cols += ["Protocol", "Type", "Auth", "URI"]
+        cols += ["Protocol", "Type", "Auth", "URI", "Health"]
     cols += ["Allowed Users", "Labels", "Connect"]
     rows = []
     for a in sorted(dbs, key=lambda a: a.database.name):
         db = a.database
         row = [("> " if db.name in active else "") + db.name, db.description]
         if verbose:
-            row += [db.protocol or "redis", db_type(db), db_auth(db), db.uri]
+            row += [db.protocol or "redis", db_type(db), db_auth(db), db.uri,
+                    health_cell(a.health if a.HasField("health") else None)]
         row += [users_cell(a.allowed_db_users, a.denied_db_users), labels_cell(db.labels), connect_cmd(db.name)]
         rows.append(row)
     return cols, rows
@@ -449,7 +460,7 @@ def db_table(dbs: list, verbose: bool, active: dict[str, DbLogin]) -> tuple[list
 async def db_ls(
     labels: list[str] | None = typer.Argument(None, metavar="[KEY=VALUE]...", help="Only databases with these labels."),
     fmt: Format = typer.Option(Format.text, "--format", help="text, json or yaml."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show protocol, type, auth and URI, and whole labels."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show protocol, type, auth, URI and health (as the proxy last found it), and whole labels."),
     proxy: str | None = PROXY_OPT,
 ):
     """The databases your roles allow, with the database users you may connect as."""

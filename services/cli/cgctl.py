@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -96,16 +97,26 @@ async def status(fmt: Format = typer.Option(Format.text, "--format", help="text,
         hosts = await list_all(c.databases.ListFetcherStatuses, database_service_pb2.ListFetcherStatusesRequest,
                                "hosts", c)
         leaders = await discovery_leaders(c)
+        proxies = await list_all(c.databases.ListProxyStatuses, database_service_pb2.ListProxyStatusesRequest,
+                                 "proxies", c)
+    now = time.time()
+    proxies, proxies_dropped = cgctl_db.live_hosts(proxies, lambda p: from_ts(p.heartbeat_time) or 0.0, now)
+    hosts, hosts_dropped = cgctl_db.live_hosts(hosts, cgctl_db.host_seen, now)
     conn = _opts["conn"]
     data = {"cluster": info.cluster_name, "version": info.server_version, "ca_pin": info.ca_pin,
             "auth_server": conn.auth_server, "identity": conn.source, "discovery_leaders": leaders,
-            "discovery": cgctl_db.fetcher_statuses_to_list(hosts)}
+            "proxies": cgctl_db.proxy_statuses_to_list(proxies, now),
+            "discovery": cgctl_db.fetcher_statuses_to_list(hosts, now)}
 
     def text():
         lead = ", ".join(f"discovery {h} (group {g})" for g, h in leaders.items()) or "none"
         out_console.print(f"Cluster  {info.cluster_name}\nVersion  {info.server_version}\nCA pin   {info.ca_pin}\n"
                           f"Auth     {conn.auth_server}\nIdentity {conn.source}\nLeader   {lead}\n", markup=False)
+        cgctl_db.print_proxy_statuses(proxies, proxies_dropped, now)
         cgctl_db.print_fetcher_statuses(hosts, "text")
+        if hosts_dropped:
+            out_console.print(f"({hosts_dropped} discovery host(s) not heard from for over 1h are not shown)",
+                              markup=False)
 
     emit(data, fmt, text)
 
@@ -592,6 +603,49 @@ async def sessions_kill(
         await rpc(stub.TerminateSession, proxy_service_pb2.TerminateSessionRequest(id=session_id), addr, "dbproxy",
                   timeout=15)
     out_console.print(f"Session {session_id} has been ended.", markup=False)
+
+
+# --------------------------------------------------------------------------------------------
+# db check (from a dbproxy's side)
+
+db_app = typer.Typer(help="Databases as a dbproxy reaches them.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("check")
+@run
+async def db_check(
+    name: str = typer.Argument(..., help="Database name (see `cgctl get dbs`)."),
+    proxy: Optional[str] = typer.Option(None, "--proxy-api", help="dbproxy API address (HOST:3082)."),
+    fmt: Format = typer.Option(Format.text, "--format"),
+):
+    """TCP, TLS, AUTH and PING to a database from the proxy's side (the guide's `nc -zv` step)."""
+    from cachegate.dbproxy.v1 import proxy_service_pb2
+    from services.common.grpcutil import from_dur
+
+    addr = proxy_api(proxy)
+    channel, stub = sessions_stub(addr)
+    async with channel:
+        resp = await rpc(stub.CheckDatabase, proxy_service_pb2.CheckDatabaseRequest(name=name), addr, "dbproxy",
+                         timeout=60)
+    steps = [{"step": st.name, "ok": st.ok, "ms": round(from_dur(st.duration) * 1000, 1), "detail": st.detail}
+             for st in resp.steps]
+    data = {"database": resp.name, "address": resp.address, "proxy": addr, "ok": resp.ok, "steps": steps}
+
+    def text():
+        out_console.print(f'Checking database "{resp.name}" at {resp.address} from the dbproxy at {addr}',
+                          markup=False)
+        for st in steps:
+            out_console.print(f"  {st['step']:<5} {'ok' if st['ok'] else 'FAILED':<6} {st['ms']:>8.1f} ms  "
+                              f"{st['detail']}", markup=False)
+        if resp.ok:
+            out_console.print(f'Database "{resp.name}" is reachable from the proxy.', markup=False)
+
+    emit(data, fmt, text)
+    if not resp.ok:
+        failed = next((st for st in steps if not st["ok"]), None)
+        err_console.print(f"ERROR: {failed['detail'] if failed else 'the check failed'}", markup=False)
+        raise typer.Exit(1)
 
 
 def main() -> None:

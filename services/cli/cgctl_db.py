@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -30,6 +31,7 @@ import yaml
 from cachegate.types.v1 import types_pb2
 from services.cli.common import fmt_time, table
 from services.common.pki import holds_certificate, read_ca_file
+from services.common.durations import format_duration
 from services.common.grpcutil import from_ts
 
 KINDS = ("db", "database")
@@ -172,13 +174,98 @@ def print_dbs(dbs: Iterable[types_pb2.Database], fmt: str = "text", verbose: boo
     table(columns, rows)
 
 
-def fetcher_statuses_to_list(hosts: Iterable[Any]) -> list[dict]:
+# A discovery host reports after every round: unheard of for three of its poll intervals
+# (plus a round's own time) it is marked stale; this long when it did not say its interval.
+# A dbproxy host: three of its heartbeat intervals.
+DISCOVERY_STALE_AFTER = 300.0
+ROUND_GRACE = 5.0
+# A host unheard of for this long is left out of `cgctl status` (auth forgets it later).
+DROP_AFTER = 3600.0
+HEALTH_NAMES = {0: "unknown", 1: "ok", 2: "down"}
+
+
+def _age(seconds: float) -> str:
+    return format_duration(max(0.0, round(seconds))) + " ago"
+
+
+def host_seen(h: Any) -> float:
+    """When a discovery host last reported: auth's stamp, else its fetchers' latest time."""
+    t = from_ts(h.report_time) if h.HasField("report_time") else 0.0
+    if t:
+        return t
+    return max([from_ts(s.last_success_time) or 0.0 for s in h.statuses]
+               + [from_ts(s.last_error_time) or 0.0 for s in h.statuses] + [0.0])
+
+
+def live_hosts(hosts: Iterable[Any], seen, now: float | None = None) -> tuple[list, int]:
+    """(hosts heard of within DROP_AFTER, how many older ones were left out)."""
+    now = time.time() if now is None else now
+    keep, dropped = [], 0
+    for h in hosts:
+        t = seen(h)
+        if t and now - t > DROP_AFTER:
+            dropped += 1
+        else:
+            keep.append(h)
+    return keep, dropped
+
+
+def health_to_dict(h: Any) -> dict:
+    return {"database": h.name, "state": HEALTH_NAMES.get(h.state, "unknown"),
+            "last_success": fmt_time(h.last_success_time), "last_failure": fmt_time(h.last_failure_time),
+            "last_error": h.last_error, "last_error_kind": h.last_error_kind, "successes": h.successes,
+            "connect_failures": h.connect_failures, "timeouts": h.timeouts, "auth_failures": h.auth_failures,
+            "consecutive_failures": h.consecutive_failures}
+
+
+def proxy_statuses_to_list(proxies: Iterable[Any], now: float | None = None) -> list[dict]:
+    now = time.time() if now is None else now
+    out = []
+    for p in proxies:
+        seen = from_ts(p.heartbeat_time) or 0.0
+        interval = p.heartbeat_interval_seconds or 10
+        out.append({"host": p.host_id, "version": p.version, "last_heartbeat": fmt_time(p.heartbeat_time),
+                    "seen_seconds_ago": round(now - seen, 1) if seen else None,
+                    "stale": not seen or now - seen > 3 * interval, "sessions": p.sessions,
+                    "databases": [health_to_dict(h) for h in p.databases]})
+    return out
+
+
+def print_proxy_statuses(proxies: Iterable[Any], dropped: int = 0, now: float | None = None) -> None:
+    """The dbproxy part of `cgctl status`: each host's last heartbeat, then database health."""
+    data = proxy_statuses_to_list(proxies, now)
+    if not data:
+        sys.stdout.write("Proxies: no dbproxy host has reported yet\n")
+    else:
+        sys.stdout.write("Proxies\n")
+        table(["Host", "Version", "Sessions", "Last Heartbeat", "Status"], [
+            [d["host"], d["version"], str(d["sessions"]), d["last_heartbeat"],
+             ("stale: not seen for " + format_duration(max(0, round(d["seen_seconds_ago"] or 0)))) if d["stale"]
+             else f"ok ({_age(d['seen_seconds_ago'] or 0)})"] for d in data])
+        rows = [[h["database"], d["host"], h["state"], h["last_success"],
+                 str(h["connect_failures"] + h["timeouts"] + h["auth_failures"]),
+                 (h["last_error"].splitlines() or [""])[0] if h["state"] == "down" else ""]
+                for d in data for h in d["databases"]]
+        if rows:
+            sys.stdout.write("\nDatabase health (as each proxy sees it)\n")
+            table(["Database", "Proxy", "Health", "Last Success", "Failures", "Last Error"], rows)
+    if dropped:
+        sys.stdout.write(f"({dropped} dbproxy host(s) not heard from for over {format_duration(DROP_AFTER)} "
+                         "are not shown)\n")
+    sys.stdout.write("\n")
+
+
+def fetcher_statuses_to_list(hosts: Iterable[Any], now: float | None = None) -> list[dict]:
     """ListFetcherStatuses (auth's, per host) as plain dicts, for `cgctl status`."""
+    now = time.time() if now is None else now
     out = []
     for h in hosts:
+        seen = host_seen(h)
         for s in h.statuses:
             out.append({
-                "host": h.host_id, "fetcher": s.name, "kind": s.kind,
+                "host": h.host_id, "fetcher": s.name, "kind": s.kind, "last_report": fmt_time(seen or None),
+                "stale": bool(seen) and now - seen > (3 * h.poll_interval_seconds + ROUND_GRACE
+                                                      if h.poll_interval_seconds else DISCOVERY_STALE_AFTER),
                 "last_success": fmt_time(s.last_success_time),
                 "last_error": s.last_error, "last_error_time": fmt_time(s.last_error_time) if s.last_error else "",
                 "databases_found": s.databases_found, "unpublished": list(s.unpublished)})
@@ -199,9 +286,10 @@ def print_fetcher_statuses(hosts: Iterable[Any], fmt: str = "text") -> None:
         sys.stdout.write("Discovery: no discovery host has reported yet\n")
         return
     sys.stdout.write("Discovery\n")
-    table(["Host", "Fetcher", "Databases", "Unpublished", "Last Success", "Last Error"], [
+    table(["Host", "Fetcher", "Databases", "Unpublished", "Last Success", "Last Report", "Last Error"], [
         [d["host"], d["fetcher"], str(d["databases_found"]), str(len(d.get("unpublished", []))), d["last_success"],
-         (d["last_error"].splitlines() or [""])[0]] for d in data])
+         d["last_report"] + (" (stale)" if d["stale"] else ""), (d["last_error"].splitlines() or [""])[0]]
+        for d in data])
     # Resources discovery found and could not publish (an invalid or clashing name tag).
     unpublished = sorted({(d["fetcher"], d["host"], line) for d in data for line in d.get("unpublished", [])})
     if unpublished:

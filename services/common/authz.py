@@ -248,7 +248,14 @@ def _wrap_handler(handler, check):
 
         async def unary_unary(request, context):
             await _enter(context)
-            return await inner(request, context)
+            try:
+                return await inner(request, context)
+            except Exception as exc:
+                # An error meant for the caller (e.g. auth's storage is full): its one line.
+                code = getattr(exc, "grpc_status", None)
+                if code is None:
+                    raise
+                await context.abort(code, str(exc))
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary, handler.request_deserializer, handler.response_serializer)

@@ -293,6 +293,18 @@ class DbProxyServiceConfig(_Model):
     # gRPC and web ports.
     workers: int = Field(default=1, ge=0, le=64)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    # Seconds between heartbeats to auth (database health, shown by `cgctl status`); between
+    # them the proxy re-checks the databases that are down or were used lately.
+    heartbeat_interval: Duration = 10.0
+
+    _heartbeat = field_validator("heartbeat_interval", mode="before")(parse_duration)
+
+    @field_validator("heartbeat_interval")
+    @classmethod
+    def _min_heartbeat(cls, v: float) -> float:
+        if not 0.2 <= v <= 3600:
+            raise ValueError("heartbeat_interval must be between 0.2s and 1h")
+        return v
 
 
 class Config(_Model):
@@ -453,6 +465,9 @@ def load_config(path: str | os.PathLike | None = None, environ: dict[str, str] |
                 text = Path(path).read_text()
             except OSError as exc:
                 raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"{path}: not UTF-8 text (a stray byte at offset {exc.start}): "
+                                  "save the config as UTF-8") from None
             try:
                 data = yaml.safe_load(text) or {}
             except yaml.YAMLError as exc:

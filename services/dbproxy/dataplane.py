@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from cachegate.auth.v1 import audit_service_pb2
+from cachegate.auth.v1 import audit_service_pb2, database_service_pb2
 from cachegate.dbproxy.v1 import proxy_service_pb2, proxy_service_pb2_grpc
 from cachegate.types.v1 import types_pb2
 from services.common import authz, rbac
@@ -32,10 +34,12 @@ from services.common.config import DbProxyServiceConfig, split_hostport
 from services.common.creds import Creds
 from services.common.grpcutil import dur, paginate, ts
 from services.common.locks import lock_applies, locked_message
+from services.common.version import VERSION
 from services.dbproxy.auditspool import AuditRejected, AuditSpool
 from services.dbproxy.cache import Changes, ClusterCache
 from services.dbproxy.clusterconn import forget_maps
 from services.dbproxy.entra import EntraTokenCache
+from services.dbproxy.health import DatabaseHealth, Heartbeat
 from services.dbproxy.keys import AUTH_ENTRA, AzureKeyCache, credentials_for, database_auth
 from services.dbproxy.limits import ProxyLimits
 from services.dbproxy.listener import Refused, RespListener, server_ssl_context
@@ -103,7 +107,22 @@ class DataPlane:
         self.entra = EntraTokenCache(pcfg.azure_endpoints,
                                      timeout=max(1.0, min(8.0, self.limits.upstream_connect_timeout * 0.8)))
         # Upstream connections opened and authenticated ahead of the sessions that take them.
-        self.pool = UpstreamPool(timeout=self.limits.upstream_connect_timeout)
+        # What each database's connects and checks gave (cgctl status, cgate db ls -v, metrics).
+        self.health = DatabaseHealth()
+        self.pool = UpstreamPool(timeout=self.limits.upstream_connect_timeout, health=self.health)
+        self._connect = self.health.tracked(self.pool.get)
+        from services.dbproxy import metrics as proxy_metrics
+
+        proxy_metrics.default().watch_health(self.health)
+        self.started = time.time()
+        # The first of several worker processes reports for the host (the others do not), with
+        # the other workers' sessions counted in (a WorkerSet's ``session_count``).
+        self.heartbeat_enabled = True
+        self.extra_sessions: Callable[[], int] = lambda: 0
+        self.heartbeat = Heartbeat(
+            lambda st: auth.databases.ReportProxyStatus(database_service_pb2.ReportProxyStatusRequest(status=st),
+                                                        timeout=10),
+            self.proxy_status, self.health, self.probe, interval=pcfg.heartbeat_interval)
         spool_dir = Path(pcfg.audit_spool_dir) if pcfg.audit_spool_dir else folder / "audit-spool"
 
         # Batches go to auth already serialized (the spool writes the wire format itself:
@@ -136,9 +155,13 @@ class DataPlane:
             log.warning("auth's registry is not loaded yet; sessions are refused until it is")
         if any(database_auth(db) == AUTH_ENTRA for db in self.cache.databases.values()):
             self.entra.prefetch()
-        return await self.listener.start()
+        port = await self.listener.start()
+        if self.heartbeat_enabled:
+            self.heartbeat.start()
+        return port
 
     async def stop(self) -> None:
+        await self.heartbeat.stop()
         await self.listener.close(self.limits.shutdown_grace)
         await self.pool.close()
         await self.cache.stop()
@@ -193,7 +216,7 @@ class DataPlane:
             user=user, database=db.name, db_user=route.db_user, db_name=route.db_name, roles=roles,
             db_labels=labels, target=self.target_for(db), credentials=credentials_for(db, self.azure_keys, self.entra),
             lock_check=lock_check, extra_audit_fields={"db_uri": db.uri}, identity=ident,
-            connect=self.pool.get, cluster=is_cluster(db))
+            connect=self._connect, cluster=is_cluster(db))
         self._contexts.add(ctx)
         return ctx
 
@@ -204,6 +227,8 @@ class DataPlane:
             for name, _, after in changes:
                 self.pool.forget(name)
                 forget_maps(name)  # a cluster's slot map is learnt again
+                if after is None:
+                    self.health.forget([name])
                 if after is not None and database_auth(after) == AUTH_ENTRA:
                     self.entra.prefetch()  # the token is there before the first session
         reasons: dict[str, str] = {}
@@ -284,8 +309,30 @@ class DataPlane:
             public.ClearField("secret_ref")  # where the proxy reads a secret is not the user's business
             out.append(proxy_service_pb2.AllowedDatabase(
                 database=public, allowed_db_users=users_ok, denied_db_users=users_no,
-                allowed_db_names=names_ok, denied_db_names=names_no))
+                allowed_db_names=names_ok, denied_db_names=names_no, health=self.health.get(name)))
         return out
+
+    # --- health ----------------------------------------------------------------------------------
+    async def check(self, name: str) -> proxy_service_pb2.CheckDatabaseResponse | None:
+        """`cgctl db check NAME` from this proxy's side (None: no such database)."""
+        db = self.cache.databases.get(name)
+        if db is None:
+            return None
+        return await self.health.check(self.target_for(db), credentials_for(db, self.azure_keys, self.entra),
+                                       timeout=self.limits.upstream_connect_timeout)
+
+    async def probe(self, name: str) -> None:
+        if await self.check(name) is None:
+            self.health.forget([name])
+
+    def proxy_status(self) -> database_service_pb2.ProxyStatus:
+        names = [n for n in self.health.records if n in self.cache.databases]
+        st = database_service_pb2.ProxyStatus(
+            version=VERSION, sessions=len(self.listener.sessions) + self.extra_sessions(),
+            heartbeat_interval_seconds=max(1, round(self.heartbeat.interval)),
+            databases=self.health.snapshot(names))
+        st.start_time.CopyFrom(ts(self.started))
+        return st
 
 
 class SessionServicer(proxy_service_pb2_grpc.SessionServiceServicer):
@@ -333,3 +380,10 @@ class SessionServicer(proxy_service_pb2_grpc.SessionServiceServicer):
         self.plane.audit.emit("db.session.terminate", caller.name, source_addr=caller.source_addr(),
                               fields={"session_id": request.id})
         return proxy_service_pb2.TerminateSessionResponse()
+
+    async def CheckDatabase(self, request, context):
+        resp = await self.plane.check(request.name)
+        if resp is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"database {request.name!r} is not registered on this "
+                                                           "proxy: see `cgctl get dbs`")
+        return resp

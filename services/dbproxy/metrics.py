@@ -13,6 +13,12 @@ counters get ``_total``):
 ``cachegate.dbproxy.command.duration``    histogram (s) round trips, sampled {database}
 ``cachegate.dbproxy.upstream.auth_failures`` counter    AUTH refused by the database or no
                                                         credentials {database, reason}
+``cachegate.dbproxy.upstream.failures``   counter       failed connects and checks {database,
+                                                        kind: unreachable|timeout|tls|auth|
+                                                        credentials|protocol}
+``cachegate.dbproxy.database.up``         gauge         1: the last connect or check of the
+                                                        database worked, 0: it failed {database}
+``cachegate.dbproxy.database.last_success`` gauge (s)   Unix time of its last success {database}
 ========================================= ============= ===================================
 
 Cheap on the hot path: sessions count commands and bytes themselves and add them in
@@ -85,6 +91,11 @@ class ProxyMetrics:
         self.auth_failures = meter.create_counter(
             "cachegate.dbproxy.upstream.auth_failures", unit="{failure}",
             description="Upstream AUTH refused by the database, or credentials not available")
+        self.upstream_failures = meter.create_counter(
+            "cachegate.dbproxy.upstream.failures", unit="{failure}",
+            description="Failed connects to (and checks of) databases, by kind")
+        self._meter = meter
+        self._health = None
 
     @property
     def tracer(self) -> Any:
@@ -122,6 +133,41 @@ class ProxyMetrics:
     def upstream_auth_failure(self, database: str, reason: str) -> None:
         if self.enabled:
             self.auth_failures.add(1, self._a(database=database, reason=reason))
+
+    def watch_health(self, health: Any) -> None:
+        """Export ``health`` (a :class:`services.dbproxy.health.DatabaseHealth`) as the
+        ``database.up`` and ``database.last_success`` gauges; count its failures."""
+        if not self.enabled:
+            return
+        from opentelemetry.metrics import Observation
+
+        self._health = health
+        prev = health.on_change
+        seen: dict[str, int] = {}
+
+        def on_change(name: str, rec: Any) -> None:
+            failures = rec.connect_failures + rec.timeouts + rec.auth_failures
+            if failures > seen.get(name, 0):
+                self.upstream_failures.add(failures - seen.get(name, 0),
+                                           self._a(database=name, kind=rec.last_error_kind or "unreachable"))
+            seen[name] = failures
+            if prev is not None:
+                prev(name, rec)
+
+        health.on_change = on_change
+
+        def up(_options):
+            return [Observation(1 if r.state == 1 else 0, self._a(database=n))
+                    for n, r in list(health.records.items()) if r.state]
+
+        def last_success(_options):
+            return [Observation(r.last_success, self._a(database=n))
+                    for n, r in list(health.records.items()) if r.last_success]
+
+        self._meter.create_observable_gauge("cachegate.dbproxy.database.up", [up], unit="1",
+                                            description="1 when the proxy's last connect to the database worked")
+        self._meter.create_observable_gauge("cachegate.dbproxy.database.last_success", [last_success], unit="s",
+                                            description="Unix time of the proxy's last good connect to the database")
 
     # -- traffic (in bulk) ----------------------------------------------------------------------
 

@@ -542,6 +542,7 @@ class ReplyFramer:
         self._stack: list[list[int]] = []  # [remaining elements, flags] per open aggregate
         self._skip = 0  # payload bytes (with CRLF) still to skip
         self._skip_elem = False  # does the skipped payload end an element?
+        self._tail = b""  # the last bytes skipped so far: the payload's CRLF is checked at its end
         self._acc = 0  # bytes of the current frame consumed in earlier feeds
         self._kind = ""  # type of the current top-level frame
         self._tag: bytes | None = None
@@ -587,9 +588,12 @@ class ReplyFramer:
             if self._skip > n:
                 self._skip -= n
                 self._acc += n
+                self._tail = (self._tail + data[-2:])[-2:]
                 return out
             pos = self._skip
             self._skip = 0
+            if (self._tail + data[max(0, pos - 2):pos])[-2:] != b"\r\n":
+                raise ProtocolError("expected CRLF after bulk string in reply")
             done = self._skip_elem
         find = data.find
         while True:
@@ -667,6 +671,7 @@ class ReplyFramer:
                 self._want_tag = False
                 self._skip = end - n
                 self._skip_elem = True
+                self._tail = data[nl + 2:n][-2:]
                 pos = n
                 break
             if c in _AGG_TYPES or c in _PAIR_TYPES:
@@ -706,10 +711,13 @@ class ReplyFramer:
                     continue
                 end = nl + 4 + ln
                 if end <= n:
+                    if data[end - 2] != 0x0D or data[end - 1] != 0x0A:
+                        raise ProtocolError("expected CRLF after bulk string in reply")
                     pos = end
                     continue
                 self._skip = end - n
                 self._skip_elem = False
+                self._tail = data[nl + 2:n][-2:]
                 pos = n
                 break
             if c == 0x2E:  # '.' end of a streamed aggregate

@@ -69,6 +69,7 @@ API_POLICY = Policy({
     _m(PROXY, "GenerateDatabaseCert"): rule(USER),
     _m(SESSIONS, "ListSessions"): rule(ADMIN, resource="session", verb="list"),
     _m(SESSIONS, "TerminateSession"): rule(ADMIN, resource="session", verb="delete"),
+    _m(SESSIONS, "CheckDatabase"): rule(ADMIN, resource="db", verb="read"),
 })
 
 
@@ -300,6 +301,7 @@ async def run_dbproxy(cfg: Config, stop: asyncio.Event, ready=None) -> None:
     if nworkers > 1:
         workers = sessions.workers = WorkerSet(cfg, nworkers, redis_port, folder, spool_dir)
         await workers.start()
+        plane.extra_sessions = workers.session_count
     pub = pcfg.public_addr
     settings.api_listen_addr = public_hostport(pub, pcfg.api_listen_addr, api_port)
     settings.web_listen_addr = public_hostport(pub, pcfg.web_listen_addr, web_port)

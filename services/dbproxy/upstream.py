@@ -206,11 +206,13 @@ async def connect_upstream(
                 writer.close()
                 raise
     except TimeoutError:
-        raise UpstreamError(
+        err = UpstreamError(
             f"cannot reach {where} (no answer within {timeout:g}s); "
             f"check that the proxy host can reach it: {nc}",
             "unreachable",
-        ) from None
+        )
+        err.timed_out = True  # database health counts timeouts apart  # type: ignore[attr-defined]
+        raise err from None
     except (ConnectionError, ssl.SSLError, OSError) as exc:
         raise UpstreamError(
             f"the connection to {where} failed during setup ({_why(exc)}); check it with: {nc}",
@@ -286,8 +288,10 @@ class UpstreamPool:
     ready, :meth:`get` connects as :func:`connect_upstream` does (and reports its errors
     the same way). :meth:`forget` drops a database's connections (its record changed)."""
 
-    def __init__(self, size: int = 4, max_age: float = 60.0, *, timeout: float = 10.0) -> None:
+    def __init__(self, size: int = 4, max_age: float = 60.0, *, timeout: float = 10.0,
+                 health=None) -> None:
         self.size = size
+        self.health = health  # a health.DatabaseHealth: spare connects count too
         self.max_age = max_age
         self.timeout = timeout
         self._ready: dict[tuple, list[tuple[float, Upstream]]] = {}
@@ -346,7 +350,11 @@ class UpstreamPool:
             except UpstreamError as exc:
                 # The next session connects itself and reports the problem to its user.
                 log.debug("could not open a spare connection to %s: %s", target.name, exc.reason)
+                if self.health is not None:
+                    self.health.failure(target.name, exc)
                 return
+            if self.health is not None:
+                self.health.success(target.name)
             if self._ready.get(key) is not ready:  # forgotten meanwhile
                 up.close()
                 return

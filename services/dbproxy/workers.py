@@ -82,6 +82,7 @@ class WorkerSet:
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self.restarts = 0
+        self._counts: dict[int, int] = {}  # live sessions of each other worker, as last asked
 
     async def start(self, timeout: float = 60.0) -> None:
         if self.control_dir.exists():
@@ -93,6 +94,7 @@ class WorkerSet:
                 log.error("dbproxy worker could not be started: %s", res, extra={"worker": w.index})
         self._tasks = [asyncio.create_task(self._supervise(w, timeout), name=f"worker-{w.index}")
                        for w in self.workers]
+        self._tasks.append(asyncio.create_task(self._count_sessions(), name="worker-sessions"))
 
     async def _spawn(self, w: _Worker, timeout: float) -> None:
         w.control = str(self.control_dir / f"worker-{w.index}.sock")
@@ -141,26 +143,39 @@ class WorkerSet:
                 log.error("dbproxy worker could not be started again: %s", exc, extra={"worker": w.index})
                 backoff = min(backoff * 2, _BACKOFF_MAX)
 
+    def session_count(self) -> int:
+        """The other workers' live sessions (as counted within the last few seconds)."""
+        return sum(self._counts.values())
+
+    async def _count_sessions(self, interval: float = 5.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            for w in self.workers:
+                try:
+                    self._counts[w.index] = len(await self._sessions_of(w))
+                except Exception:  # noqa: BLE001 - a worker being restarted: counted next time
+                    self._counts[w.index] = 0
+
     async def sessions(self) -> list[proxy_service_pb2.Session]:
         """Every other worker's live sessions (a worker that does not answer is skipped)."""
-        async def one(w: _Worker) -> list:
-            if w.stub is None:
-                return []
-            out, token = [], ""
-            try:
-                while True:
-                    resp = await w.stub.ListSessions(
-                        proxy_service_pb2.ListSessionsRequest(page_size=1000, page_token=token), timeout=5)
-                    out += resp.sessions
-                    token = resp.next_page_token
-                    if not token:
-                        return out
-            except grpc.aio.AioRpcError as exc:
-                log.warning("dbproxy worker did not list its sessions: %s", exc.code().name,
-                            extra={"worker": w.index})
-                return out
-        found = await asyncio.gather(*(one(w) for w in self.workers))
+        found = await asyncio.gather(*(self._sessions_of(w) for w in self.workers))
         return [s for part in found for s in part]
+
+    async def _sessions_of(self, w: _Worker) -> list[proxy_service_pb2.Session]:
+        if w.stub is None or w.proc is None or w.proc.returncode is not None:
+            return []
+        out, token = [], ""
+        try:
+            while True:
+                resp = await w.stub.ListSessions(
+                    proxy_service_pb2.ListSessionsRequest(page_size=1000, page_token=token), timeout=5)
+                out += resp.sessions
+                token = resp.next_page_token
+                if not token:
+                    return out
+        except grpc.aio.AioRpcError as exc:
+            log.warning("dbproxy worker did not list its sessions: %s", exc.code().name, extra={"worker": w.index})
+            return out
 
     async def terminate(self, session_id: str, caller: str) -> bool:
         """End the session ``session_id`` wherever it runs; True if a worker had it."""
@@ -256,6 +271,7 @@ async def run_worker(spec: dict) -> None:
     plane = DataPlane(pcfg, creds, auth, verifier, folder, creds.identity.cluster_name)
     plane.listener.port = spec["port"]
     plane.listener.reuse_port = True
+    plane.heartbeat_enabled = False  # the first process reports for the host, these sessions counted in
     stop = asyncio.Event()
     install_signal_handlers(stop)
     control = grpc.aio.server()

@@ -115,7 +115,8 @@ class Discovery:
             return
         try:
             await self.auth.databases.ReportFetcherStatus(
-                database_service_pb2.ReportFetcherStatusRequest(statuses=self.statuses()), timeout=15)
+                database_service_pb2.ReportFetcherStatusRequest(
+                    statuses=self.statuses(), poll_interval_seconds=max(1, round(self.dcfg.poll_interval))), timeout=15)
         except Exception as exc:  # noqa: BLE001 - status reporting must never stop discovery
             log.warning("cannot report fetcher status to auth: %s", str(exc).splitlines()[0] if str(exc) else exc)
 

@@ -161,10 +161,12 @@ def test_db_ls_table_and_except_column(fc, monkeypatch):
     assert rows["two-users"][col["Allowed Users"]:].startswith("[app default]")
     assert "URI" not in lines[0] and seen["selector"] == {}
 
-    # -v adds Protocol, Type, URI.
+    # -v adds Protocol, Type, Auth, URI and Health (unknown: the proxy has not tried it yet).
     res = invoke("db", "ls", "-v")
     head = res.output.splitlines()[0]
-    assert head.split()[:7] == ["Name", "Description", "Protocol", "Type", "Auth", "URI", "Allowed"]
+    assert head.split()[:8] == ["Name", "Description", "Protocol", "Type", "Auth", "URI", "Health", "Allowed"]
+    health_col = head.index("Health")
+    assert all(ln[health_col:].startswith("unknown ") for ln in res.output.splitlines()[2:])
     auth_col = head.index("Auth")
     ent = next(ln for ln in res.output.splitlines() if ln.startswith("my-azure-redis-enterprise"))
     assert ent[auth_col:].startswith("entra ")

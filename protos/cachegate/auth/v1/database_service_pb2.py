@@ -23,45 +23,60 @@ _sym_db = _symbol_database.Default()
 
 
 from cachegate.types.v1 import types_pb2 as cachegate_dot_types_dot_v1_dot_types__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(cachegate/auth/v1/database_service.proto\x12\x11\x63\x61\x63hegate.auth.v1\x1a\x1e\x63\x61\x63hegate/types/v1/types.proto\"G\n\x15UpsertDatabaseRequest\x12.\n\x08\x64\x61tabase\x18\x01 \x01(\x0b\x32\x1c.cachegate.types.v1.Database\"H\n\x16UpsertDatabaseResponse\x12.\n\x08\x64\x61tabase\x18\x01 \x01(\x0b\x32\x1c.cachegate.types.v1.Database\"\"\n\x12GetDatabaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"E\n\x13GetDatabaseResponse\x12.\n\x08\x64\x61tabase\x18\x01 \x01(\x0b\x32\x1c.cachegate.types.v1.Database\"L\n\x14ListDatabasesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"a\n\x15ListDatabasesResponse\x12/\n\tdatabases\x18\x01 \x03(\x0b\x32\x1c.cachegate.types.v1.Database\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x15\x44\x65leteDatabaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteDatabaseResponse\"\x17\n\x15WatchDatabasesRequest\"z\n\x16WatchDatabasesResponse\x12\x30\n\x04type\x18\x01 \x01(\x0e\x32\".cachegate.types.v1.WatchEventType\x12.\n\x08\x64\x61tabase\x18\x02 \x01(\x0b\x32\x1c.cachegate.types.v1.Database\"Q\n\x1aReportFetcherStatusRequest\x12\x33\n\x08statuses\x18\x01 \x03(\x0b\x32!.cachegate.types.v1.FetcherStatus\"\x1d\n\x1bReportFetcherStatusResponse\"C\n\x1aListFetcherStatusesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"k\n\x1bListFetcherStatusesResponse\x12\x33\n\x05hosts\x18\x01 \x03(\x0b\x32$.cachegate.auth.v1.HostFetcherStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Y\n\x11HostFetcherStatus\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x33\n\x08statuses\x18\x02 \x03(\x0b\x32!.cachegate.types.v1.FetcherStatus2\xf6\x05\n\x0f\x44\x61tabaseService\x12\x65\n\x0eUpsertDatabase\x12(.cachegate.auth.v1.UpsertDatabaseRequest\x1a).cachegate.auth.v1.UpsertDatabaseResponse\x12\\\n\x0bGetDatabase\x12%.cachegate.auth.v1.GetDatabaseRequest\x1a&.cachegate.auth.v1.GetDatabaseResponse\x12\x62\n\rListDatabases\x12\'.cachegate.auth.v1.ListDatabasesRequest\x1a(.cachegate.auth.v1.ListDatabasesResponse\x12\x65\n\x0e\x44\x65leteDatabase\x12(.cachegate.auth.v1.DeleteDatabaseRequest\x1a).cachegate.auth.v1.DeleteDatabaseResponse\x12g\n\x0eWatchDatabases\x12(.cachegate.auth.v1.WatchDatabasesRequest\x1a).cachegate.auth.v1.WatchDatabasesResponse0\x01\x12t\n\x13ReportFetcherStatus\x12-.cachegate.auth.v1.ReportFetcherStatusRequest\x1a..cachegate.auth.v1.ReportFetcherStatusResponse\x12t\n\x13ListFetcherStatuses\x12-.cachegate.auth.v1.ListFetcherStatusesRequest\x1a..cachegate.auth.v1.ListFetcherStatusesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(cachegate/auth/v1/database_service.proto\x12\x11\x63\x61\x63hegate.auth.v1\x1a\x1e\x63\x61\x63hegate/types/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"G\n\x15UpsertDatabaseRequest\x12.\n\x08\x64\x61tabase\x18\x01 \x01(\x0b\x32\x1c.cachegate.types.v1.Database\"H\n\x16UpsertDatabaseResponse\x12.\n\x08\x64\x61tabase\x18\x01 \x01(\x0b\x32\x1c.cachegate.types.v1.Database\"\"\n\x12GetDatabaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"E\n\x13GetDatabaseResponse\x12.\n\x08\x64\x61tabase\x18\x01 \x01(\x0b\x32\x1c.cachegate.types.v1.Database\"L\n\x14ListDatabasesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"a\n\x15ListDatabasesResponse\x12/\n\tdatabases\x18\x01 \x03(\x0b\x32\x1c.cachegate.types.v1.Database\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x15\x44\x65leteDatabaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteDatabaseResponse\"\x17\n\x15WatchDatabasesRequest\"z\n\x16WatchDatabasesResponse\x12\x30\n\x04type\x18\x01 \x01(\x0e\x32\".cachegate.types.v1.WatchEventType\x12.\n\x08\x64\x61tabase\x18\x02 \x01(\x0b\x32\x1c.cachegate.types.v1.Database\"p\n\x1aReportFetcherStatusRequest\x12\x33\n\x08statuses\x18\x01 \x03(\x0b\x32!.cachegate.types.v1.FetcherStatus\x12\x1d\n\x15poll_interval_seconds\x18\x02 \x01(\x05\"\x1d\n\x1bReportFetcherStatusResponse\"C\n\x1aListFetcherStatusesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"k\n\x1bListFetcherStatusesResponse\x12\x33\n\x05hosts\x18\x01 \x03(\x0b\x32$.cachegate.auth.v1.HostFetcherStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xa9\x01\n\x11HostFetcherStatus\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x33\n\x08statuses\x18\x02 \x03(\x0b\x32!.cachegate.types.v1.FetcherStatus\x12/\n\x0breport_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x15poll_interval_seconds\x18\x04 \x01(\x05\"\xe4\x02\n\x0e\x44\x61tabaseHealth\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x35\n\x05state\x18\x02 \x01(\x0e\x32&.cachegate.auth.v1.DatabaseHealthState\x12\x35\n\x11last_success_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_failure_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12\x17\n\x0flast_error_kind\x18\x06 \x01(\t\x12\x18\n\x10\x63onnect_failures\x18\x07 \x01(\x03\x12\x10\n\x08timeouts\x18\x08 \x01(\x03\x12\x15\n\rauth_failures\x18\t \x01(\x03\x12\x11\n\tsuccesses\x18\n \x01(\x03\x12\x1c\n\x14\x63onsecutive_failures\x18\x0b \x01(\x03\"\xff\x01\n\x0bProxyStatus\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x32\n\x0eheartbeat_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sessions\x18\x05 \x01(\x03\x12\"\n\x1aheartbeat_interval_seconds\x18\x06 \x01(\x05\x12\x34\n\tdatabases\x18\x07 \x03(\x0b\x32!.cachegate.auth.v1.DatabaseHealth\"J\n\x18ReportProxyStatusRequest\x12.\n\x06status\x18\x01 \x01(\x0b\x32\x1e.cachegate.auth.v1.ProxyStatus\"\x1b\n\x19ReportProxyStatusResponse\"A\n\x18ListProxyStatusesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"e\n\x19ListProxyStatusesResponse\x12/\n\x07proxies\x18\x01 \x03(\x0b\x32\x1e.cachegate.auth.v1.ProxyStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*z\n\x13\x44\x61tabaseHealthState\x12%\n!DATABASE_HEALTH_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x41TABASE_HEALTH_STATE_OK\x10\x01\x12\x1e\n\x1a\x44\x41TABASE_HEALTH_STATE_DOWN\x10\x02\x32\xd6\x07\n\x0f\x44\x61tabaseService\x12\x65\n\x0eUpsertDatabase\x12(.cachegate.auth.v1.UpsertDatabaseRequest\x1a).cachegate.auth.v1.UpsertDatabaseResponse\x12\\\n\x0bGetDatabase\x12%.cachegate.auth.v1.GetDatabaseRequest\x1a&.cachegate.auth.v1.GetDatabaseResponse\x12\x62\n\rListDatabases\x12\'.cachegate.auth.v1.ListDatabasesRequest\x1a(.cachegate.auth.v1.ListDatabasesResponse\x12\x65\n\x0e\x44\x65leteDatabase\x12(.cachegate.auth.v1.DeleteDatabaseRequest\x1a).cachegate.auth.v1.DeleteDatabaseResponse\x12g\n\x0eWatchDatabases\x12(.cachegate.auth.v1.WatchDatabasesRequest\x1a).cachegate.auth.v1.WatchDatabasesResponse0\x01\x12t\n\x13ReportFetcherStatus\x12-.cachegate.auth.v1.ReportFetcherStatusRequest\x1a..cachegate.auth.v1.ReportFetcherStatusResponse\x12t\n\x13ListFetcherStatuses\x12-.cachegate.auth.v1.ListFetcherStatusesRequest\x1a..cachegate.auth.v1.ListFetcherStatusesResponse\x12n\n\x11ReportProxyStatus\x12+.cachegate.auth.v1.ReportProxyStatusRequest\x1a,.cachegate.auth.v1.ReportProxyStatusResponse\x12n\n\x11ListProxyStatuses\x12+.cachegate.auth.v1.ListProxyStatusesRequest\x1a,.cachegate.auth.v1.ListProxyStatusesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cachegate.auth.v1.database_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_UPSERTDATABASEREQUEST']._serialized_start=95
-  _globals['_UPSERTDATABASEREQUEST']._serialized_end=166
-  _globals['_UPSERTDATABASERESPONSE']._serialized_start=168
-  _globals['_UPSERTDATABASERESPONSE']._serialized_end=240
-  _globals['_GETDATABASEREQUEST']._serialized_start=242
-  _globals['_GETDATABASEREQUEST']._serialized_end=276
-  _globals['_GETDATABASERESPONSE']._serialized_start=278
-  _globals['_GETDATABASERESPONSE']._serialized_end=347
-  _globals['_LISTDATABASESREQUEST']._serialized_start=349
-  _globals['_LISTDATABASESREQUEST']._serialized_end=425
-  _globals['_LISTDATABASESRESPONSE']._serialized_start=427
-  _globals['_LISTDATABASESRESPONSE']._serialized_end=524
-  _globals['_DELETEDATABASEREQUEST']._serialized_start=526
-  _globals['_DELETEDATABASEREQUEST']._serialized_end=563
-  _globals['_DELETEDATABASERESPONSE']._serialized_start=565
-  _globals['_DELETEDATABASERESPONSE']._serialized_end=589
-  _globals['_WATCHDATABASESREQUEST']._serialized_start=591
-  _globals['_WATCHDATABASESREQUEST']._serialized_end=614
-  _globals['_WATCHDATABASESRESPONSE']._serialized_start=616
-  _globals['_WATCHDATABASESRESPONSE']._serialized_end=738
-  _globals['_REPORTFETCHERSTATUSREQUEST']._serialized_start=740
-  _globals['_REPORTFETCHERSTATUSREQUEST']._serialized_end=821
-  _globals['_REPORTFETCHERSTATUSRESPONSE']._serialized_start=823
-  _globals['_REPORTFETCHERSTATUSRESPONSE']._serialized_end=852
-  _globals['_LISTFETCHERSTATUSESREQUEST']._serialized_start=854
-  _globals['_LISTFETCHERSTATUSESREQUEST']._serialized_end=921
-  _globals['_LISTFETCHERSTATUSESRESPONSE']._serialized_start=923
-  _globals['_LISTFETCHERSTATUSESRESPONSE']._serialized_end=1030
-  _globals['_HOSTFETCHERSTATUS']._serialized_start=1032
-  _globals['_HOSTFETCHERSTATUS']._serialized_end=1121
-  _globals['_DATABASESERVICE']._serialized_start=1124
-  _globals['_DATABASESERVICE']._serialized_end=1882
+  _globals['_DATABASEHEALTHSTATE']._serialized_start=2160
+  _globals['_DATABASEHEALTHSTATE']._serialized_end=2282
+  _globals['_UPSERTDATABASEREQUEST']._serialized_start=128
+  _globals['_UPSERTDATABASEREQUEST']._serialized_end=199
+  _globals['_UPSERTDATABASERESPONSE']._serialized_start=201
+  _globals['_UPSERTDATABASERESPONSE']._serialized_end=273
+  _globals['_GETDATABASEREQUEST']._serialized_start=275
+  _globals['_GETDATABASEREQUEST']._serialized_end=309
+  _globals['_GETDATABASERESPONSE']._serialized_start=311
+  _globals['_GETDATABASERESPONSE']._serialized_end=380
+  _globals['_LISTDATABASESREQUEST']._serialized_start=382
+  _globals['_LISTDATABASESREQUEST']._serialized_end=458
+  _globals['_LISTDATABASESRESPONSE']._serialized_start=460
+  _globals['_LISTDATABASESRESPONSE']._serialized_end=557
+  _globals['_DELETEDATABASEREQUEST']._serialized_start=559
+  _globals['_DELETEDATABASEREQUEST']._serialized_end=596
+  _globals['_DELETEDATABASERESPONSE']._serialized_start=598
+  _globals['_DELETEDATABASERESPONSE']._serialized_end=622
+  _globals['_WATCHDATABASESREQUEST']._serialized_start=624
+  _globals['_WATCHDATABASESREQUEST']._serialized_end=647
+  _globals['_WATCHDATABASESRESPONSE']._serialized_start=649
+  _globals['_WATCHDATABASESRESPONSE']._serialized_end=771
+  _globals['_REPORTFETCHERSTATUSREQUEST']._serialized_start=773
+  _globals['_REPORTFETCHERSTATUSREQUEST']._serialized_end=885
+  _globals['_REPORTFETCHERSTATUSRESPONSE']._serialized_start=887
+  _globals['_REPORTFETCHERSTATUSRESPONSE']._serialized_end=916
+  _globals['_LISTFETCHERSTATUSESREQUEST']._serialized_start=918
+  _globals['_LISTFETCHERSTATUSESREQUEST']._serialized_end=985
+  _globals['_LISTFETCHERSTATUSESRESPONSE']._serialized_start=987
+  _globals['_LISTFETCHERSTATUSESRESPONSE']._serialized_end=1094
+  _globals['_HOSTFETCHERSTATUS']._serialized_start=1097
+  _globals['_HOSTFETCHERSTATUS']._serialized_end=1266
+  _globals['_DATABASEHEALTH']._serialized_start=1269
+  _globals['_DATABASEHEALTH']._serialized_end=1625
+  _globals['_PROXYSTATUS']._serialized_start=1628
+  _globals['_PROXYSTATUS']._serialized_end=1883
+  _globals['_REPORTPROXYSTATUSREQUEST']._serialized_start=1885
+  _globals['_REPORTPROXYSTATUSREQUEST']._serialized_end=1959
+  _globals['_REPORTPROXYSTATUSRESPONSE']._serialized_start=1961
+  _globals['_REPORTPROXYSTATUSRESPONSE']._serialized_end=1988
+  _globals['_LISTPROXYSTATUSESREQUEST']._serialized_start=1990
+  _globals['_LISTPROXYSTATUSESREQUEST']._serialized_end=2055
+  _globals['_LISTPROXYSTATUSESRESPONSE']._serialized_start=2057
+  _globals['_LISTPROXYSTATUSESRESPONSE']._serialized_end=2158
+  _globals['_DATABASESERVICE']._serialized_start=2285
+  _globals['_DATABASESERVICE']._serialized_end=3267
 # @@protoc_insertion_point(module_scope)

@@ -71,6 +71,16 @@ class DatabaseServiceStub:
                 request_serializer=cachegate_dot_auth_dot_v1_dot_database__service__pb2.ListFetcherStatusesRequest.SerializeToString,
                 response_deserializer=cachegate_dot_auth_dot_v1_dot_database__service__pb2.ListFetcherStatusesResponse.FromString,
                 _registered_method=True)
+        self.ReportProxyStatus = channel.unary_unary(
+                '/cachegate.auth.v1.DatabaseService/ReportProxyStatus',
+                request_serializer=cachegate_dot_auth_dot_v1_dot_database__service__pb2.ReportProxyStatusRequest.SerializeToString,
+                response_deserializer=cachegate_dot_auth_dot_v1_dot_database__service__pb2.ReportProxyStatusResponse.FromString,
+                _registered_method=True)
+        self.ListProxyStatuses = channel.unary_unary(
+                '/cachegate.auth.v1.DatabaseService/ListProxyStatuses',
+                request_serializer=cachegate_dot_auth_dot_v1_dot_database__service__pb2.ListProxyStatusesRequest.SerializeToString,
+                response_deserializer=cachegate_dot_auth_dot_v1_dot_database__service__pb2.ListProxyStatusesResponse.FromString,
+                _registered_method=True)
 
 
 class DatabaseServiceServicer:
@@ -122,6 +132,20 @@ class DatabaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportProxyStatus(self, request, context):
+        """dbproxy's heartbeat: the host is alive, and how each database it reaches is doing
+        (shown by `cgctl status`). Auth stamps the time it heard the report.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProxyStatuses(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DatabaseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +183,16 @@ def add_DatabaseServiceServicer_to_server(servicer, server):
                     servicer.ListFetcherStatuses,
                     request_deserializer=cachegate_dot_auth_dot_v1_dot_database__service__pb2.ListFetcherStatusesRequest.FromString,
                     response_serializer=cachegate_dot_auth_dot_v1_dot_database__service__pb2.ListFetcherStatusesResponse.SerializeToString,
+            ),
+            'ReportProxyStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportProxyStatus,
+                    request_deserializer=cachegate_dot_auth_dot_v1_dot_database__service__pb2.ReportProxyStatusRequest.FromString,
+                    response_serializer=cachegate_dot_auth_dot_v1_dot_database__service__pb2.ReportProxyStatusResponse.SerializeToString,
+            ),
+            'ListProxyStatuses': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProxyStatuses,
+                    request_deserializer=cachegate_dot_auth_dot_v1_dot_database__service__pb2.ListProxyStatusesRequest.FromString,
+                    response_serializer=cachegate_dot_auth_dot_v1_dot_database__service__pb2.ListProxyStatusesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +386,60 @@ class DatabaseService:
             '/cachegate.auth.v1.DatabaseService/ListFetcherStatuses',
             cachegate_dot_auth_dot_v1_dot_database__service__pb2.ListFetcherStatusesRequest.SerializeToString,
             cachegate_dot_auth_dot_v1_dot_database__service__pb2.ListFetcherStatusesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportProxyStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachegate.auth.v1.DatabaseService/ReportProxyStatus',
+            cachegate_dot_auth_dot_v1_dot_database__service__pb2.ReportProxyStatusRequest.SerializeToString,
+            cachegate_dot_auth_dot_v1_dot_database__service__pb2.ReportProxyStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProxyStatuses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachegate.auth.v1.DatabaseService/ListProxyStatuses',
+            cachegate_dot_auth_dot_v1_dot_database__service__pb2.ListProxyStatusesRequest.SerializeToString,
+            cachegate_dot_auth_dot_v1_dot_database__service__pb2.ListProxyStatusesResponse.FromString,
             options,
             channel_credentials,
             insecure,

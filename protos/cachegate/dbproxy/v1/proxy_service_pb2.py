@@ -23,13 +23,14 @@ _sym_db = _symbol_database.Default()
 
 
 from cachegate.auth.v1 import cluster_service_pb2 as cachegate_dot_auth_dot_v1_dot_cluster__service__pb2
+from cachegate.auth.v1 import database_service_pb2 as cachegate_dot_auth_dot_v1_dot_database__service__pb2
 from cachegate.auth.v1 import user_service_pb2 as cachegate_dot_auth_dot_v1_dot_user__service__pb2
 from cachegate.types.v1 import types_pb2 as cachegate_dot_types_dot_v1_dot_types__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(cachegate/dbproxy/v1/proxy_service.proto\x12\x14\x63\x61\x63hegate.dbproxy.v1\x1a\'cachegate/auth/v1/cluster_service.proto\x1a$cachegate/auth/v1/user_service.proto\x1a\x1e\x63\x61\x63hegate/types/v1/types.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xca\x01\n\x14ListDatabasesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12U\n\x0elabel_selector\x18\x03 \x03(\x0b\x32=.cachegate.dbproxy.v1.ListDatabasesRequest.LabelSelectorEntry\x1a\x34\n\x12LabelSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"j\n\x15ListDatabasesResponse\x12\x38\n\tdatabases\x18\x01 \x03(\x0b\x32%.cachegate.dbproxy.v1.AllowedDatabase\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xa7\x01\n\x0f\x41llowedDatabase\x12.\n\x08\x64\x61tabase\x18\x01 \x01(\x0b\x32\x1c.cachegate.types.v1.Database\x12\x18\n\x10\x61llowed_db_users\x18\x02 \x03(\t\x12\x17\n\x0f\x64\x65nied_db_users\x18\x03 \x03(\t\x12\x18\n\x10\x61llowed_db_names\x18\x04 \x03(\t\x12\x17\n\x0f\x64\x65nied_db_names\x18\x05 \x03(\t\"\x19\n\x17GetProxySettingsRequest\"g\n\x18GetProxySettingsResponse\x12\x19\n\x11redis_listen_addr\x18\x01 \x01(\t\x12\x17\n\x0fweb_listen_addr\x18\x02 \x01(\t\x12\x17\n\x0f\x61pi_listen_addr\x18\x03 \x01(\t\"\xfc\x01\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x10\n\x08\x64\x61tabase\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x62_user\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x62_name\x18\x05 \x01(\t\x12\x13\n\x0b\x63lient_addr\x18\x06 \x01(\t\x12.\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63ommands\x18\x08 \x01(\x03\x12\x10\n\x08\x62ytes_in\x18\t \x01(\x03\x12\x11\n\tbytes_out\x18\n \x01(\x03\x12\'\n\x04idle\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\"<\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"`\n\x14ListSessionsResponse\x12/\n\x08sessions\x18\x01 \x03(\x0b\x32\x1d.cachegate.dbproxy.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x17TerminateSessionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1a\n\x18TerminateSessionResponse2\xf8\x04\n\x0cProxyService\x12\x65\n\x0eGetClusterInfo\x12(.cachegate.auth.v1.GetClusterInfoRequest\x1a).cachegate.auth.v1.GetClusterInfoResponse\x12J\n\x05Login\x12\x1f.cachegate.auth.v1.LoginRequest\x1a .cachegate.auth.v1.LoginResponse\x12_\n\x0cRedeemInvite\x12&.cachegate.auth.v1.RedeemInviteRequest\x1a\'.cachegate.auth.v1.RedeemInviteResponse\x12h\n\rListDatabases\x12*.cachegate.dbproxy.v1.ListDatabasesRequest\x1a+.cachegate.dbproxy.v1.ListDatabasesResponse\x12w\n\x14GenerateDatabaseCert\x12..cachegate.auth.v1.GenerateDatabaseCertRequest\x1a/.cachegate.auth.v1.GenerateDatabaseCertResponse\x12q\n\x10GetProxySettings\x12-.cachegate.dbproxy.v1.GetProxySettingsRequest\x1a..cachegate.dbproxy.v1.GetProxySettingsResponse2\xea\x01\n\x0eSessionService\x12\x65\n\x0cListSessions\x12).cachegate.dbproxy.v1.ListSessionsRequest\x1a*.cachegate.dbproxy.v1.ListSessionsResponse\x12q\n\x10TerminateSession\x12-.cachegate.dbproxy.v1.TerminateSessionRequest\x1a..cachegate.dbproxy.v1.TerminateSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(cachegate/dbproxy/v1/proxy_service.proto\x12\x14\x63\x61\x63hegate.dbproxy.v1\x1a\'cachegate/auth/v1/cluster_service.proto\x1a(cachegate/auth/v1/database_service.proto\x1a$cachegate/auth/v1/user_service.proto\x1a\x1e\x63\x61\x63hegate/types/v1/types.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xca\x01\n\x14ListDatabasesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12U\n\x0elabel_selector\x18\x03 \x03(\x0b\x32=.cachegate.dbproxy.v1.ListDatabasesRequest.LabelSelectorEntry\x1a\x34\n\x12LabelSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"j\n\x15ListDatabasesResponse\x12\x38\n\tdatabases\x18\x01 \x03(\x0b\x32%.cachegate.dbproxy.v1.AllowedDatabase\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xda\x01\n\x0f\x41llowedDatabase\x12.\n\x08\x64\x61tabase\x18\x01 \x01(\x0b\x32\x1c.cachegate.types.v1.Database\x12\x18\n\x10\x61llowed_db_users\x18\x02 \x03(\t\x12\x17\n\x0f\x64\x65nied_db_users\x18\x03 \x03(\t\x12\x18\n\x10\x61llowed_db_names\x18\x04 \x03(\t\x12\x17\n\x0f\x64\x65nied_db_names\x18\x05 \x03(\t\x12\x31\n\x06health\x18\x06 \x01(\x0b\x32!.cachegate.auth.v1.DatabaseHealth\"\x19\n\x17GetProxySettingsRequest\"g\n\x18GetProxySettingsResponse\x12\x19\n\x11redis_listen_addr\x18\x01 \x01(\t\x12\x17\n\x0fweb_listen_addr\x18\x02 \x01(\t\x12\x17\n\x0f\x61pi_listen_addr\x18\x03 \x01(\t\"$\n\x14\x43heckDatabaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"b\n\tCheckStep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\xa5\x01\n\x15\x43heckDatabaseResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\x12.\n\x05steps\x18\x04 \x03(\x0b\x32\x1f.cachegate.dbproxy.v1.CheckStep\x12\x31\n\x06health\x18\x05 \x01(\x0b\x32!.cachegate.auth.v1.DatabaseHealth\"\xfc\x01\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x10\n\x08\x64\x61tabase\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x62_user\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x62_name\x18\x05 \x01(\t\x12\x13\n\x0b\x63lient_addr\x18\x06 \x01(\t\x12.\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63ommands\x18\x08 \x01(\x03\x12\x10\n\x08\x62ytes_in\x18\t \x01(\x03\x12\x11\n\tbytes_out\x18\n \x01(\x03\x12\'\n\x04idle\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\"<\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"`\n\x14ListSessionsResponse\x12/\n\x08sessions\x18\x01 \x03(\x0b\x32\x1d.cachegate.dbproxy.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x17TerminateSessionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1a\n\x18TerminateSessionResponse2\xf8\x04\n\x0cProxyService\x12\x65\n\x0eGetClusterInfo\x12(.cachegate.auth.v1.GetClusterInfoRequest\x1a).cachegate.auth.v1.GetClusterInfoResponse\x12J\n\x05Login\x12\x1f.cachegate.auth.v1.LoginRequest\x1a .cachegate.auth.v1.LoginResponse\x12_\n\x0cRedeemInvite\x12&.cachegate.auth.v1.RedeemInviteRequest\x1a\'.cachegate.auth.v1.RedeemInviteResponse\x12h\n\rListDatabases\x12*.cachegate.dbproxy.v1.ListDatabasesRequest\x1a+.cachegate.dbproxy.v1.ListDatabasesResponse\x12w\n\x14GenerateDatabaseCert\x12..cachegate.auth.v1.GenerateDatabaseCertRequest\x1a/.cachegate.auth.v1.GenerateDatabaseCertResponse\x12q\n\x10GetProxySettings\x12-.cachegate.dbproxy.v1.GetProxySettingsRequest\x1a..cachegate.dbproxy.v1.GetProxySettingsResponse2\xd4\x02\n\x0eSessionService\x12\x65\n\x0cListSessions\x12).cachegate.dbproxy.v1.ListSessionsRequest\x1a*.cachegate.dbproxy.v1.ListSessionsResponse\x12q\n\x10TerminateSession\x12-.cachegate.dbproxy.v1.TerminateSessionRequest\x1a..cachegate.dbproxy.v1.TerminateSessionResponse\x12h\n\rCheckDatabase\x12*.cachegate.dbproxy.v1.CheckDatabaseRequest\x1a+.cachegate.dbproxy.v1.CheckDatabaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,30 +39,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LISTDATABASESREQUEST_LABELSELECTORENTRY']._loaded_options = None
   _globals['_LISTDATABASESREQUEST_LABELSELECTORENTRY']._serialized_options = b'8\001'
-  _globals['_LISTDATABASESREQUEST']._serialized_start=243
-  _globals['_LISTDATABASESREQUEST']._serialized_end=445
-  _globals['_LISTDATABASESREQUEST_LABELSELECTORENTRY']._serialized_start=393
-  _globals['_LISTDATABASESREQUEST_LABELSELECTORENTRY']._serialized_end=445
-  _globals['_LISTDATABASESRESPONSE']._serialized_start=447
-  _globals['_LISTDATABASESRESPONSE']._serialized_end=553
-  _globals['_ALLOWEDDATABASE']._serialized_start=556
-  _globals['_ALLOWEDDATABASE']._serialized_end=723
-  _globals['_GETPROXYSETTINGSREQUEST']._serialized_start=725
-  _globals['_GETPROXYSETTINGSREQUEST']._serialized_end=750
-  _globals['_GETPROXYSETTINGSRESPONSE']._serialized_start=752
-  _globals['_GETPROXYSETTINGSRESPONSE']._serialized_end=855
-  _globals['_SESSION']._serialized_start=858
-  _globals['_SESSION']._serialized_end=1110
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=1112
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1172
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1174
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1270
-  _globals['_TERMINATESESSIONREQUEST']._serialized_start=1272
-  _globals['_TERMINATESESSIONREQUEST']._serialized_end=1309
-  _globals['_TERMINATESESSIONRESPONSE']._serialized_start=1311
-  _globals['_TERMINATESESSIONRESPONSE']._serialized_end=1337
-  _globals['_PROXYSERVICE']._serialized_start=1340
-  _globals['_PROXYSERVICE']._serialized_end=1972
-  _globals['_SESSIONSERVICE']._serialized_start=1975
-  _globals['_SESSIONSERVICE']._serialized_end=2209
+  _globals['_LISTDATABASESREQUEST']._serialized_start=285
+  _globals['_LISTDATABASESREQUEST']._serialized_end=487
+  _globals['_LISTDATABASESREQUEST_LABELSELECTORENTRY']._serialized_start=435
+  _globals['_LISTDATABASESREQUEST_LABELSELECTORENTRY']._serialized_end=487
+  _globals['_LISTDATABASESRESPONSE']._serialized_start=489
+  _globals['_LISTDATABASESRESPONSE']._serialized_end=595
+  _globals['_ALLOWEDDATABASE']._serialized_start=598
+  _globals['_ALLOWEDDATABASE']._serialized_end=816
+  _globals['_GETPROXYSETTINGSREQUEST']._serialized_start=818
+  _globals['_GETPROXYSETTINGSREQUEST']._serialized_end=843
+  _globals['_GETPROXYSETTINGSRESPONSE']._serialized_start=845
+  _globals['_GETPROXYSETTINGSRESPONSE']._serialized_end=948
+  _globals['_CHECKDATABASEREQUEST']._serialized_start=950
+  _globals['_CHECKDATABASEREQUEST']._serialized_end=986
+  _globals['_CHECKSTEP']._serialized_start=988
+  _globals['_CHECKSTEP']._serialized_end=1086
+  _globals['_CHECKDATABASERESPONSE']._serialized_start=1089
+  _globals['_CHECKDATABASERESPONSE']._serialized_end=1254
+  _globals['_SESSION']._serialized_start=1257
+  _globals['_SESSION']._serialized_end=1509
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1511
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1571
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1573
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1669
+  _globals['_TERMINATESESSIONREQUEST']._serialized_start=1671
+  _globals['_TERMINATESESSIONREQUEST']._serialized_end=1708
+  _globals['_TERMINATESESSIONRESPONSE']._serialized_start=1710
+  _globals['_TERMINATESESSIONRESPONSE']._serialized_end=1736
+  _globals['_PROXYSERVICE']._serialized_start=1739
+  _globals['_PROXYSERVICE']._serialized_end=2371
+  _globals['_SESSIONSERVICE']._serialized_start=2374
+  _globals['_SESSIONSERVICE']._serialized_end=2714
 # @@protoc_insertion_point(module_scope)

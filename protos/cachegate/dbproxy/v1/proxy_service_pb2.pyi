@@ -1,6 +1,7 @@
 import datetime
 
 from cachegate.auth.v1 import cluster_service_pb2 as _cluster_service_pb2
+from cachegate.auth.v1 import database_service_pb2 as _database_service_pb2
 from cachegate.auth.v1 import user_service_pb2 as _user_service_pb2
 from cachegate.types.v1 import types_pb2 as _types_pb2
 from google.protobuf import duration_pb2 as _duration_pb2
@@ -39,18 +40,20 @@ class ListDatabasesResponse(_message.Message):
     def __init__(self, databases: _Optional[_Iterable[_Union[AllowedDatabase, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class AllowedDatabase(_message.Message):
-    __slots__ = ("database", "allowed_db_users", "denied_db_users", "allowed_db_names", "denied_db_names")
+    __slots__ = ("database", "allowed_db_users", "denied_db_users", "allowed_db_names", "denied_db_names", "health")
     DATABASE_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_DB_USERS_FIELD_NUMBER: _ClassVar[int]
     DENIED_DB_USERS_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_DB_NAMES_FIELD_NUMBER: _ClassVar[int]
     DENIED_DB_NAMES_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
     database: _types_pb2.Database
     allowed_db_users: _containers.RepeatedScalarFieldContainer[str]
     denied_db_users: _containers.RepeatedScalarFieldContainer[str]
     allowed_db_names: _containers.RepeatedScalarFieldContainer[str]
     denied_db_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, database: _Optional[_Union[_types_pb2.Database, _Mapping]] = ..., allowed_db_users: _Optional[_Iterable[str]] = ..., denied_db_users: _Optional[_Iterable[str]] = ..., allowed_db_names: _Optional[_Iterable[str]] = ..., denied_db_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    health: _database_service_pb2.DatabaseHealth
+    def __init__(self, database: _Optional[_Union[_types_pb2.Database, _Mapping]] = ..., allowed_db_users: _Optional[_Iterable[str]] = ..., denied_db_users: _Optional[_Iterable[str]] = ..., allowed_db_names: _Optional[_Iterable[str]] = ..., denied_db_names: _Optional[_Iterable[str]] = ..., health: _Optional[_Union[_database_service_pb2.DatabaseHealth, _Mapping]] = ...) -> None: ...
 
 class GetProxySettingsRequest(_message.Message):
     __slots__ = ()
@@ -65,6 +68,38 @@ class GetProxySettingsResponse(_message.Message):
     web_listen_addr: str
     api_listen_addr: str
     def __init__(self, redis_listen_addr: _Optional[str] = ..., web_listen_addr: _Optional[str] = ..., api_listen_addr: _Optional[str] = ...) -> None: ...
+
+class CheckDatabaseRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class CheckStep(_message.Message):
+    __slots__ = ("name", "ok", "duration", "detail")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    DURATION_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    ok: bool
+    duration: _duration_pb2.Duration
+    detail: str
+    def __init__(self, name: _Optional[str] = ..., ok: _Optional[bool] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class CheckDatabaseResponse(_message.Message):
+    __slots__ = ("name", "address", "ok", "steps", "health")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    ok: bool
+    steps: _containers.RepeatedCompositeFieldContainer[CheckStep]
+    health: _database_service_pb2.DatabaseHealth
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., ok: _Optional[bool] = ..., steps: _Optional[_Iterable[_Union[CheckStep, _Mapping]]] = ..., health: _Optional[_Union[_database_service_pb2.DatabaseHealth, _Mapping]] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("id", "user", "database", "db_user", "db_name", "client_addr", "start_time", "commands", "bytes_in", "bytes_out", "idle")

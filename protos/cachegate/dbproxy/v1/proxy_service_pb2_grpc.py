@@ -345,6 +345,11 @@ class SessionServiceStub:
                 request_serializer=cachegate_dot_dbproxy_dot_v1_dot_proxy__service__pb2.TerminateSessionRequest.SerializeToString,
                 response_deserializer=cachegate_dot_dbproxy_dot_v1_dot_proxy__service__pb2.TerminateSessionResponse.FromString,
                 _registered_method=True)
+        self.CheckDatabase = channel.unary_unary(
+                '/cachegate.dbproxy.v1.SessionService/CheckDatabase',
+                request_serializer=cachegate_dot_dbproxy_dot_v1_dot_proxy__service__pb2.CheckDatabaseRequest.SerializeToString,
+                response_deserializer=cachegate_dot_dbproxy_dot_v1_dot_proxy__service__pb2.CheckDatabaseResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -363,6 +368,15 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckDatabase(self, request, context):
+        """From this proxy's side: TCP, TLS, AUTH and PING to a database, each step timed
+        (`cgctl db check NAME`, the guide's `nc -zv` step). The result also updates the
+        database's health.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -375,6 +389,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.TerminateSession,
                     request_deserializer=cachegate_dot_dbproxy_dot_v1_dot_proxy__service__pb2.TerminateSessionRequest.FromString,
                     response_serializer=cachegate_dot_dbproxy_dot_v1_dot_proxy__service__pb2.TerminateSessionResponse.SerializeToString,
+            ),
+            'CheckDatabase': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckDatabase,
+                    request_deserializer=cachegate_dot_dbproxy_dot_v1_dot_proxy__service__pb2.CheckDatabaseRequest.FromString,
+                    response_serializer=cachegate_dot_dbproxy_dot_v1_dot_proxy__service__pb2.CheckDatabaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -432,6 +451,33 @@ class SessionService:
             '/cachegate.dbproxy.v1.SessionService/TerminateSession',
             cachegate_dot_dbproxy_dot_v1_dot_proxy__service__pb2.TerminateSessionRequest.SerializeToString,
             cachegate_dot_dbproxy_dot_v1_dot_proxy__service__pb2.TerminateSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckDatabase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachegate.dbproxy.v1.SessionService/CheckDatabase',
+            cachegate_dot_dbproxy_dot_v1_dot_proxy__service__pb2.CheckDatabaseRequest.SerializeToString,
+            cachegate_dot_dbproxy_dot_v1_dot_proxy__service__pb2.CheckDatabaseResponse.FromString,
             options,
             channel_credentials,
             insecure,
