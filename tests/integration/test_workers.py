@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def c(tmp_path_factory, redis_tls):  # noqa: F811
-    cl = proxy_with_one_database(tmp_path_factory.mktemp("workers"), redis_tls, {"workers": 2})
+    cl = proxy_with_one_database(tmp_path_factory.mktemp("workers"), redis_tls,
+                                 {"workers": 2, "heartbeat_interval": "1s"})
     cl.redis_port = cl.procs["dbproxy"].info["redis_port"]
     yield cl
     cl.stop()
@@ -110,6 +111,14 @@ def test_sessions_spread_over_both_workers_and_are_listed_and_killed_from_the_fi
         # `cgctl sessions ls` asks the first process, which asks the other worker.
         listed = sessions_ls(c)
         assert len(listed) == 40 and {s["user"] for s in listed} == {"alice"}
+        # `cgctl status` shows one dbproxy host, every worker's sessions counted.
+        deadline = time.monotonic() + 20
+        while True:
+            proxies = json.loads(c.cgctl("status", "--format=json").stdout)["proxies"]
+            if [p["sessions"] for p in proxies] == [40] or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert [p["sessions"] for p in proxies] == [40] and not proxies[0]["stale"], proxies
         # Kill one session of each worker: each is told why, the others go on.
         on_child = peers_of(child, c.redis_port)
         port_of = {int(x["client"].rsplit(":", 1)[1]): x["id"] for x in listed}
