@@ -102,7 +102,8 @@ class WorkerSet:
                 "control": w.control, "spool_dir": str(self.spool_dir / f"worker-{w.index}")}
         w.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.dbproxy.workers",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "CACHEGATE_WORKER_PARENT": str(os.getpid())})
         assert w.proc.stdin is not None and w.proc.stdout is not None
         w.proc.stdin.write(json.dumps(spec).encode() + b"\n")  # the config travels by pipe only
         await w.proc.stdin.drain()
@@ -292,9 +293,23 @@ async def run_worker(spec: dict) -> None:
         shutdown()
 
 
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM (a drain) when the first process dies, even by kill -9: a worker never outlives
+    it, so a restarted dbproxy does not find old workers still on its port (Linux)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main() -> None:
     from services.common.logs import setup_logging
 
+    _die_with_parent(int(os.environ.get("CACHEGATE_WORKER_PARENT", "0")) or os.getppid())
     spec = json.loads(sys.stdin.readline())
     log_cfg = spec["config"].get("log", {})
     setup_logging(f"dbproxy-worker-{spec['index']}", log_cfg.get("level", "info"),

@@ -197,7 +197,26 @@ def test_sigterm_stops_every_worker(c):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
     deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{child}") and open(f"/proc/{child}/stat").read().split()[2] != "Z":
+    while not gone(child):
         assert time.monotonic() < deadline, "the worker outlived the first process"
         time.sleep(0.1)
     s.close()
+
+
+def gone(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+def test_a_worker_never_outlives_the_first_process(c):
+    """kill -9 of the first process: the other worker drains and exits too, so a dbproxy
+    started again does not find old workers on its port."""
+    c.procs["dbproxy"].start()
+    [child] = wait_workers(c)
+    os.kill(first_pid(c), signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while not gone(child):
+        assert time.monotonic() < deadline, "the worker outlived the first process"
+        time.sleep(0.1)
