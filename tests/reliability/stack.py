@@ -296,37 +296,3 @@ class Stack:
         time.sleep(0.5)  # anything more would be a duplicate: let it arrive
         allc = self.audit_commands(since)
         return {k: allc.get(k, 0) for k in want}
-
-    def audit_queries(self, user: str | None = None, contains: str = "", expect: int | None = None,
-                      timeout: float = 40.0) -> list[dict]:
-        """db.session.query events (of ``user``) whose fields contain ``contains``; with
-        ``expect``, waits until that many arrived (the spool delivers in batches), then
-        returns them all so that a duplicate would show."""
-
-        def fetch():
-            out, page_args = [], []
-            args = ["audit", "search", "--type=db.session.query", "--format=json", "--limit=100000",
-                    "--since=24h"]
-            if user:
-                args.append(f"--user={user}")
-            res = self.c.cgctl(*args, *page_args, check=False)
-            if res.returncode:
-                return None
-            events = json.loads(res.stdout)
-            out = [e for e in events if contains in json.dumps(e.get("fields", {}))]
-            return out
-
-        if expect is None:
-            return fetch() or []
-        got: list = []
-
-        def enough():
-            nonlocal got
-            got = fetch() or []
-            return len(got) >= expect
-
-        try:
-            wait_for(enough, f"{expect} audit events", timeout, 0.5)
-        except AssertionError:
-            pass
-        return got
