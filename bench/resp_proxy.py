@@ -177,6 +177,9 @@ def serve_proxy(d: Path, redis_port: int, metrics: str, profile: str, audit_mode
             key_pem=(d / "proxy.key").read_bytes(), client_ca_pem=(d / "user-ca.pem").read_bytes(),
             limits=ProxyLimits(sessions_per_user=1024))
         port = await listener.start()
+        from services.dbproxy.limits import MallocTrimmer
+
+        MallocTrimmer(lambda: listener.ended).start()  # as DataPlane does
         if gc_tuned:  # what the lead's run_dbproxy may do after start-up
             gc.freeze()
             gc.set_threshold(20_000, 20, 20)

@@ -41,7 +41,7 @@ from services.dbproxy.clusterconn import forget_maps
 from services.dbproxy.entra import EntraTokenCache
 from services.dbproxy.health import DatabaseHealth, Heartbeat
 from services.dbproxy.keys import AUTH_ENTRA, AzureKeyCache, credentials_for, database_auth
-from services.dbproxy.limits import ProxyLimits
+from services.dbproxy.limits import MallocTrimmer, ProxyLimits
 from services.dbproxy.listener import Refused, RespListener, server_ssl_context
 from services.dbproxy.session import Session, SessionContext
 from services.dbproxy.upstream import UpstreamPool, UpstreamTarget
@@ -146,6 +146,7 @@ class DataPlane:
             ssl_context=server_ssl_context(creds.cert_pem + creds.host_ca_pem, creds.key_pem, creds.user_ca_pem),
             limits=self.limits, host=split_hostport(pcfg.redis_listen_addr, 3081)[0] or "0.0.0.0",
             port=split_hostport(pcfg.redis_listen_addr, 3081)[1])
+        self.trimmer = MallocTrimmer(lambda: self.listener.ended)
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> int:
@@ -156,12 +157,14 @@ class DataPlane:
         if any(database_auth(db) == AUTH_ENTRA for db in self.cache.databases.values()):
             self.entra.prefetch()
         port = await self.listener.start()
+        self.trimmer.start()
         if self.heartbeat_enabled:
             self.heartbeat.start()
         return port
 
     async def stop(self) -> None:
         await self.heartbeat.stop()
+        await self.trimmer.stop()
         await self.listener.close(self.limits.shutdown_grace)
         await self.pool.close()
         await self.cache.stop()

@@ -23,7 +23,8 @@ plain bytes, durations ``30s``/``1m``/plain seconds)::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -124,19 +125,70 @@ class RequestBudget:
         self.used = max(0, self.used - n)
 
 
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+class MallocTrimmer:
+    """Gives the memory of ended sessions back to the system: glibc's ``malloc_trim(0)``, in a
+    thread, once sessions ended (``ended()``, a running count) and then a second passed
+    without another ending, or every ``interval`` seconds while sessions keep ending.
+
+    A session's two TLS connections leave their freed memory spread over the heap, between
+    blocks still in use, where glibc does not return it by itself: without this, RSS rose
+    by about 40 KiB per session that had ended (500 sessions opened and closed again and
+    again) until fragmentation happened to clear. A trim takes about 10 ms on a 200 MB heap."""
+
+    def __init__(self, ended: Callable[[], int], interval: float = 10.0, poll: float = 1.0) -> None:
+        self.ended = ended
+        self.interval = interval
+        self.poll = poll
+        self.trims = 0
+        self._task: asyncio.Task | None = None
+        libc = _libc()
+        self._trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+
+    def start(self) -> None:
+        if self._trim is not None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="malloc-trim")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        trimmed = last = self.ended()
+        last_trim = loop.time()
+        while True:
+            await asyncio.sleep(self.poll)
+            now = self.ended()
+            quiet = now == last
+            last = now
+            if now != trimmed and (quiet or loop.time() - last_trim >= self.interval):
+                trimmed = now
+                await asyncio.to_thread(self._trim, 0)
+                last_trim = loop.time()
+                self.trims += 1
+
+
 def tune_malloc(mmap_threshold: int = 128 * 1024) -> bool:
     """Keep large buffers out of the heap (glibc): each TLS connection's 256 KiB read buffer
     (uvloop) is then its own mapping, of which only the pages used count, and it goes back
     to the system when the session ends. Without this glibc raises its threshold after the
     first such buffer is freed, and idle sessions keep whole touched heap blocks (about
     40 KiB more per session). Returns whether the setting took (False off glibc)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    if mallopt is None:
         return False
     m_mmap_threshold = -3
     return bool(mallopt(m_mmap_threshold, mmap_threshold))

@@ -118,6 +118,7 @@ class RespListener:
         self.budget = RequestBudget(self.limits.request_buffer)
         self.handshakes = 0  # TLS handshakes in progress
         self.admitted = 0  # connections past the handshake (authorizing, refusing or in a session)
+        self.ended = 0  # sessions that ended (their memory is given back by limits.MallocTrimmer)
         self._handlers: set[asyncio.Task] = set()
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task | None = None
@@ -249,6 +250,7 @@ class RespListener:
             await session.run()
         finally:
             self.sessions.discard(session)
+            self.ended += 1
 
     async def _start(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: str, peer: Any,
                      span: trace.Span, tracer: trace.Tracer) -> Session | None:

@@ -187,6 +187,11 @@ class _Side(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._on_data(data)
 
+    def detach(self) -> None:
+        """The session ended: nothing more reaches it (and this no longer keeps it alive)."""
+        self._on_data = _ignore
+        self._on_eof = self._pause_peer = self._resume_peer = _noop
+
     def eof_received(self) -> bool:
         self._on_eof(self.name)
         return False
@@ -238,6 +243,8 @@ class Session:
         self._finishing: End | None = None  # waiting for the replies due, then this
         self._held_pause = False  # client reading paused while commands wait behind a block
         self._last_activity = time.monotonic()
+        self._client_side: _Side | None = None
+        self._upstream_side: _Side | None = None
         # Audit.
         self._afields = {
             "session_id": ctx.session_id,
@@ -370,6 +377,7 @@ class Session:
             self._audit_end()
             m.session_ended(ctx.database)
             self._flush_metrics()
+            self._release()
 
     # -- checks ------------------------------------------------------------------------------
 
@@ -463,6 +471,7 @@ class Session:
         # the database is not read, and the other way round.
         client = _Side(self._from_client, self._lost, self._pause_upstream, self._resume_upstream, "client")
         upstream = _Side(self._from_upstream, self._lost, self._pause_client, self._resume_client, "database")
+        self._client_side, self._upstream_side = client, upstream
         if hasattr(up, "attach"):  # a Redis Cluster: the router is the session's upstream
             self._ut, up_left = up.attach(upstream), b""
         else:
@@ -680,6 +689,20 @@ class Session:
             expires_at = new_expiry
             self.core.block_cap = _block_cap(new_expiry - time.time())
 
+    def _release(self) -> None:
+        """Break the reference cycles of an ended session (session -> transport -> protocol ->
+        session, core -> session), so that it and its two TLS connections are freed as soon
+        as the transports close, not at the next full garbage collection (which the hot
+        path's collector settings make rare): without this, ended sessions piled up."""
+        for side in (self._client_side, self._upstream_side):
+            if side is not None:
+                side.detach()
+        self._client_side = self._upstream_side = None
+        self._ct = self._ut = None
+        self._up = None
+        self._creader = self._cwriter = None
+        self.core.detach()
+
     def _close(self) -> None:
         """Close both sides; a TLS peer that does not answer the close is cut off after a
         moment, so that nothing more is read from it (as Redis closes at once)."""
@@ -711,6 +734,14 @@ def _block_cap(token_life: float) -> float:
 
 def _auth_command(user: str, token: str) -> bytes:
     return encode_command("AUTH", user, token)
+
+
+def _ignore(_data: bytes) -> None:
+    pass
+
+
+def _noop(*_args) -> None:
+    pass
 
 
 def _abort(transport: asyncio.Transport) -> None:

@@ -274,6 +274,13 @@ class SessionCore:
         """Drop the incomplete command (its memory goes now); the session must end."""
         self._parser.discard(reason)
 
+    def detach(self) -> None:
+        """The session ended: drop what refers back to it (callbacks, queued reply hooks)."""
+        self._on_protocol_error = None
+        self._q.clear()
+        self._blocked = None
+        self._held_up, self._held_up_size = [], 0
+
     def reply_local(self, data: bytes) -> bytes:
         """A reply of the proxy's own in its place; returns what goes to the client now."""
         self._local(data)
