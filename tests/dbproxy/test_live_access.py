@@ -20,6 +20,7 @@ from services.common import rbac
 from services.common.authz import CertVerifier
 from services.dbproxy.cache import ClusterCache, UserAccess
 from services.dbproxy.dataplane import DataPlane
+from services.dbproxy.health import DatabaseHealth
 from services.dbproxy.listener import RespListener
 from services.dbproxy.resp import encode_command
 from services.dbproxy.upstream import UpstreamPool
@@ -47,7 +48,9 @@ def plane(proxy, certs, redis_server):
     p.verifier = CertVerifier(certs.server_ca.cert, certs.user_ca.cert)
     p.azure_keys = None
     p.entra = None
-    p.pool = UpstreamPool(size=1)
+    p.health = DatabaseHealth()
+    p.pool = UpstreamPool(size=1, health=p.health)
+    p._connect = p.health.tracked(p.pool.get)
     p._contexts = weakref.WeakSet()
     p.cache = ClusterCache(None, on_change=p._on_change)
     for ev in p.cache.ready.values():
