@@ -5,8 +5,8 @@ either; sessions through the balancer land on both; kill -9 of one and new sessi
 logins through the balancer still work. One of them joins through a list of join
 addresses whose first one is dead.
 
-`cgctl status` listing each dbproxy needs host heartbeats (another change); each replica's
-sessions are shown with `cgctl sessions ls --proxy-api` instead."""
+`cgctl status` lists each replica by its heartbeat, and marks the killed one stale; each
+replica's own sessions are listed with `cgctl sessions ls --proxy-api`."""
 
 from __future__ import annotations
 
@@ -86,13 +86,26 @@ def sessions_on(c: Cluster, api: str) -> int:
     return len(json.loads(c.cgctl("sessions", "ls", "--proxy-api", api, "--format=json").stdout))
 
 
+async def status_until(c, done, timeout: float = 15.0) -> dict:
+    """``cgctl status``'s proxies as {host: (stale, sessions)}, once ``done`` says so (or at timeout)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        res = await asyncio.to_thread(c.cgctl, "status", "--format=json")
+        proxies = {p["host"]: (p["stale"], p["sessions"]) for p in json.loads(res.stdout)["proxies"]}
+        if done(proxies) or loop.time() > deadline:
+            return proxies
+        await asyncio.sleep(0.5)
+
+
 async def test_two_dbproxy_behind_one_address_are_interchangeable(cluster, tmp_path, certs, redis_server):  # noqa: F811
     c = cluster
     c.start_auth()
     token = c.token("proxy", "--reusable")
     procs = []
     for tag in ("dbproxy-a", "dbproxy-b"):
-        cfg = c.joiner_config("dbproxy", token, data_dir=tmp_path / tag, database_ca_files=[certs.path("server-ca.pem")])
+        cfg = c.joiner_config("dbproxy", token, data_dir=tmp_path / tag, database_ca_files=[certs.path("server-ca.pem")],
+                              heartbeat_interval="1s")
         if tag == "dbproxy-b":
             # Joining tries each join address: the first one listed answers nothing. The dead
             # auth address is skipped by every call; the live one is a name, resolved at start.
@@ -144,6 +157,10 @@ spec: {{uri: "127.0.0.1:{redis_server.port}", tls: true, secret: "env:{SECRET_EN
             assert h.read(1)[0] == b"PONG"
         counts = [sessions_on(c, f"127.0.0.1:{p.info['api_port']}") for p in procs]
         assert counts == [2, 2], counts
+        # cgctl status shows each replica, by its heartbeat.
+        hosts = {p.info["host_id"] for p in procs}
+        status = await status_until(c, lambda ps: {h for h, (stale, n) in ps.items() if not stale and n == 2} == hosts)
+        assert {h for h, (stale, n) in status.items() if not stale and n == 2} == hosts, status
         for h in held:
             h.sock.close()
 
@@ -151,6 +168,10 @@ spec: {{uri: "127.0.0.1:{redis_server.port}", tls: true, secret: "env:{SECRET_EN
         a.stop(signal.SIGKILL)
         for _ in range(4):
             assert ping(resp.port, cert) == b"PONG"
+        # ... and cgctl status marks the dead one stale (three missed heartbeats).
+        dead_id = a.info["host_id"]
+        status = await status_until(c, lambda ps: ps.get(dead_id, (False, 0))[0])
+        assert status[dead_id][0] and not status[b.info["host_id"]][0], status
         res = run_cli("cgate", "login", f"--proxy={c.proxy}", "--user=alice", "--password-stdin",
                       input=PASSWORD + "\n", extra_env={"CACHEGATE_HOME": str(c.home)})
         assert "alice" in res.stdout + res.stderr
