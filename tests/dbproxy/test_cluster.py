@@ -187,6 +187,34 @@ def test_proxy_replies_and_cluster_replies_keep_their_order(cproxy, carol):
     raw.close()
 
 
+def test_a_client_cannot_change_the_cluster_or_read_the_proxys_credentials(cproxy, carol, rc):
+    """The access role through the cluster path: cluster changes are server administration
+    (refused before any shard sees them), and CONFIG GET shows no password."""
+    from services.dbproxy.resp import encode_command as C
+
+    direct = _direct(rc)
+    known = direct.execute_command("CLUSTER", "INFO")
+    raw = cproxy.raw(carol)
+    raw.send(C("CLUSTER", "MEET", "127.0.0.1", "1") + C("CLUSTER", "SETSLOT", "1", "STABLE")
+             + C("CLUSTER", "FAILOVER") + C("CLUSTER", "RESET") + C("CONFIG", "GET", "requirepass")
+             + C("CONFIG", "GET", "masterauth"))
+    r = raw.read(6)
+    for reply in r[:4]:
+        assert "server administration" in str(reply), r
+    assert r[4] == [b"requirepass", b"<redacted>"] and r[5] == [b"masterauth", b"<redacted>"], r
+    raw.close()
+    assert direct.config_get("requirepass")["requirepass"]  # there was a password to hide
+    after = direct.execute_command("CLUSTER", "INFO")
+    field = "cluster_known_nodes"
+    assert _info_field(after, field) == _info_field(known, field)  # no MEET, no RESET reached it
+    direct.close()
+
+
+def _info_field(info, name: str) -> str:
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    return next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(name + ":"))
+
+
 def test_redis_cluster_client(cproxy, carol, certs):
     from redis.cluster import RedisCluster
 
