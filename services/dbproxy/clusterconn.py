@@ -26,6 +26,7 @@ from opentelemetry import trace
 
 from services.common.config import is_loopback
 from services.dbproxy.cluster import ClusterRouter, SlotMap, parse_cluster_slots, proxy_node_id, split_name
+from services.dbproxy.readbuffer import SharedBufferProtocol
 from services.dbproxy.resp import encode_command
 from services.dbproxy.upstream import (
     CredentialProvider,
@@ -80,7 +81,7 @@ async def fetch_slot_map(target: UpstreamTarget, credentials: CredentialProvider
     return m, seed
 
 
-class _NodeSide(asyncio.Protocol):
+class _NodeSide(SharedBufferProtocol):
     def __init__(self, owner: ClusterUpstream, name: str) -> None:
         self.owner, self.name = owner, name
 

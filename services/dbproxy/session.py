@@ -38,6 +38,7 @@ from services.dbproxy import metrics as dbmetrics
 from services.dbproxy.commands import KNOWN_NAMES, audit_args, lookup
 from services.dbproxy.limits import ProxyLimits, RequestBudget
 from services.dbproxy.metrics import ProxyMetrics
+from services.dbproxy.readbuffer import SharedBufferProtocol
 from services.dbproxy.resp import Command, encode_command, encode_error
 from services.dbproxy.sessioncore import End, SessionCore
 from services.dbproxy.upstream import (
@@ -171,7 +172,7 @@ def _take_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     return transport, leftover
 
 
-class _Side(asyncio.Protocol):
+class _Side(SharedBufferProtocol):
     """One transport of a relaying session; everything goes to the session."""
 
     __slots__ = ("_on_data", "_on_eof", "_pause_peer", "_resume_peer", "name")
