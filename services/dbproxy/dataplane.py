@@ -15,7 +15,6 @@ the new access from its next command or ends with a line that names the change.
 from __future__ import annotations
 
 import logging
-import ssl
 import time
 import weakref
 from collections.abc import Callable
@@ -44,7 +43,7 @@ from services.dbproxy.keys import AUTH_ENTRA, AzureKeyCache, credentials_for, da
 from services.dbproxy.limits import MallocTrimmer, ProxyLimits
 from services.dbproxy.listener import Refused, RespListener, server_ssl_context
 from services.dbproxy.session import Session, SessionContext
-from services.dbproxy.upstream import UpstreamPool, UpstreamTarget
+from services.dbproxy.upstream import DatabaseTLS, UpstreamPool, UpstreamTarget
 
 log = logging.getLogger("cachegate.dbproxy")
 
@@ -140,7 +139,8 @@ class DataPlane:
                 raise
 
         self.audit = AuditSpool(send, spool_dir, cluster_name=cluster_name, encoded=True)
-        self._system_ssl = self._db_context(None)
+        self._db_tls = DatabaseTLS(pcfg.database_ca_files)
+        self._db_tls.context(None)  # the system's CA bundle: slow to load, so loaded now
         self.listener = RespListener(
             self.authorize, self.audit,
             ssl_context=server_ssl_context(creds.cert_pem + creds.host_ca_pem, creds.key_pem, creds.user_ca_pem),
@@ -173,18 +173,11 @@ class DataPlane:
         await self.entra.close()
 
     # --- TLS to databases -------------------------------------------------------------------------
-    def _db_context(self, ca_pem: str | None) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cadata=ca_pem) if ca_pem else ssl.create_default_context()
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        for path in self.pcfg.database_ca_files:
-            ctx.load_verify_locations(cafile=path)
-        return ctx
-
     def target_for(self, db: types_pb2.Database) -> UpstreamTarget:
         host, port = split_hostport(db.uri, 6380 if db.tls else 6379)
         ssl_ctx = None
         if db.tls:
-            ssl_ctx = self._db_context(db.ca_cert_pem) if db.ca_cert_pem else self._system_ssl
+            ssl_ctx = self._db_tls.context(db.ca_cert_pem or None)
         return UpstreamTarget(db.name, host, port, ssl_ctx)
 
     # --- sessions -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 import ssl
@@ -31,6 +32,7 @@ log = logging.getLogger("cachegate.dbproxy.upstream")
 
 __all__ = [
     "CredentialProvider",
+    "DatabaseTLS",
     "SPARE_NAME",
     "UpstreamPool",
     "StaticCredentials",
@@ -72,6 +74,47 @@ class UpstreamTarget:
     @property
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class DatabaseTLS:
+    """TLS client contexts for databases, one per CA bundle, made once and kept.
+
+    Making a context parses every CA it trusts (the system's bundle takes tens of
+    milliseconds); made per session, that was a sixth of a new session's CPU. A context
+    trusts the record's own CA (``ca_pem``) or else the system's, and every file of
+    ``ca_files`` (``dbproxy_service.database_ca_files``): a change to one of them (its size
+    or time) makes new contexts from then on, so a rotated bundle needs no restart."""
+
+    MAX = 64  # contexts kept; beyond that the oldest bundles are made again when next used
+
+    def __init__(self, ca_files: list[str] | tuple[str, ...] = ()) -> None:
+        self.ca_files = tuple(ca_files)
+        self._made: dict[tuple, ssl.SSLContext] = {}
+
+    def _stamp(self) -> tuple:
+        out = []
+        for path in self.ca_files:
+            try:
+                st = os.stat(path)
+            except OSError:
+                out.append(None)  # load_verify_locations says what is wrong
+            else:
+                out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(out)
+
+    def context(self, ca_pem: str | None) -> ssl.SSLContext:
+        key = (ca_pem or "", self._stamp())
+        ctx = self._made.get(key)
+        if ctx is not None:
+            return ctx
+        ctx = ssl.create_default_context(cadata=ca_pem) if ca_pem else ssl.create_default_context()
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        for path in self.ca_files:
+            ctx.load_verify_locations(cafile=path)
+        if len(self._made) >= self.MAX:
+            del self._made[next(iter(self._made))]
+        self._made[key] = ctx
+        return ctx
 
 
 class UpstreamError(Exception):

@@ -23,7 +23,7 @@ from services.dbproxy.dataplane import DataPlane
 from services.dbproxy.health import DatabaseHealth
 from services.dbproxy.listener import RespListener
 from services.dbproxy.resp import encode_command
-from services.dbproxy.upstream import UpstreamPool
+from services.dbproxy.upstream import DatabaseTLS, UpstreamPool
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +45,7 @@ def plane(proxy, certs, redis_server):
     os.environ[SECRET_ENV] = redis_server.password
     p = DataPlane.__new__(DataPlane)
     p.pcfg = SimpleNamespace(database_ca_files=[])
+    p._db_tls = DatabaseTLS()
     p.verifier = CertVerifier(certs.server_ca.cert, certs.user_ca.cert)
     p.azure_keys = None
     p.entra = None
