@@ -211,6 +211,7 @@ async def audit(args) -> dict:
     from services.common.creds import secure_channel
     from services.common.grpcutil import ts
     from services.common.join import join
+    from services.dbproxy.auditspool import id_prefix
 
     creds = await join(args.join_addr, Path(args.token_file).read_text().strip(), args.ca_pin,
                        types_pb2.SERVICE_ROLE_DBPROXY, ["127.0.0.1"])
@@ -224,9 +225,16 @@ async def audit(args) -> dict:
 
     head = b"\x0a" + _VarintBytes(len(template))  # field 1 (events), length-delimited
 
+    # Ids as dbproxy makes them (services.dbproxy.auditspool.id_prefix): a random prefix per
+    # sender and a counter, each event its own id.
+    prefix = id_prefix().encode()
+    seq = 0
+
     def batch() -> bytes:
-        return b"".join(head + template.replace(placeholder.encode(), str(uuid.uuid4()).encode())
-                        for _ in range(args.batch))
+        nonlocal seq
+        seq += args.batch
+        return b"".join(head + template.replace(placeholder.encode(), b"%s%012x" % (prefix, n))
+                        for n in range(seq - args.batch, seq))
 
     channel = secure_channel(args.addr, creds.channel_credentials(), "auth")
     emit = channel.unary_unary("/cachegate.auth.v1.AuditService/EmitAuditEvents", request_serializer=None,
