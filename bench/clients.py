@@ -208,6 +208,7 @@ async def audit(args) -> dict:
 
     from cachegate.auth.v1 import audit_service_pb2
     from cachegate.types.v1 import types_pb2
+    from services.common.auditcodes import code_for
     from services.common.creds import secure_channel
     from services.common.grpcutil import ts
     from services.common.join import join
@@ -219,8 +220,11 @@ async def audit(args) -> dict:
     fields = struct_pb2.Struct()
     fields.update({"user": "bench", "database": "bench-redis", "db_user": "default", "db_name": "0",
                    "session_id": str(uuid.uuid4()), "command": "GET", "args": ["key:000000000042"]})
+    # What dbproxy fills in itself as well: the event's code and its cluster's name.
     template = types_pb2.AuditEvent(id=placeholder, type="db.session.query", time=ts(time.time()), actor="bench",
-                                    source_addr="127.0.0.1:50000", success=True, fields=fields).SerializeToString()
+                                    source_addr="127.0.0.1:50000", success=True, fields=fields,
+                                    code=code_for("db.session.query", True),
+                                    cluster_name=creds.identity.cluster_name).SerializeToString()
     from google.protobuf.internal.encoder import _VarintBytes
 
     head = b"\x0a" + _VarintBytes(len(template))  # field 1 (events), length-delimited

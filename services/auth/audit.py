@@ -14,11 +14,14 @@ import re
 import time
 import uuid
 
+from cachegate.auth.v1.audit_service_pb2 import EmitAuditEventsRequest
 from cachegate.types.v1 import types_pb2
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 
 from services.auth.backend import AuditRow
 from services.common.auditcodes import CODES, code_for  # noqa: F401 (CODES: part of this module's API)
+from services.common.auditwire import event_spans
 from services.common.grpcutil import page_size, ts
 from services.common.logs import event_line
 
@@ -72,8 +75,14 @@ class AuditLog:
         messages themselves instead of copies (for a request nobody else reads)."""
         return [ev for ev, _row in self._checked(events, in_place)]
 
-    def _checked(self, events, in_place: bool) -> list[tuple[types_pb2.AuditEvent, AuditRow]]:
-        """:meth:`check_batch`, with each event's storage row (id, time, type, actor, data)."""
+    def _checked(self, events, in_place: bool, raw: bytes | None = None,
+                 spans: list[tuple[int, int, int]] | None = None) -> list[tuple[types_pb2.AuditEvent, AuditRow]]:
+        """:meth:`check_batch`, with each event's storage row (id, time, type, actor, data).
+
+        ``raw`` and ``spans``: the serialized request the events were parsed from, and where
+        each event is in it (:func:`~services.common.auditwire.event_spans`). An event that
+        needs nothing filled in is then stored as the bytes it came in (they parse to the
+        event just checked), instead of being serialized again."""
         if len(events) > MAX_BATCH:
             raise AuditError(f"too many events in one batch ({len(events)}): send at most {MAX_BATCH}")
         out = []
@@ -82,7 +91,9 @@ class AuditLog:
         uuid_ok = CANONICAL_UUID_RE.fullmatch
         types_ok: set[str] = set()  # types already checked in this batch (a batch has few)
         new_event = types_pb2.AuditEvent
-        for i, ev in enumerate(events):
+        i = -1
+        for ev in events:
+            i += 1
             if not in_place:
                 src, ev = ev, new_event()
                 ev.CopyFrom(src)
@@ -94,26 +105,36 @@ class AuditLog:
                 if type_.startswith(AUTH_ONLY_PREFIXES):
                     raise AuditError(f"event {i}: events of type {type_} are recorded by auth itself")
                 types_ok.add(type_)
+            as_sent = True  # nothing filled in: the bytes as they came are the event
             event_id = ev.id
-            if event_id:
-                # An id in canonical form (what uuid.UUID would give back) needs no parsing.
-                if not uuid_ok(event_id):
+            # An id in canonical form (what uuid.UUID would give back) needs no parsing.
+            if not event_id or not uuid_ok(event_id):
+                as_sent = False
+                if event_id:
                     try:
                         ev.id = event_id = str(uuid.UUID(event_id))
                     except ValueError:
                         raise AuditError(f"event {i}: id {event_id[:64]!r} is not a UUID (leave it empty to have "
                                          "one set)") from None
-            else:
-                ev.id = event_id = str(uuid.uuid4())
+                else:
+                    ev.id = event_id = str(uuid.uuid4())
             t = ev.time
             sec, nanos = t.seconds, t.nanos
             if sec == 0 and nanos == 0:  # missing (or the zero timestamp, the same on the wire)
+                as_sent = False
                 t.CopyFrom(ts(time.time()))
                 sec, nanos = t.seconds, t.nanos
             if not ev.code:
+                as_sent = False
                 ev.code = code_for(type_, ev.success)
-            ev.cluster_name = cluster
-            data = ev.SerializeToString()
+            if ev.cluster_name != cluster:
+                as_sent = False
+                ev.cluster_name = cluster
+            if as_sent and spans is not None:
+                _f, start, end = spans[i]
+                data = raw[start:end]
+            else:
+                data = ev.SerializeToString()
             if len(data) > MAX_EVENT_BYTES:
                 raise AuditError(f"event {i}: event is larger than {MAX_EVENT_BYTES // 1024} KiB: shorten its fields")
             append((ev, (event_id, sec + nanos / 1e9, type_, ev.actor, data)))
@@ -123,6 +144,22 @@ class AuditLog:
         """Check and store a batch, in one transaction; the number stored. AuditError (nothing
         stored), or the storage error (nothing stored either). ``in_place``: see check_batch."""
         checked = self._checked(events, in_place)
+        await self.backend.append_audit_many([row for _ev, row in checked])
+        return len(checked)
+
+    async def ingest_serialized(self, data: bytes) -> int:
+        """:meth:`ingest` for a serialized EmitAuditEventsRequest, as it came over the wire."""
+        try:
+            events = EmitAuditEventsRequest.FromString(data).events
+        except DecodeError:
+            raise AuditError("the audit batch is not a valid EmitAuditEventsRequest: send serialized events") from None
+        try:
+            spans = event_spans(data)
+        except ValueError:
+            spans = None  # valid protobuf in another layout: every event is serialized again
+        if spans is not None and len(spans) != len(events):
+            spans = None
+        checked = self._checked(events, True, data, spans)
         await self.backend.append_audit_many([row for _ev, row in checked])
         return len(checked)
 

@@ -169,6 +169,8 @@ class SQLiteBackend(Backend):
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._insert_rows: dict[int, str] = {}
+        self._max_params = min(self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER), 32766)
         self.path.chmod(0o600)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -264,19 +266,43 @@ class SQLiteBackend(Backend):
             self._db.execute(self._INSERT_AUDIT, (event_id, when, type_, actor, data))
 
     async def append_audit_many(self, rows: Sequence[AuditRow]) -> None:
-        # The connection is in autocommit mode: without BEGIN each INSERT would be its own
-        # transaction (a WAL commit per event). One transaction for the batch, all or nothing.
         if not rows:
             return
         # In a thread: SQLite lets go of the GIL while it writes, so the event loop checks the
         # next batch (and answers logins) meanwhile instead of waiting for the commit.
         await asyncio.to_thread(self._append_audit_many, rows)
 
+    def _insert_audit_rows(self, n: int) -> str:
+        """``INSERT OR IGNORE`` of ``n`` rows in one statement (kept compiled by the driver)."""
+        sql = self._insert_rows.get(n)
+        if sql is None:
+            sql = self._insert_rows[n] = (
+                "INSERT OR IGNORE INTO audit (id, time, type, actor, data) VALUES " + ",".join(["(?,?,?,?,?)"] * n))
+        return sql
+
     def _append_audit_many(self, rows: Sequence[AuditRow]) -> None:
+        # The whole batch is one INSERT of many rows: one statement is one transaction in
+        # autocommit mode (all or nothing), and the driver lets go of the GIL once for it. With
+        # executemany it let go and took it back for every row, and each time it waited for the
+        # event loop's thread to give it up: under load that made a row cost milliseconds.
+        # The row count is rounded up (to a power of two up to 64, then to a multiple of 64) by
+        # repeating the last row, which OR IGNORE stores once: a few statement shapes, cached.
+        n = len(rows)
+        size = 1 << (n - 1).bit_length() if n <= 64 else -(-n // 64) * 64
         with self._lock, self._errors():
+            if size * 5 <= self._max_params:
+                params = [x for row in rows for x in row]
+                if size > n:
+                    params += list(rows[-1]) * (size - n)
+                self._db.execute(self._insert_audit_rows(size), params)
+                return
+            # More rows than one statement may bind: one transaction of chunks.
+            chunk = self._max_params // 5
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(self._INSERT_AUDIT, rows)
+                for k in range(0, n, chunk):
+                    part = rows[k:k + chunk]
+                    self._db.execute(self._insert_audit_rows(len(part)), [x for row in part for x in row])
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:

@@ -8,12 +8,13 @@ import logging
 import grpc
 
 from cachegate.auth.v1 import (
-    audit_service_pb2, audit_service_pb2_grpc, cluster_service_pb2, cluster_service_pb2_grpc,
+    audit_service_pb2, cluster_service_pb2, cluster_service_pb2_grpc,
     database_service_pb2, database_service_pb2_grpc, lock_service_pb2, lock_service_pb2_grpc,
     role_service_pb2, role_service_pb2_grpc, token_service_pb2, token_service_pb2_grpc,
     user_service_pb2, user_service_pb2_grpc,
 )
 from services.auth.auditsvc import AuditServicer
+from services.auth.auditsvc import add_to_server as audit_add_to_server
 from services.auth.backend import open_backend
 from services.auth.databases import DatabaseServicer
 from services.auth.leases import LeaseError, Leases
@@ -201,7 +202,7 @@ def bindings(state: AuthState) -> list[ServiceBinding]:
         ServiceBinding(lock_service_pb2_grpc.add_LockServiceServicer_to_server, LockServicer(state), LOCKS),
         ServiceBinding(database_service_pb2_grpc.add_DatabaseServiceServicer_to_server,
                        DatabaseServicer(state), DATABASES),
-        ServiceBinding(audit_service_pb2_grpc.add_AuditServiceServicer_to_server, AuditServicer(state), AUDIT),
+        ServiceBinding(audit_add_to_server, AuditServicer(state), AUDIT),
     ]
 
 

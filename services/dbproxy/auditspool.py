@@ -53,6 +53,7 @@ from cachegate.auth.v1 import audit_service_pb2
 from cachegate.types.v1 import types_pb2
 from services.common.logs import LOGGED_EVENTS, event_line
 from services.common.auditcodes import CODES
+from services.common.auditwire import event_spans
 from services.common.creds import private_dir
 from services.dbproxy.commands import SECRET_COMMANDS, SUBCOMMAND_PARENTS, audit_args, audit_text, lookup
 
@@ -74,26 +75,7 @@ _ONE = 2  # (_ONE, stream, when, logical_db, command, rbac_name, error)
 
 def _split_request(data: bytes, name: str = "") -> list[bytes]:
     """A serialized EmitAuditEventsRequest as its framed events (field 1 each)."""
-    out, off, n = [], 0, len(data)
-    while off < n:
-        if data[off] != 0x0A:
-            raise ValueError(f"not an audit batch {name}".strip())
-        p = off + 1
-        ln = shift = 0
-        while True:
-            if p >= n or shift > 28:
-                raise ValueError(f"truncated audit batch {name}".strip())
-            b = data[p]
-            p += 1
-            ln |= (b & 0x7F) << shift
-            shift += 7
-            if b < 0x80:
-                break
-        if p + ln > n:
-            raise ValueError(f"truncated audit batch {name}".strip())
-        out.append(data[off : p + ln])
-        off = p + ln
-    return out
+    return [data[f:e] for f, _s, e in event_spans(data, name)]
 
 
 def _read_spool_raw(path: Path) -> list[bytes]:

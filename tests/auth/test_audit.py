@@ -53,6 +53,33 @@ async def test_batch_is_stored_as_given_with_server_checked_ids(env):
     assert len((await search(env, types=["db.session.query"])).events) == 1
 
 
+async def test_a_complete_event_is_stored_as_the_bytes_sent_and_the_others_filled_in(env):
+    """Auth keeps a complete event's own bytes (no serializing again) and fills in only
+    what is missing or not its own; a sender cannot claim another cluster's name."""
+    env.as_proxy()
+    complete = event(id_=str(uuid.uuid4()), when=time.time() - 5, command="SET")
+    complete.code, complete.cluster_name = "T5001I", "unit"
+    foreign = event(id_=str(uuid.uuid4()).upper(), when=time.time() - 4, command="DEL")
+    foreign.code, foreign.cluster_name = "T5001I", "someone-else"
+    missing = event(command="GET")
+    sent = complete.SerializeToString()
+    req = au.EmitAuditEventsRequest(events=[complete, foreign, missing]).SerializeToString()
+    assert (await env.call(env.audit.EmitAuditEvents, req)).stored == 3
+    rows = await env.state.backend.search_audit(None, None, ["db.session.query"], "", None, 10)
+    stored = {}
+    for _when, event_id, data in rows:
+        stored[event_id] = (data, types_pb2.AuditEvent.FromString(data))
+    assert stored[complete.id][0] == sent
+    got_foreign = stored[foreign.id.lower()][1]
+    assert got_foreign.cluster_name == "unit" and got_foreign.fields["command"] == "DEL"
+    (got_missing,) = [ev for _d, ev in stored.values() if ev.fields["command"] == "GET"]
+    assert got_missing.code == "T5001I" and got_missing.cluster_name == "unit" and got_missing.HasField("time")
+    # bytes that are no batch at all: one line, nothing stored
+    err = await env.fails(env.audit.EmitAuditEvents, b"\x0a\x05abc")
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid EmitAuditEventsRequest" in err.details
+    assert len(await env.state.backend.search_audit(None, None, [], "", None, 10)) == 3
+
+
 async def test_bad_batches_are_refused_whole(env):
     env.as_proxy()
     for bad, expect in [
