@@ -76,6 +76,35 @@ class UpstreamTarget:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+class _ResumingContext(ssl.SSLContext):
+    """A client context that offers each server the TLS session it last had with it.
+
+    A resumed handshake (TLS 1.3 tickets; Redis issues them) skips the certificate exchange
+    and its verification: about a fifth of the CPU of opening an upstream connection. It is
+    safe: only a server that holds the session's secret can complete one, and the session
+    was made with a server whose certificate this context verified for that host name.
+    Sessions are kept per host name, and a server that does not know a ticket simply makes
+    a full, verified handshake."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__()
+        self._sessions: dict[str, ssl.SSLSession] = {}
+
+    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None, session=None):
+        if session is None and not server_side and server_hostname:
+            session = self._sessions.get(server_hostname)
+        return super().wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=server_hostname,
+                                session=session)
+
+    def remember(self, ssl_object, server_hostname: str) -> None:
+        """Keep the session of a connection that is now authenticated (its tickets have come)."""
+        session = getattr(ssl_object, "session", None)
+        if session is not None and session.has_ticket:
+            if len(self._sessions) >= 256 and server_hostname not in self._sessions:
+                self._sessions.clear()
+            self._sessions[server_hostname] = session
+
+
 class DatabaseTLS:
     """TLS client contexts for databases, one per CA bundle, made once and kept.
 
@@ -83,7 +112,8 @@ class DatabaseTLS:
     milliseconds); made per session, that was a sixth of a new session's CPU. A context
     trusts the record's own CA (``ca_pem``) or else the system's, and every file of
     ``ca_files`` (``dbproxy_service.database_ca_files``): a change to one of them (its size
-    or time) makes new contexts from then on, so a rotated bundle needs no restart."""
+    or time) makes new contexts from then on, so a rotated bundle needs no restart. Each
+    context resumes TLS sessions with the servers it has verified (:class:`_ResumingContext`)."""
 
     MAX = 64  # contexts kept; beyond that the oldest bundles are made again when next used
 
@@ -107,7 +137,13 @@ class DatabaseTLS:
         ctx = self._made.get(key)
         if ctx is not None:
             return ctx
-        ctx = ssl.create_default_context(cadata=ca_pem) if ca_pem else ssl.create_default_context()
+        # What ssl.create_default_context() makes for a client (certificate and host name
+        # required), as a context that resumes sessions.
+        ctx = _ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+        if ca_pem:
+            ctx.load_verify_locations(cadata=ca_pem)
+        else:
+            ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         for path in self.ca_files:
             ctx.load_verify_locations(cafile=path)
@@ -245,6 +281,9 @@ async def connect_upstream(
                         "select",
                     )
                 client_id = replies[-1] if isinstance(replies[-1], int) else -1
+                remember = getattr(target.ssl, "remember", None)
+                if remember is not None:  # a DatabaseTLS context: resume with this server next time
+                    remember(writer.get_extra_info("ssl_object"), target.server_hostname or target.host)
             except BaseException:
                 writer.close()
                 raise
