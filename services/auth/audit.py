@@ -91,9 +91,7 @@ class AuditLog:
         uuid_ok = CANONICAL_UUID_RE.fullmatch
         types_ok: set[str] = set()  # types already checked in this batch (a batch has few)
         new_event = types_pb2.AuditEvent
-        i = -1
-        for ev in events:
-            i += 1
+        for i, ev in enumerate(events):
             if not in_place:
                 src, ev = ev, new_event()
                 ev.CopyFrom(src)

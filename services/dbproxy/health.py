@@ -29,6 +29,7 @@ import hiredis
 
 from cachegate.auth.v1 import database_service_pb2 as dpb
 from cachegate.dbproxy.v1 import proxy_service_pb2
+from services.common.background import BackgroundTask
 from services.common.grpcutil import dur, ts
 from services.dbproxy.resp import encode_command
 from services.dbproxy.upstream import (
@@ -243,7 +244,7 @@ def _noop_tracer():
     return trace.NoOpTracer()
 
 
-class Heartbeat:
+class Heartbeat(BackgroundTask):
     """Reports ``status()`` to auth every ``interval`` seconds and re-checks, in between, the
     databases that are down or were used lately (``probe(name)``)."""
 
@@ -252,17 +253,10 @@ class Heartbeat:
         self.report, self.status, self.health, self.probe = report, status, health, probe
         self.interval = interval
         self.reports = 0
-        self._task: asyncio.Task | None = None
         self._warned = False
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="dbproxy-heartbeat")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        self._start_task(self._run(), "dbproxy-heartbeat")
 
     def due_probes(self) -> list[str]:
         now = time.monotonic()

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from services.common.background import BackgroundTask
 from services.common.durations import parse_duration, parse_size
 from services.dbproxy.resp import Limits as RespLimits
 
@@ -135,7 +136,7 @@ def _libc():
         return None
 
 
-class MallocTrimmer:
+class MallocTrimmer(BackgroundTask):
     """Gives the memory of ended sessions back to the system: glibc's ``malloc_trim(0)``, in a
     thread, once sessions ended (``ended()``, a running count) and then a second passed
     without another ending, or every ``interval`` seconds while sessions keep ending.
@@ -150,19 +151,12 @@ class MallocTrimmer:
         self.interval = interval
         self.poll = poll
         self.trims = 0
-        self._task: asyncio.Task | None = None
         libc = _libc()
         self._trim = getattr(libc, "malloc_trim", None) if libc is not None else None
 
     def start(self) -> None:
         if self._trim is not None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="malloc-trim")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+            self._start_task(self._run(), "malloc-trim")
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
