@@ -366,7 +366,7 @@ class Cachegate:
         section = {"enabled": True, "listen_addr": "127.0.0.1:0", "api_listen_addr": "127.0.0.1:0",
                    "redis_listen_addr": "127.0.0.1:0", "web_listen_addr": "127.0.0.1:0",
                    "database_ca_files": [str(self.d.parent / "ca.pem")],
-                   "limits": {"sessions_per_user": sessions_per_user}}
+                   "limits": {"sessions_per_user": sessions_per_user, "max_sessions": sessions_per_user + 100}}
         if workers is not None:
             section["workers"] = workers
         return {**self.base(data), "auth_server": self.auth_addr, "join_server": self.join_addr,

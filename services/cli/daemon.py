@@ -79,6 +79,14 @@ def start(
         err_console.print("ERROR: no service is enabled in the config: set auth_service.enabled, "
                           "discovery_service.enabled or dbproxy_service.enabled to true", markup=False)
         raise typer.Exit(1)
+    if "dbproxy" in chosen:
+        from services.dbproxy.allocator import AllocatorError, reexec_if_needed
+
+        try:  # before any thread or socket: the process is run again on jemalloc
+            reexec_if_needed(cfg.dbproxy_service.allocator, sys.orig_argv, sys.executable)
+        except AllocatorError as exc:
+            err_console.print(f"ERROR: {exc}", markup=False)
+            raise typer.Exit(1) from None
     setup_logging("+".join(chosen), cfg.log.level, cfg.log.format, cfg.log.output, route_stderr=True)
     try:
         import uvloop

@@ -24,7 +24,7 @@ ENV_PREFIX = "CACHEGATE_"
 # Passwords of admin-defined databases (secret: env:CACHEGATE_DB_NAME), read by dbproxy.
 ENV_DB_SECRET_PREFIX = "CACHEGATE_DB_"
 ENV_NOT_CONFIG = {"CACHEGATE_CONFIG", "CACHEGATE_HOME", "CACHEGATE_IDENTITY", "CACHEGATE_AUTH_SERVER", "CACHEGATE_PROXY",
-                  "CACHEGATE_SYSTEM_CONFIG"}
+                  "CACHEGATE_SYSTEM_CONFIG", "CACHEGATE_ALLOCATOR_LOADED"}
 # The host's config file (`cachegate db configure create -o file` writes it); the variable
 # moves it (tests, containers with a read-only /etc).
 SYSTEM_CONFIG_ENV = "CACHEGATE_SYSTEM_CONFIG"
@@ -292,6 +292,11 @@ class DbProxyServiceConfig(_Model):
     # them), so that one dbproxy uses every core; 0 = one per CPU. The first also serves the
     # gRPC and web ports.
     workers: int = Field(default=1, ge=0, le=64)
+    # The memory allocator: auto (jemalloc if libjemalloc.so.2 is installed, else glibc's),
+    # jemalloc (refuse to start without it) or system. dbproxy's TLS reads and writes each
+    # allocate a record buffer; glibc slows down on them once many sessions have come and
+    # gone (services/dbproxy/allocator.py, docs/performance.md).
+    allocator: Literal["auto", "jemalloc", "system"] = "auto"
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     # Seconds between heartbeats to auth (database health, shown by `cgctl status`); between
     # them the proxy re-checks the databases that are down or were used lately.

@@ -30,6 +30,7 @@ from typing import Any
 
 from services.common.background import BackgroundTask
 from services.common.durations import parse_duration, parse_size
+from services.dbproxy.allocator import jemalloc_loaded, purge
 from services.dbproxy.resp import Limits as RespLimits
 
 __all__ = ["ProxyLimits", "RequestBudget", "parse_size"]
@@ -137,8 +138,8 @@ def _libc():
 
 
 class MallocTrimmer(BackgroundTask):
-    """Gives the memory of ended sessions back to the system: glibc's ``malloc_trim(0)``, in a
-    thread, once sessions ended (``ended()``, a running count) and then a second passed
+    """Gives the memory of ended sessions back to the system: glibc's ``malloc_trim(0)`` (or
+    jemalloc's purge of every arena, :mod:`services.dbproxy.allocator`), in a thread, once sessions ended (``ended()``, a running count) and then a second passed
     without another ending, or every ``interval`` seconds while sessions keep ending.
 
     A session's two TLS connections leave their freed memory spread over the heap, between
@@ -151,8 +152,11 @@ class MallocTrimmer(BackgroundTask):
         self.interval = interval
         self.poll = poll
         self.trims = 0
-        libc = _libc()
-        self._trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+        if jemalloc_loaded():
+            self._trim = lambda _pad: purge()
+        else:
+            libc = _libc()
+            self._trim = getattr(libc, "malloc_trim", None) if libc is not None else None
 
     def start(self) -> None:
         if self._trim is not None:
@@ -179,7 +183,10 @@ def tune_malloc(mmap_threshold: int = 128 * 1024) -> bool:
     (uvloop) is then its own mapping, of which only the pages used count, and it goes back
     to the system when the session ends. Without this glibc raises its threshold after the
     first such buffer is freed, and idle sessions keep whole touched heap blocks (about
-    40 KiB more per session). Returns whether the setting took (False off glibc)."""
+    40 KiB more per session). Returns whether the setting took (False off glibc, and on
+    jemalloc: :mod:`services.dbproxy.allocator`)."""
+    if jemalloc_loaded():
+        return False
     libc = _libc()
     mallopt = getattr(libc, "mallopt", None) if libc is not None else None
     if mallopt is None:

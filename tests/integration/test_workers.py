@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from services.dbproxy.allocator import find_jemalloc
 from tests.cli.test_cgate_db_e2e import proxy_with_one_database, redis_tls  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -99,6 +100,20 @@ def ping(s: ssl.SSLSocket) -> bytes:
 
 def sessions_ls(c) -> list[dict]:
     return json.loads(c.cgctl("sessions", "ls", f"--proxy-api={c.api}", "--format=json").stdout)
+
+
+def maps_jemalloc(pid: int) -> bool:
+    return "libjemalloc" in open(f"/proc/{pid}/maps").read()
+
+
+@pytest.mark.skipif(find_jemalloc() is None, reason="libjemalloc2 is not installed (redis-server brings it)")
+def test_both_workers_run_on_jemalloc_in_the_process_that_was_started(c):
+    # allocator: auto (the default) runs `cachegate start` again on jemalloc: the same
+    # process id (the one Popen started), and the worker inherits it.
+    [child] = wait_workers(c)
+    assert maps_jemalloc(first_pid(c)) and maps_jemalloc(child)
+    env = open(f"/proc/{first_pid(c)}/environ", "rb").read().split(b"\0")
+    assert b"CACHEGATE_ALLOCATOR_LOADED=jemalloc" in env
 
 
 def test_sessions_spread_over_both_workers_and_are_listed_and_killed_from_the_first(c):
