@@ -22,7 +22,6 @@ import typer
 import yaml
 
 from services.cli.common import CLIError, dev_dir, err_console, out_console
-from services.cli.devenv import DEV_DB, DEV_ENTERPRISE_DB, DEV_ENTRA_DB, DevAzure
 from services.common.config import ConfigError, load_config
 from services.common.creds import Creds, private_dir, write_private
 from services.common.join import JoinError
@@ -179,6 +178,8 @@ DEV_USER_ROLES = "access,editor"
 
 class DevCluster:
     def __init__(self, home: Path, free_ports: bool):
+        from services.cli.devenv import DevAzure  # not imported by `start`: the stand-in is a fifth of its start-up
+
         self.home = home
         self.free = free_ports
         self.procs: dict[str, subprocess.Popen] = {}
@@ -303,6 +304,8 @@ class DevCluster:
         return asyncio.run(go())
 
     def up(self) -> dict:
+        from services.cli.devenv import DEV_DB, DEV_ENTERPRISE_DB, DEV_ENTRA_DB
+
         for d in (self.data, self.run_dir, self.logs):
             private_dir(d)
         self.azure.start()
@@ -359,6 +362,7 @@ def dev(
     """Run the whole cluster on this machine, each service its own process, joined with real
     tokens. A process that dies is started again; one dev cluster per CACHEGATE_HOME."""
     from services.cli.supervisor import LOCK_NAME, AlreadyRunning, DevLock, Supervisor, dev_units
+    from services.cli.devenv import DEV_DB, DEV_ENTERPRISE_DB, DEV_ENTRA_DB
 
     home = dev_dir()
     private_dir(home)
