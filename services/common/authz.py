@@ -128,11 +128,30 @@ def default_admin_check(identity: types_pb2.Identity, resource: str, verb: str) 
 
 
 class CertVerifier:
-    """Checks a certificate against the CA that must have issued it."""
+    """Checks a certificate against the CA that must have issued it.
+
+    A signature found good is remembered (up to ``KEEP`` certificates, by their signed bytes
+    and signature): a client that connects again with the same certificate costs no second
+    ECDSA verification (about 0.1 ms, 3% of a new dbproxy session). Its kind, validity
+    period and everything after are checked each time."""
+
+    KEEP = 4096
 
     def __init__(self, host_ca: x509.Certificate, user_ca: x509.Certificate | None):
         self.host_ca = CertAuthority(host_ca, None)  # type: ignore[arg-type]
         self.user_ca = CertAuthority(user_ca, None) if user_ca is not None else None  # type: ignore[arg-type]
+        self._good: dict[tuple[bytes, bytes, bool], None] = {}  # (signature, signed bytes, host CA?)
+
+    def _issued(self, ca: CertAuthority, cert: x509.Certificate) -> bool:
+        key = (cert.signature, cert.tbs_certificate_bytes, ca is self.host_ca)
+        if key in self._good:
+            return True
+        if not ca.issued(cert):
+            return False
+        if len(self._good) >= self.KEEP:
+            self._good.clear()
+        self._good[key] = None
+        return True
 
     def identity(self, cert: x509.Certificate) -> types_pb2.Identity:
         ident = idmod.identity_from_cert(cert)
@@ -142,7 +161,7 @@ class CertVerifier:
             ca = self.user_ca
         else:
             raise ValueError("certificate identity has no kind")
-        if ca is None or not ca.issued(cert):
+        if ca is None or not self._issued(ca, cert):
             raise ValueError("certificate was not issued by this cluster's CA for its kind")
         now = dt.datetime.now(dt.timezone.utc)
         if not (cert.not_valid_before_utc <= now <= cert.not_valid_after_utc):

@@ -50,3 +50,42 @@ def test_contexts_kept_are_bounded():
         tls.context(pem)
     assert len(tls._made) == DatabaseTLS.MAX  # noqa: SLF001
     assert _subjects(tls.context(pems[-1])) == {f"ca-{DatabaseTLS.MAX + 2}"}
+
+
+class _Conn:
+    """What remember() reads of a connection's SSLObject; reading ``session`` is counted
+    (it is the expensive part: Python copies the session through DER)."""
+
+    def __init__(self, reused: bool, ticket: bool = True) -> None:
+        self.session_reused = reused
+        self.reads = 0
+        self._ticket = ticket
+
+    @property
+    def session(self):
+        self.reads += 1
+        return type("S", (), {"has_ticket": self._ticket})()
+
+
+def test_a_kept_session_that_still_resumes_is_not_read_again_until_it_is_old():
+    ctx = DatabaseTLS().context(None)
+    first = _Conn(reused=False)
+    ctx.remember(first, "db.example")
+    kept = ctx._sessions["db.example"][0]
+    again = _Conn(reused=True)
+    for _ in range(5):
+        ctx.remember(again, "db.example")
+    assert first.reads == 1 and again.reads == 0 and ctx._sessions["db.example"][0] is kept
+    ctx.REFRESH = 0.0  # old: the next connection's session replaces it
+    ctx.remember(again, "db.example")
+    assert again.reads == 1 and ctx._sessions["db.example"][0] is not kept
+
+
+def test_a_session_that_no_longer_resumes_is_replaced_or_dropped():
+    ctx = DatabaseTLS().context(None)
+    ctx.remember(_Conn(reused=False), "db.example")
+    old = ctx._sessions["db.example"][0]
+    ctx.remember(_Conn(reused=False), "db.example")  # the server did not take it (new ticket keys)
+    assert ctx._sessions["db.example"][0] is not old
+    ctx.remember(_Conn(reused=False, ticket=False), "db.example")  # and no ticket to keep instead
+    assert "db.example" not in ctx._sessions
