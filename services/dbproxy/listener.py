@@ -72,6 +72,10 @@ def server_ssl_context(cert_pem: bytes, key_pem: bytes, client_ca_pem: bytes) ->
     ctx.load_verify_locations(cadata=client_ca_pem.decode() if isinstance(client_ca_pem, bytes) else client_ca_pem)
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.verify_flags = ctx.verify_flags | _NO_CHECK_TIME
+    # One TLS 1.3 ticket per handshake (OpenSSL sends two): enough for a client to resume
+    # its next connection (which gets a ticket of its own), and each ticket costs the
+    # server about 0.13 ms, 5% of a new session, whether the client ever resumes or not.
+    ctx.num_tickets = 1
     return ctx
 
 
