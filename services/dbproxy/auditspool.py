@@ -345,7 +345,6 @@ class AuditSpool:
         self.spooled = 0  # events written to disk (delivered later or still waiting)
         self.lost = 0  # events neither delivered nor spooled (logged at ERROR)
         self.rejected = 0  # events auth refused as invalid: kept on disk as *.rejected (ERROR)
-        self._last_rejected = False
 
     # -- producer side (hot path) ------------------------------------------------------------
 
@@ -518,13 +517,14 @@ class AuditSpool:
         return good
 
     async def _try_send(self, evs: list[bytes]) -> tuple[bool, list[bytes]]:
-        self._last_rejected = False
-        return await self._try_send_once(evs)
+        ok, kept, _ = await self._try_send_once(evs)
+        return ok, kept
 
-    async def _try_send_once(self, evs: list[bytes]) -> tuple[bool, list[bytes]]:
-        """Send one batch of framed events. Returns whether it was delivered, and the
-        events to keep when not. With ``encoded`` the bytes go as they are (checked only
-        when the send fails); else they are parsed into AuditEvent messages."""
+    async def _try_send_once(self, evs: list[bytes]) -> tuple[bool, list[bytes], bool]:
+        """Send one batch of framed events. Returns whether it was delivered, the events to
+        keep when not, and whether the receiver rejected them (:class:`AuditRejected`). With
+        ``encoded`` the bytes go as they are (checked only when the send fails); else they
+        are parsed into AuditEvent messages."""
         for attempt in (0, 1):
             try:
                 if self.encoded:
@@ -536,7 +536,7 @@ class AuditSpool:
                         evs = self._checked(evs)
                         batch = list(_Request.FromString(b"".join(evs)).events)
                 if not evs:
-                    return True, evs
+                    return True, evs, False
                 await asyncio.wait_for(self._send(batch), self.send_timeout)
             except asyncio.CancelledError:
                 raise
@@ -546,39 +546,50 @@ class AuditSpool:
                     if len(good) != len(evs):
                         evs = good
                         continue  # the batch was bad, not the sink: send the rest now
-                self._last_rejected = isinstance(exc, AuditRejected)
                 log.warning("audit delivery failed (%d events kept in the spool): %s", len(evs),
                             (str(exc).splitlines() or [type(exc).__name__])[0][:200])
-                return False, evs
+                return False, evs, isinstance(exc, AuditRejected)
             self.sent += len(evs)
-            return True, evs
-        return False, evs  # pragma: no cover
+            return True, evs, False
+        return False, evs, False  # pragma: no cover
 
     async def _deliver_spool(self) -> bool:
-        """Send spooled batches oldest first; True when the spool is empty."""
-        for path in sorted(self.spool_dir.glob("*.batch")):
-            try:
-                evs = _read_spool_raw(path)
-            except (OSError, ValueError) as exc:
-                bad = path.with_suffix(".bad")
-                log.error("unreadable audit spool file %s moved to %s: %s", path.name, bad.name, exc)
-                path.rename(bad)
-                continue
-            ok, _ = await self._try_send(evs)
-            if not ok and self._last_rejected:
-                # Auth refuses these events for what they are: retrying would block every
-                # later event behind them. They stay on disk, set aside, and are counted.
-                aside = path.with_suffix(".rejected")
-                path.rename(aside)
-                self.rejected += len(evs)
-                log.error("AUDIT EVENTS REJECTED by auth: %d events set aside in %s; see auth's log",
-                          len(evs), aside)
-                continue
-            if not ok:
-                return False
-            path.unlink()
+        """Send spooled batches, oldest first, up to ``max_in_flight`` files at a time (one at a
+        time, a spool that had filled under load drained slower than sessions queued events,
+        so it spilled again and again); True when the spool is empty. A file goes once its
+        send returned; after a failed send the rest waits for the next retry."""
+        step = self.max_in_flight
+        while paths := sorted(self.spool_dir.glob("*.batch")):  # again: spilled meanwhile
+            for i in range(0, len(paths), step):
+                results = await asyncio.gather(*(self._deliver_file(p) for p in paths[i:i + step]))
+                if not all(results):
+                    return False
         self._spooled_pending = False
         log.info("audit spool delivered")
+        return True
+
+    async def _deliver_file(self, path: Path) -> bool:
+        """Send one spool file; True when it is gone (delivered, or set aside)."""
+        try:
+            evs = _read_spool_raw(path)
+        except (OSError, ValueError) as exc:
+            bad = path.with_suffix(".bad")
+            log.error("unreadable audit spool file %s moved to %s: %s", path.name, bad.name, exc)
+            path.rename(bad)
+            return True
+        ok, _, rejected = await self._try_send_once(evs)
+        if not ok and rejected:
+            # Auth refuses these events for what they are: retrying would block every
+            # later event behind them. They stay on disk, set aside, and are counted.
+            aside = path.with_suffix(".rejected")
+            path.rename(aside)
+            self.rejected += len(evs)
+            log.error("AUDIT EVENTS REJECTED by auth: %d events set aside in %s; see auth's log",
+                      len(evs), aside)
+            return True
+        if not ok:
+            return False
+        path.unlink()
         return True
 
     # -- disk ----------------------------------------------------------------------------------

@@ -151,3 +151,42 @@ async def test_spool_is_readable_by_its_owner_only(tmp_path):
     await spool.start()
     assert mode(spool_dir) == 0o700 and mode(first) == 0o600
     await spool.close(timeout=1)
+
+
+async def test_a_full_spool_drains_several_files_at_a_time_and_keeps_what_failed(tmp_path):
+    # Under load a spool that drained one file per round trip fell behind the sessions and
+    # spilled again and again; files now go max_in_flight at a time.
+    in_flight, peak, got = [0], [0], []
+    fail_n = {7}
+
+    async def send(batch):
+        in_flight[0] += 1
+        peak[0] = max(peak[0], in_flight[0])
+        try:
+            await asyncio.sleep(0.02)
+            ns = [e.fields["n"] for e in batch]
+            if fail_n & set(ns):
+                raise ConnectionError("one call fails")
+            got.extend(ns)
+        finally:
+            in_flight[0] -= 1
+
+    down = FlakySink()
+    down.up = False
+    spool = AuditSpool(down.send, tmp_path, batch_size=1, flush_interval=0.02, retry_interval=30)
+    await spool.start()
+    for i in range(20):  # one file each
+        spool.emit("db.session.query", "a", fields={"n": i})
+        await _until(lambda: spool.spooled == i + 1)
+    await spool.close()
+    assert len(list(tmp_path.glob("*.batch"))) == 20
+    spool2 = AuditSpool(send, tmp_path, flush_interval=0.02, retry_interval=30, max_in_flight=4)
+    await spool2.start()
+    await _until(lambda: len(got) >= 4)
+    await asyncio.sleep(0.3)
+    # The first four went together; the chunk with the failing one stopped there, and its
+    # file waits for the retry: nothing was dropped and nothing after it was reordered.
+    assert peak[0] == 4
+    assert sorted(got) == [0, 1, 2, 3, 4, 5, 6] and len(list(tmp_path.glob("*.batch"))) == 13
+    fail_n.clear()
+    await spool2.close(timeout=2)
