@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-DEBS=(redis-server redis-tools postgresql jq stunnel4)
+DEBS=(redis-server redis-tools postgresql jq stunnel4 libjemalloc2)
 
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
@@ -15,6 +15,7 @@ command -v redis-cli >/dev/null || missing+=(redis-tools)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v jq >/dev/null || missing+=(jq)
 command -v stunnel4 >/dev/null || missing+=(stunnel4)  # python -m bench: the baseline
+ls /usr/lib/*/libjemalloc.so.2 >/dev/null 2>&1 || missing+=(libjemalloc2)  # dbproxy's allocator
 if ((${#missing[@]})); then
   echo "setup: installing Debian packages: ${missing[*]}" >&2
   SUDO=""
