@@ -20,12 +20,12 @@ by :func:`services.dbproxy.limits.tune_malloc`). Workers inherit the environment
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["JEMALLOC_CONF", "MARK", "AllocatorError", "find_jemalloc", "jemalloc_loaded", "purge", "reexec_env", "reexec_if_needed"]
+__all__ = ["JEMALLOC_CONF", "MARK", "AllocatorError", "find_jemalloc", "jemalloc_loaded", "purge", "reexec_env",
+           "reexec_if_needed"]
 
 # Set in the environment of the process that was run again, so that it is never run a third
 # time (were the preload to fail, it goes on with glibc's malloc).
@@ -50,11 +50,6 @@ def find_jemalloc() -> str | None:
         p = Path(d) / _SONAME
         if p.is_file():
             return str(p)
-    name = ctypes.util.find_library("jemalloc")
-    if name:
-        for d in _DIRS:
-            if (Path(d) / name).is_file():
-                return str(Path(d) / name)
     return None
 
 

@@ -139,7 +139,8 @@ def _libc():
 
 class MallocTrimmer(BackgroundTask):
     """Gives the memory of ended sessions back to the system: glibc's ``malloc_trim(0)`` (or
-    jemalloc's purge of every arena, :mod:`services.dbproxy.allocator`), in a thread, once sessions ended (``ended()``, a running count) and then a second passed
+    jemalloc's purge of every arena, :mod:`services.dbproxy.allocator`), in a thread, once
+    sessions ended (``ended()``, a running count) and then a second passed
     without another ending, or every ``interval`` seconds while sessions keep ending.
 
     A session's two TLS connections leave their freed memory spread over the heap, between
