@@ -213,6 +213,8 @@ class DataPlane:
             db_labels=labels, target=self.target_for(db), credentials=credentials_for(db, self.azure_keys, self.entra),
             lock_check=lock_check, extra_audit_fields={"db_uri": db.uri}, identity=ident,
             connect=self._connect, cluster=is_cluster(db))
+        if not ctx.cluster:
+            ctx.release = self.pool.release
         self._contexts.add(ctx)
         return ctx
 

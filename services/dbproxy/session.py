@@ -62,6 +62,8 @@ _CLOSE_GRACE = 1.0
 _LAST_SECOND = 1.0
 # Client commands held behind a capped blocking command, at most (then the client is not read).
 _MAX_HELD_BEHIND_BLOCK = 1 << 20
+# Ends after which the database connection may go back to the pool (Session._gives_back).
+_CLEAN_ENDS = frozenset(("client closed", "client quit"))
 
 
 class AuditSink(Protocol):
@@ -130,6 +132,9 @@ class SessionContext:
     # The database is a Redis Cluster (OSSCluster): the session routes by slot
     # (services/dbproxy/clusterconn.py) instead of using ``connect``.
     cluster: bool = False
+    # Takes back the database connection of a session that ended cleanly (an UpstreamPool's
+    # ``release``); None: it is closed.
+    release: Callable[[Upstream], None] | None = None
 
     @property
     def logical_db(self) -> int:
@@ -704,12 +709,25 @@ class Session:
         self._creader = self._cwriter = None
         self.core.detach()
 
+    def _gives_back(self) -> bool:
+        """The database connection can serve another session: the client closed or quit,
+        every reply it was due has come, and the session sent nothing RESET may not undo."""
+        ut = self._ut
+        return (self.ctx.release is not None and self.end_reason in _CLEAN_ENDS and ut is not None
+                and not ut.is_closing() and self.core.reusable and self._up is not None
+                and self._up.writer.transport is ut)
+
     def _close(self) -> None:
         """Close both sides; a TLS peer that does not answer the close is cut off after a
         moment, so that nothing more is read from it (as Redis closes at once)."""
         loop = asyncio.get_running_loop()
-        if self._up is not None:
-            self._up.close()
+        up = self._up
+        if up is not None:
+            if self._gives_back():
+                up.reclaim()
+                self.ctx.release(up)
+            else:
+                up.close()
         ct = self._ct
         if ct is None:
             self._cwriter.close()

@@ -244,6 +244,10 @@ class SessionCore:
         self._m_on = count_commands
         self.allowed_counts: dict[str, int] = {}
         self.denied_counts: dict[str, int] = {}
+        # Only plain commands (and SELECT, AUTH, QUIT) were sent: nothing set connection state
+        # that RESET might not undo (CLIENT SETINFO, say), so the database connection may serve
+        # another session after RESET (:attr:`reusable`).
+        self._clean = True
 
     # -- state the shell reads -------------------------------------------------------------
 
@@ -259,6 +263,16 @@ class SessionCore:
     def idle(self) -> bool:
         """No reply is due from the database (nor in the middle of one)."""
         return not self._q and not self._framer.in_frame
+
+    @property
+    def reusable(self) -> bool:
+        """The session's database connection may be reset and given to another session: only
+        plain commands, SELECT, AUTH (answered here) and QUIT were sent, every reply due has
+        come, and nothing waits, blocks or streams (Pub/Sub, MONITOR, MULTI, CLIENT REPLY)."""
+        return (self._clean and not self._q and not self._framer.in_frame and not self._held
+                and not self._in_multi and not self._monitor and not self._monitor_cmd
+                and not self._noreply and self._blocked is None and not self._held_up
+                and not any(self._subs) and not self._sub2)
 
     @property
     def held_bytes(self) -> int:
@@ -567,6 +581,8 @@ class SessionCore:
             name = cmd.name
             handler = special.get(name)
             if handler is not None or self._monitor_cmd or self._noreply or self._in_multi:
+                if name not in _KEEP_CLEAN:
+                    self._clean = False
                 if audited:
                     self._aq.commands(now, self._logical_db, audited)
                     audited = []
@@ -1136,6 +1152,11 @@ def _own_user_error(s: SessionCore, user: str) -> str | None:
     return (f'ERR AUTH as db user "{user[:64]}" is not allowed: this Cachegate session is db user '
             f'"{s.db_user}" (Cachegate authenticates for you; connect with --db-user to change)')
 
+
+# Commands after which a connection may still serve another session once RESET (which
+# selects database 0 and logs it out; the proxy authenticates it again). AUTH and QUIT are
+# answered by the proxy itself.
+_KEEP_CLEAN = frozenset(("SELECT", "AUTH", "QUIT"))
 
 _SPECIAL: dict[str, Callable[[SessionCore, Command, list[bytes]], None]] = {
     "AUTH": _Handlers.auth,

@@ -196,6 +196,15 @@ class Upstream:
     client_id: int = -1  # the database's CLIENT ID of this connection (-1: unknown)
     auth_expires_at: float | None = None  # when its AUTH's credential expires (Entra ID tokens)
     spare: bool = False  # opened ahead by a pool, named SPARE_NAME until a session takes it
+    pool_tag: tuple | None = field(repr=False, default=None)  # the pool it came from (UpstreamPool.release)
+    served: int = 0  # sessions it served before (given back to its pool and RESET each time)
+
+    def reclaim(self) -> None:
+        """Read this connection through its stream again (a session had moved its transport
+        to a protocol of its own)."""
+        transport = self.writer.transport
+        transport.set_protocol(self.writer._protocol)  # noqa: SLF001 - the StreamReaderProtocol it was opened with
+        transport.resume_reading()
 
     def close(self) -> None:
         try:
@@ -374,6 +383,8 @@ async def _authenticate(
 # the session that takes one clears it.
 SPARE_NAME = "cachegate-spare"
 CLEAR_NAME = encode_command("CLIENT", "SETNAME", "")
+_SPARE_SETNAME = encode_command("CLIENT", "SETNAME", SPARE_NAME)
+_RESET = encode_command("RESET")
 
 
 class UpstreamPool:
@@ -381,20 +392,32 @@ class UpstreamPool:
     costs the client's handshake only.
 
     Per database (name and address) up to ``size`` connections wait, filled in the
-    background after each session takes one; a connection is given to one session and
-    never reused after it (its state is that session's). A waiting connection older than
-    ``max_age`` seconds, or one the database closed or wrote to, is dropped; with none
-    ready, :meth:`get` connects as :func:`connect_upstream` does (and reports its errors
-    the same way). :meth:`forget` drops a database's connections (its record changed)."""
+    background when fewer wait; a waiting connection older than ``max_age`` seconds, or
+    one the database closed or wrote to, is dropped; with none ready, :meth:`get`
+    connects as :func:`connect_upstream` does (and reports its errors the same way).
+    :meth:`forget` drops a database's connections (its record changed).
+
+    A session that ends cleanly gives its connection back (:meth:`release`): it is RESET
+    (database 0, no name, RESP2, no MULTI, WATCH, subscriptions, tracking or MONITOR, and
+    logged out), authenticated again with the proxy's own credentials and waits for the
+    next session, so that a new session costs no handshake to the database. Only
+    connections of sessions that sent nothing RESET might not undo come back
+    (:attr:`~services.dbproxy.sessioncore.SessionCore.reusable`); any surprise on the way
+    (an error, a stray byte, a timeout, a changed record, an expiring token) closes it.
+    At most ``max_idle`` wait per database."""
 
     def __init__(self, size: int = 4, max_age: float = 60.0, *, timeout: float = 10.0,
-                 health=None) -> None:
+                 health=None, max_idle: int = 64) -> None:
         self.size = size
         self.health = health  # a health.DatabaseHealth: spare connects count too
         self.max_age = max_age
         self.timeout = timeout
+        self.max_idle = max(max_idle, size)
         self._ready: dict[tuple, list[tuple[float, Upstream]]] = {}
         self._filling: dict[tuple, asyncio.Task] = {}
+        self._gen: dict[str, int] = {}  # per database name: +1 at each forget
+        self._recycling: set[asyncio.Task] = set()
+        self.reused = 0  # connections given to a session after serving an earlier one
 
     @staticmethod
     def _key(target: UpstreamTarget) -> tuple:
@@ -404,6 +427,7 @@ class UpstreamPool:
                   timeout: float = 10.0, on_auth_refused: Callable[[], None] | None = None,
                   tracer: trace.Tracer | None = None) -> Upstream:
         key = self._key(target)
+        tag = (key, self._gen.get(target.name, 0))
         ready = self._ready.get(key)
         now = asyncio.get_running_loop().time()
         up = None
@@ -413,10 +437,16 @@ class UpstreamPool:
                 up = candidate
                 break
             candidate.close()
-        self._fill(key, target, credentials)
+        if len(ready or ()) < self.size:
+            self._fill(key, target, credentials)
         if up is None:
-            return await connect_upstream(target, credentials, logical_db, timeout=timeout,
-                                          on_auth_refused=on_auth_refused, tracer=tracer)
+            up = await connect_upstream(target, credentials, logical_db, timeout=timeout,
+                                        on_auth_refused=on_auth_refused, tracer=tracer)
+            up.pool_tag = tag
+            return up
+        up.pool_tag = tag
+        if up.served:
+            self.reused += 1
         if logical_db:
             try:
                 async with asyncio.timeout(timeout):
@@ -464,6 +494,43 @@ class UpstreamPool:
                 left = up.auth_expires_at - time.time()
                 loop.call_later(max(left * 2 / 3, 0.0), self._drop, key, up)
 
+    def release(self, up: Upstream) -> None:
+        """Take back the connection of a session that ended cleanly (see the class doc); the
+        caller has given up its transport (:meth:`Upstream.reclaim`)."""
+        tag = up.pool_tag
+        up.pool_tag = None
+        if tag is None or up.auth_expires_at is not None or self._gen.get(tag[0][0], 0) != tag[1] \
+                or len(self._ready.get(tag[0], ())) + len(self._recycling) >= self.max_idle:
+            up.close()
+            return
+        task = asyncio.get_running_loop().create_task(self._recycle(tag, up), name="upstream-pool reset")
+        self._recycling.add(task)
+        task.add_done_callback(self._recycling.discard)
+
+    async def _recycle(self, tag: tuple, up: Upstream) -> None:
+        key, gen = tag
+        cmds = [_RESET, up.auth_command, _SPARE_SETNAME] if up.auth_command else [_RESET, _SPARE_SETNAME]
+        try:
+            async with asyncio.timeout(self.timeout):
+                up.writer.write(b"".join(cmds))
+                replies = await _read_replies(up.reader, len(cmds))
+        except (TimeoutError, OSError, UpstreamError):
+            up.close()
+            return
+        except asyncio.CancelledError:
+            up.close()
+            raise
+        ready = self._ready.get(key)
+        if (replies[0] != b"RESET" or any(isinstance(r, hiredis.ReplyError) for r in replies)
+                or not _usable(up) or ready is None or self._gen.get(key[0], 0) != gen
+                or len(ready) >= self.max_idle):
+            up.close()
+            return
+        up.logical_db = 0
+        up.spare = True
+        up.served += 1
+        ready.append((asyncio.get_running_loop().time(), up))
+
     def _drop(self, key: tuple, up: Upstream) -> None:
         ready = self._ready.get(key)
         if ready:
@@ -474,7 +541,8 @@ class UpstreamPool:
                     return
 
     def forget(self, name: str) -> None:
-        """Drop the waiting connections of database ``name``."""
+        """Drop the waiting connections of database ``name`` (and those sessions give back)."""
+        self._gen[name] = self._gen.get(name, 0) + 1
         for key in [k for k in self._ready if k[0] == name]:
             for _, up in self._ready.pop(key):
                 up.close()
@@ -485,7 +553,7 @@ class UpstreamPool:
     async def close(self) -> None:
         for key in list(self._ready):
             self.forget(key[0])
-        tasks = [t for t in self._filling.values() if not t.done()]
+        tasks = [t for t in (*self._filling.values(), *self._recycling) if not t.done()]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -161,3 +161,79 @@ def test_a_resync_applies_what_changed_while_the_stream_was_away(proxy, plane, c
     rita.close()
     sam.close()
     assert end_reasons(proxy, "sam", 1)[-1] == "user sam was deleted"
+
+
+def _connections(direct) -> dict[int, str]:
+    """The database's connections right now (asked on the test's own connection): id -> name."""
+    return {int(c["id"]): c.get("name", "") for c in direct.client_list()}
+
+
+def _wait(cond, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_session_that_ends_cleanly_gives_its_connection_to_the_next_reset(proxy, plane, certs, redis_server):
+    set_state(proxy, plane, {"live-rw": role("live-rw")},
+              {"rene": UserAccess("rene", ("live-rw",), ("default",), ("0", "1"))})
+    cert = certs.user_cert("rene", service=DB, roles=("live-rw",), db_names=("0",))
+    direct = redis_server.client()
+    direct.delete("reuse:k")
+    before = direct.info("stats")["total_connections_received"]
+    reused = plane.pool.reused
+    for i in range(6):
+        s = connect(proxy, plane, cert)
+        # It starts on its route's database, whatever the session before it selected.
+        s.send(C("GET", "reuse:k"))
+        assert s.read(1) == [None]
+        s.send(C("SELECT", "1") + C("SET", "reuse:k", str(i)) + C("QUIT"))
+        assert s.read(3) == [b"OK", b"OK", b"OK"]
+        assert s.closed(3)
+        # Back in the pool, reset and logged in again, waiting under the spare name.
+        assert _wait(lambda: "cachegate-spare" in _connections(direct).values())
+    direct.select(1)
+    assert direct.get("reuse:k") == b"5"
+    direct.delete("reuse:k")
+    # Six sessions, and the database saw at most two new connections (the pool's first fill).
+    assert direct.info("stats")["total_connections_received"] - before <= 2
+    assert plane.pool.reused - reused >= 4
+
+
+@pytest.mark.parametrize("state", [C("CLIENT", "SETINFO", "LIB-NAME", "x"), C("SUBSCRIBE", "reuse-ch")],
+                         ids=["setinfo", "subscribe"])
+def test_a_session_that_set_connection_state_does_not_give_its_connection_back(proxy, plane, certs,
+                                                                             redis_server, state):
+    set_state(proxy, plane, {"live-rw": role("live-rw")},
+              {"rene": UserAccess("rene", ("live-rw",), ("default",), ("0",))})
+    direct = redis_server.client()
+    s = connect(proxy, plane, certs.user_cert("rene", service=DB, roles=("live-rw",), db_names=("0",)))
+    s.send(C("CLIENT", "ID"))
+    (own,) = s.read(1)
+    assert own in _connections(direct)
+    s.send(state)
+    s.read(1)
+    s.close()
+    # Closed, not reset for someone else.
+    assert _wait(lambda: own not in _connections(direct))
+
+
+def test_a_session_ended_with_a_reply_due_does_not_give_its_connection_back(proxy, plane, certs, redis_server):
+    set_state(proxy, plane, {"live-rw": role("live-rw")},
+              {"rene": UserAccess("rene", ("live-rw",), ("default",), ("0",))})
+    cert = certs.user_cert("rene", service=DB, roles=("live-rw",), db_names=("0",))
+    direct = redis_server.client()
+    s = connect(proxy, plane, cert)
+    s.send(C("DEBUG", "SLEEP", "0.3"))
+    time.sleep(0.1)
+    s.close()  # its reply is still due
+    nxt = connect(proxy, plane, cert)
+    nxt.send(C("ECHO", "mine"))
+    assert nxt.read(1) == [b"mine"]  # never the earlier session's +OK
+    nxt.close()
+    # The connection that still owed a reply (its last command DEBUG) is closed, not reset
+    # and handed on.
+    assert _wait(lambda: all(c.get("cmd") != "debug" for c in direct.client_list()))

@@ -252,3 +252,32 @@ def test_messages_around_swallowed_replies_survive_every_split():
             out = c.feed_upstream(full[:cut]) + c.feed_upstream(full[cut:cut2]) + c.feed_upstream(full[cut2:])
             assert out == msg + pmsg, (cut, cut2)
             assert c.idle
+
+
+def test_reusable_only_after_plain_commands_whose_replies_have_all_come():
+    c, _ = core()
+    assert c.reusable  # nothing sent yet
+    c.feed_client(C("SELECT", "1") + C("SET", "k", "v") + C("GET", "k"))
+    assert not c.reusable  # replies are due: the connection is busy
+    c.feed_upstream(b"+OK\r\n+OK\r\n$1\r\n")
+    assert not c.reusable  # in the middle of a reply
+    c.feed_upstream(b"v\r\n")
+    assert c.reusable  # SELECT is undone by RESET
+    c.feed_client(C("QUIT"))
+    assert c.reusable  # answered by the proxy
+
+
+@pytest.mark.parametrize("first", [
+    C("CLIENT", "SETINFO", "LIB-NAME", "x"), C("CLIENT", "NO-EVICT", "ON"), C("HELLO", "3"),
+    C("SUBSCRIBE", "ch"), C("MULTI"), C("MONITOR"), C("CLIENT", "REPLY", "OFF"), C("BLPOP", "q", "1"),
+    C("WATCH", "k"), C("EVAL", "return 1", "0"),
+], ids=lambda b: "-".join(x.decode() for x in b.split(b"\r\n")[2:5:2]))
+def test_not_reusable_once_a_command_set_connection_state(first):
+    c, _ = core(roles=("access", "ops"))
+    c.feed_client(first)
+    replies = {b"HELLO": b"%1\r\n+proto\r\n:3\r\n", b"SUBSCRIBE": b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n",
+               b"BLPOP": b"*-1\r\n"}
+    name = first.split(b"\r\n")[2].upper()
+    if name not in (b"MONITOR",) and not first.endswith(b"OFF\r\n"):
+        c.feed_upstream(replies.get(name, b"+OK\r\n"))
+    assert not c.reusable
