@@ -246,6 +246,8 @@ class LimitsConfig(_Model):
     # TLS handshakes in progress at once.
     max_handshakes: int | None = None
     upstream_connect_timeout: Duration | None = None
+    # An idle session gives its database connection back to the pool after this (0: never).
+    upstream_idle_release: Duration | None = None
     # On SIGTERM: how long live sessions have to receive the replies already due.
     shutdown_grace: Duration | None = None
     # Sessions per user when their roles set no max_connections.
@@ -257,7 +259,7 @@ class LimitsConfig(_Model):
     audit_max_args: int | None = None
 
     _d = field_validator("tls_handshake_timeout", "upstream_connect_timeout", "request_timeout", "shutdown_grace",
-                         mode="before")(
+                         "upstream_idle_release", mode="before")(
         lambda v: None if v is None else parse_duration(v))
     _s = field_validator("max_bulk_len", "max_inline_len", "max_request", "request_buffer", "max_reply_line",
                          mode="before")(lambda v: None if v is None else parse_size(v))

@@ -15,6 +15,7 @@ plain bytes, durations ``30s``/``1m``/plain seconds)::
       sessions_per_user: 256       # unless the user's roles set max_connections
       max_sessions: 4096           # sessions of the whole proxy
       upstream_connect_timeout: 10s
+      upstream_idle_release: 1s    # an idle session's database connection goes back to the pool (0: never)
       max_reply_line: 1MiB         # longest reply header line from the database
       audit_arg_max: 256           # audit keeps this many bytes of each argument
       audit_max_args: 64           # ... and this many arguments
@@ -39,7 +40,9 @@ _MiB = 1024 * 1024
 
 _SIZES = {"max_bulk_len", "max_inline_len", "max_request", "request_buffer", "max_reply_line", "read_chunk"}
 _DURATIONS = {"tls_handshake_timeout", "upstream_connect_timeout", "refusal_linger", "request_timeout",
-              "shutdown_grace"}
+              "shutdown_grace", "upstream_idle_release"}
+# Limits for which 0 means "off".
+_MAY_BE_ZERO = {"refusal_linger", "upstream_idle_release"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,12 @@ class ProxyLimits:
     # Sessions of the whole proxy (each holds two sockets; see the open-files limit).
     max_sessions: int = 4096
     upstream_connect_timeout: float = 10.0
+    # A session that sent nothing for this long, with no reply due and nothing set on its
+    # database connection that RESET would undo (only plain commands and SELECT), gives
+    # that connection back to the pool and takes one again for its next command: idle
+    # sessions hold no database connection (Azure caps them per tier) and about half the
+    # memory. 0: a session keeps its connection to the end.
+    upstream_idle_release: float = 1.0
     # On SIGTERM, how long live sessions have to receive the replies already due, then end.
     shutdown_grace: float = 10.0
     max_reply_line: int = _MiB
@@ -98,7 +107,7 @@ class ProxyLimits:
                 if isinstance(raw, bool) or not isinstance(raw, (int, str)) or not str(raw).isdigit():
                     raise ValueError(f"invalid value {raw!r} for {key}: use a whole number")
                 v = int(raw)
-            if v <= 0 and key != "refusal_linger":
+            if v < 0 or (v == 0 and key not in _MAY_BE_ZERO):
                 raise ValueError(f"invalid value {raw!r} for {key}: it must be positive")
             values[key] = v
         return replace(cls(), **values)

@@ -69,6 +69,9 @@ class ProxyMetrics:
             return
         self.active = meter.create_up_down_counter(
             "cachegate.dbproxy.sessions.active", unit="{session}", description="Live RESP sessions")
+        self.parked = meter.create_up_down_counter(
+            "cachegate.dbproxy.sessions.parked", unit="{session}",
+            description="Live RESP sessions that gave their database connection back while idle")
         self.started = meter.create_counter(
             "cachegate.dbproxy.sessions.started", unit="{session}",
             description="RESP sessions started (connected to the database)")
@@ -125,6 +128,10 @@ class ProxyMetrics:
     def session_ended(self, database: str) -> None:
         if self.enabled:
             self.active.add(-1, self._a(database=database))
+
+    def session_parked(self, database: str, delta: int) -> None:
+        if self.enabled:
+            self.parked.add(delta, self._a(database=database))
 
     def session_refused(self, reason: str) -> None:
         if self.enabled:

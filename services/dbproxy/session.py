@@ -251,6 +251,11 @@ class Session:
         self._last_activity = time.monotonic()
         self._client_side: _Side | None = None
         self._upstream_side: _Side | None = None
+        # Idle with its database connection given back (limits.upstream_idle_release): what
+        # the client sent since waits here while :meth:`_unpark` takes a connection again.
+        self._parked = False
+        self._parked_in: list[bytes] = []
+        self._unparking: asyncio.Task | None = None
         # Audit.
         self._afields = {
             "session_id": ctx.session_id,
@@ -361,9 +366,6 @@ class Session:
                     return
         finally:
             span.end()
-        self.core.upstream_auth, self.core.client_id = self._up.auth_command, self._up.client_id
-        if self._up.spare:  # the pool's name for it goes, before the client's first command
-            self._up.writer.write(self.core.swallowed(CLEAR_NAME))
         self._audit_start(True, "")
         m.session_started(ctx.database)
         tasks = [asyncio.create_task(self._watchdog(), name="watchdog")]
@@ -374,6 +376,8 @@ class Session:
         try:
             await self._relay()
         finally:
+            if self._unparking is not None:
+                tasks.append(self._unparking)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -381,6 +385,8 @@ class Session:
             self.core.discard("session ended")  # its memory goes now
             self._close()
             self._audit_end()
+            if self._parked:
+                m.session_parked(ctx.database, -1)
             m.session_ended(ctx.database)
             self._flush_metrics()
             self._release()
@@ -470,18 +476,28 @@ class Session:
         if self._finishing is not None and self._stop is not None and not self._stop.done():
             self._stop.set_result(self._finishing)
 
+    def _attach(self, up: Upstream) -> bytes:
+        """Make ``up`` the session's database connection; returns the bytes it had already
+        read. Each side sees its own transport's flow control: when the client cannot take
+        more, the database is not read, and the other way round."""
+        self._up = up
+        core = self.core
+        core.upstream_auth, core.client_id = up.auth_command, up.client_id
+        upstream = _Side(self._from_upstream, self._lost, self._pause_client, self._resume_client, "database")
+        self._upstream_side = upstream
+        if hasattr(up, "attach"):  # a Redis Cluster: the router is the session's upstream
+            self._ut = up.attach(upstream)
+            return b""
+        self._ut, left = _take_over(up.reader, up.writer, upstream)
+        if up.spare:  # the pool's name for it goes, before the client's next command
+            self._ut.write(core.swallowed(CLEAR_NAME))
+        return left
+
     async def _relay(self) -> None:
         assert self._up is not None and self._stop is not None
-        up = self._up
-        # Each side sees its own transport's flow control: when the client cannot take more,
-        # the database is not read, and the other way round.
+        up_left = self._attach(self._up)
         client = _Side(self._from_client, self._lost, self._pause_upstream, self._resume_upstream, "client")
-        upstream = _Side(self._from_upstream, self._lost, self._pause_client, self._resume_client, "database")
-        self._client_side, self._upstream_side = client, upstream
-        if hasattr(up, "attach"):  # a Redis Cluster: the router is the session's upstream
-            self._ut, up_left = up.attach(upstream), b""
-        else:
-            self._ut, up_left = _take_over(up.reader, up.writer, upstream)
+        self._client_side = client
         self._ct, client_left = _take_over(self._creader, self._cwriter, client)
         if up_left:
             self._from_upstream(up_left)
@@ -504,6 +520,15 @@ class Session:
     def _from_client(self, data: bytes) -> None:
         self.bytes_in += len(data)
         self._last_activity = time.monotonic()
+        if self._parked:
+            self._parked_in.append(data)
+            if self._unparking is None:
+                self._ct.pause_reading()  # until a database connection is back
+                self._unparking = asyncio.get_running_loop().create_task(self._unpark(), name="unpark")
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
         core = self.core
         idle = core.idle
         before = core.commands
@@ -566,6 +591,59 @@ class Session:
                 and not self._held_pause):
             self._ct.resume_reading()
 
+    # -- idle sessions give their database connection back -----------------------------------
+
+    def _park(self) -> None:
+        """Give the database connection back to the pool while the session is idle (see
+        ``limits.upstream_idle_release``); nothing happens unless the connection is plain:
+        only plain commands and SELECT were sent, no reply is due, no command half read, and
+        it is not a Redis Cluster router nor authenticated with a token that expires."""
+        up, ut = self._up, self._ut
+        if (self._parked or up is None or ut is None or self.ctx.release is None or self._stop is None
+                or self._stop.done() or self._finishing is not None or ut.is_closing()
+                or up.auth_expires_at is not None or up.writer.transport is not ut
+                or not self.core.parkable):
+            return
+        if self._upstream_side is not None:
+            self._upstream_side.detach()
+        self._upstream_side = None
+        self._up = self._ut = None
+        self._parked = True
+        up.reclaim()
+        self.ctx.release(up)
+        self._metrics.session_parked(self.ctx.database, 1)
+
+    async def _unpark(self) -> None:
+        """Take a database connection again (the pool's, in the session's logical database)
+        for what the client sent while parked; if none can be had the session ends with one
+        line that says why (its command did not run)."""
+        ctx = self.ctx
+        m = self._metrics
+        try:
+            up = await (ctx.connect or connect_upstream)(
+                ctx.target, ctx.credentials, self.core.logical_db,
+                timeout=self.limits.upstream_connect_timeout, tracer=m.tracer,
+                on_auth_refused=(lambda: m.upstream_auth_failure(ctx.database, "auth")) if m.enabled else None)
+        except UpstreamError as exc:
+            self._unparking = None
+            self._end(End(f"database connection failed: {exc.reason}",
+                          f"Cachegate ended this session: {exc}; the command was not run"))
+            return
+        self._unparking = None
+        if self._stop is None or self._stop.done():
+            up.close()
+            return
+        self._parked = False
+        m.session_parked(ctx.database, -1)
+        left = self._attach(up)
+        if left:
+            self._from_upstream(left)
+        data = b"".join(self._parked_in)
+        self._parked_in.clear()
+        self._feed(data)
+        self._ut.resume_reading()
+        self._resume_client()
+
     def _pause_upstream(self) -> None:
         if self._ut is not None and not self._ut.is_closing():
             self._ut.pause_reading()
@@ -621,6 +699,7 @@ class Session:
         expires_at = ctx.expires_at if expiry else None
         idle = ctx.client_idle_timeout if ctx.client_idle_timeout is not None else ctx.roles.client_idle_timeout
         timeout = self.limits.request_timeout
+        park_after = self.limits.upstream_idle_release if ctx.release is not None else 0.0
         next_flush = 0.0
         while True:
             now = time.time()
@@ -637,6 +716,12 @@ class Session:
                     self._end(End("idle timeout", f"Cachegate ended this session: idle for {idle:g}s"))
                     return
                 wait = min(wait, idle - quiet)
+            if park_after and not self._parked:
+                quiet = time.monotonic() - self._last_activity
+                if quiet >= park_after:
+                    self._park()
+                else:
+                    wait = min(wait, park_after - quiet)
             if self._held:
                 left = self._deadline - time.monotonic()
                 if left <= 0:
@@ -707,6 +792,7 @@ class Session:
         self._ct = self._ut = None
         self._up = None
         self._creader = self._cwriter = None
+        self._parked_in.clear()
         self.core.detach()
 
     def _gives_back(self) -> bool:

@@ -275,6 +275,13 @@ class SessionCore:
                 and not any(self._subs) and not self._sub2)
 
     @property
+    def parkable(self) -> bool:
+        """:attr:`reusable`, and no command is half read: between two commands the session
+        may give its connection back and take another (RESET and authenticated again, in its
+        logical database) for the next one, and the client cannot tell."""
+        return not self._parser.pending and self.reusable
+
+    @property
     def held_bytes(self) -> int:
         """Bytes of client commands waiting in the proxy behind a capped blocking command."""
         return self._held_up_size
@@ -1193,6 +1200,10 @@ _SPECIAL: dict[str, Callable[[SessionCore, Command, list[bytes]], None]] = {
     "FCALL_RO": _Handlers.script,
     "SCRIPT": _Handlers.script,
     "FUNCTION": _Handlers.script,
+    # WAIT and WAITAOF count the writes of this connection: a session that uses them keeps it
+    # (never :attr:`SessionCore.reusable`), so that they count the writes it made before.
+    "WAIT": _Handlers.plain,
+    "WAITAOF": _Handlers.plain,
     "SYNC": _Handlers.replication,
     "PSYNC": _Handlers.replication,
     "REPLCONF": _Handlers.replication,

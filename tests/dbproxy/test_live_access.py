@@ -237,3 +237,82 @@ def test_a_session_ended_with_a_reply_due_does_not_give_its_connection_back(prox
     # The connection that still owed a reply (its last command DEBUG) is closed, not reset
     # and handed on.
     assert _wait(lambda: all(c.get("cmd") != "debug" for c in direct.client_list()))
+
+
+def _session_conns(direct, db: int) -> list[dict]:
+    """The database's unnamed connections in logical database ``db`` (sessions', not spares)."""
+    return [c for c in direct.client_list() if c.get("name", "") == "" and int(c["db"]) == db
+            and "client" not in c.get("cmd", "")]
+
+
+def test_an_idle_session_gives_its_connection_back_and_takes_one_again_in_its_database(
+        proxy, plane, certs, redis_server):
+    set_state(proxy, plane, {"live-rw": role("live-rw")},
+              {"rene": UserAccess("rene", ("live-rw",), ("default",), ("0", "1"))})
+    assert proxy.listener.limits.upstream_idle_release == 1.0  # the default
+    direct = redis_server.client()
+    direct.select(1)
+    direct.delete("park:k")
+    s = connect(proxy, plane, certs.user_cert("rene", service=DB, roles=("live-rw",), db_names=("0",)))
+    s.send(C("SELECT", "1") + C("SET", "park:k", "before"))
+    assert s.read(2) == [b"OK", b"OK"]
+    assert len(_session_conns(direct, 1)) == 1
+    # Idle: its connection goes back to the pool (RESET: database 0, the spare's name).
+    assert _wait(lambda: not _session_conns(direct, 1), within=5)
+    # The next command runs on a connection taken again, in the database the session selected.
+    s.send(C("GET", "park:k") + C("INCR", "park:n"))
+    assert s.read(2) == [b"before", 1]
+    assert direct.get("park:n") == b"1"
+    s.send(C("QUIT"))
+    assert s.read(1) == [b"OK"]
+    direct.delete("park:k", "park:n")
+    queries = [(e.fields["command"], e.fields["db_name"]) for e in proxy.flush_audit()
+               if e.actor == "rene" and e.type == "db.session.query"]
+    assert queries[-4:] == [("SET", "1"), ("GET", "1"), ("INCR", "1"), ("QUIT", "1")]
+
+
+@pytest.mark.parametrize("state,cmd", [
+    (C("WATCH", "park:w"), "watch"),
+    (C("SET", "park:w", "1") + C("WAIT", "0", "0"), "wait"),
+    (C("CLIENT", "SETNAME", "mine"), "client|setname"),
+], ids=["watch", "wait", "setname"])
+def test_an_idle_session_that_set_connection_state_keeps_its_connection(proxy, plane, certs, redis_server,
+                                                                         state, cmd):
+    set_state(proxy, plane, {"live-rw": role("live-rw")},
+              {"rene": UserAccess("rene", ("live-rw",), ("default",), ("0",))})
+    direct = redis_server.client()
+    s = connect(proxy, plane, certs.user_cert("rene", service=DB, roles=("live-rw",), db_names=("0",)))
+    s.send(state)
+    s.read(state.count(b"*"))
+    time.sleep(2.5)  # past upstream_idle_release and the watchdog's next look
+    assert [c for c in direct.client_list() if c.get("cmd") == cmd]
+    if cmd == "watch":  # and WATCH still works: a change made meanwhile aborts the transaction
+        direct.set("park:w", "changed")
+        s.send(C("MULTI") + C("SET", "park:w", "mine") + C("EXEC"))
+        assert s.read(3) == [b"OK", b"QUEUED", None]
+        assert direct.get("park:w") == b"changed"
+    s.close()
+    direct.delete("park:w")
+
+
+def test_an_idle_session_that_cannot_have_a_connection_again_ends_with_one_line(proxy, plane, certs,
+                                                                               redis_server):
+    set_state(proxy, plane, {"live-rw": role("live-rw")},
+              {"rene": UserAccess("rene", ("live-rw",), ("default",), ("0",))})
+    direct = redis_server.client()
+    s = connect(proxy, plane, certs.user_cert("rene", service=DB, roles=("live-rw",), db_names=("0",)))
+    assert _wait(lambda: not _session_conns(direct, 0), within=5)
+    # While it is idle the database's password changes and the waiting connections go.
+    os.environ[SECRET_ENV] = "not-the-password"
+    try:
+        proxy.run(lambda: plane.pool.forget(DB))
+        s.send(C("SET", "park:lost", "1"))
+        line = ended(s)
+    finally:
+        os.environ[SECRET_ENV] = redis_server.password
+    assert line.startswith('ERR Cachegate ended this session: the proxy could not authenticate to database '
+                           f'"{DB}"'), line
+    assert line.endswith("the command was not run")
+    assert "not-the-password" not in line and redis_server.password not in line
+    assert direct.get("park:lost") is None
+    assert end_reasons(proxy, "rene", 1)[-1] == "database connection failed: auth"

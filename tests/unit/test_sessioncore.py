@@ -267,10 +267,21 @@ def test_reusable_only_after_plain_commands_whose_replies_have_all_come():
     assert c.reusable  # answered by the proxy
 
 
+def test_not_parkable_in_the_middle_of_a_command():
+    c, _ = core()
+    whole = C("SET", "k", "v")
+    c.feed_client(whole[:7])  # nothing of it went upstream: the connection could go back...
+    assert c.reusable and not c.parkable  # ...but the session waits for the rest of it
+    up, _ = c.feed_client(whole[7:])
+    assert up == whole
+    c.feed_upstream(b"+OK\r\n")
+    assert c.parkable
+
+
 @pytest.mark.parametrize("first", [
     C("CLIENT", "SETINFO", "LIB-NAME", "x"), C("CLIENT", "NO-EVICT", "ON"), C("HELLO", "3"),
     C("SUBSCRIBE", "ch"), C("MULTI"), C("MONITOR"), C("CLIENT", "REPLY", "OFF"), C("BLPOP", "q", "1"),
-    C("WATCH", "k"), C("EVAL", "return 1", "0"),
+    C("WATCH", "k"), C("EVAL", "return 1", "0"), C("WAIT", "0", "0"), C("WAITAOF", "0", "0", "0"),
 ], ids=lambda b: "-".join(x.decode() for x in b.split(b"\r\n")[2:5:2]))
 def test_not_reusable_once_a_command_set_connection_state(first):
     c, _ = core(roles=("access", "ops"))
