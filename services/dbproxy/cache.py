@@ -69,6 +69,9 @@ class ClusterCache:
         self.ready = {k: asyncio.Event() for k in kinds}
         self.connected = dict.fromkeys(kinds, False)
         self._tasks: list[asyncio.Task] = []
+        # access_roleset's answers, kept while the user and each role are the same objects
+        # (a change replaces them): sessions of one user and certificate share one RoleSet.
+        self._rolesets: dict[tuple, tuple[UserAccess, tuple[rbac.Role, ...], rbac.RoleSet]] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -219,8 +222,17 @@ class ClusterCache:
         if user is None:
             return None
         held = set(user.roles)
-        roles = [self.roles[n] for n in identity.roles if n in held and n in self.roles]
-        return rbac.RoleSet(roles, {"db_users": list(user.db_users), "db_names": list(user.db_names)})
+        roles = tuple(self.roles[n] for n in identity.roles if n in held and n in self.roles)
+        key = (identity.name, tuple(identity.roles))
+        hit = self._rolesets.get(key)
+        if hit is not None and hit[0] is user and len(hit[1]) == len(roles) \
+                and all(a is b for a, b in zip(hit[1], roles)):
+            return hit[2]
+        rs = rbac.RoleSet(roles, {"db_users": list(user.db_users), "db_names": list(user.db_names)})
+        if len(self._rolesets) >= 4096:
+            self._rolesets.clear()
+        self._rolesets[key] = (user, roles, rs)
+        return rs
 
     def lock_for(self, user: str, roles) -> types_pb2.Lock | None:
         now = time.time()

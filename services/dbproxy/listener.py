@@ -119,6 +119,7 @@ class RespListener:
         # The process's instruments (services.common.telemetry.setup_metrics) unless given.
         self.metrics = metrics if metrics is not None else dbmetrics.default()
         self.sessions: set[Session] = set()
+        self._per_user: dict[str, int] = {}
         self.budget = RequestBudget(self.limits.request_buffer)
         self.handshakes = 0  # TLS handshakes in progress
         self.admitted = 0  # connections past the handshake (authorizing, refusing or in a session)
@@ -160,6 +161,10 @@ class RespListener:
 
     def sessions_of(self, user: str) -> list[Session]:
         return [s for s in self.sessions if s.user == user]
+
+    def session_count(self, user: str) -> int:
+        """Live sessions of ``user`` (kept as they start and end: no walk over every session)."""
+        return self._per_user.get(user, 0)
 
     def terminate(self, predicate: Callable[[Session], bool], reason: str) -> int:
         """End every live session for which ``predicate`` is true (a lock on a user or
@@ -250,10 +255,17 @@ class RespListener:
             span.end()
             return
         self.sessions.add(session)
+        per_user, user = self._per_user, session.user
+        per_user[user] = per_user.get(user, 0) + 1
         try:
             await session.run()
         finally:
             self.sessions.discard(session)
+            left = per_user[user] - 1
+            if left:
+                per_user[user] = left
+            else:
+                del per_user[user]
             self.ended += 1
 
     async def _start(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: str, peer: Any,
@@ -317,7 +329,7 @@ class RespListener:
             ctx.expires_at = cert.not_valid_after_utc.timestamp()
         by_role = ctx.roles.max_connections
         limit = by_role or self.limits.sessions_per_user
-        if len(self.sessions_of(ctx.user)) >= limit:
+        if self.session_count(ctx.user) >= limit:
             where = "max_connections of your roles" if by_role else "the proxy's sessions_per_user"
             await refused("too_many_sessions", ctx.user, "too many sessions",
                           f"too many sessions for user {ctx.user} (limit {limit}, {where}); "

@@ -105,7 +105,9 @@ class ProxyMetrics:
         if self._tracer is None:
             from opentelemetry import trace
 
-            return trace.get_tracer(_SCOPE)
+            # A proxy tracer: it follows a provider set later (reading the environment on
+            # each call cost 2% of a new session).
+            self._tracer = trace.get_tracer(_SCOPE)
         return self._tracer
 
     def _a(self, **kv: str) -> dict[str, str]:

@@ -256,6 +256,7 @@ class Session:
         self._parked = False
         self._parked_in: list[bytes] = []
         self._unparking: asyncio.Task | None = None
+        self._clear_name = False  # the connection still has the pool's spare name
         # Audit.
         self._afields = {
             "session_id": ctx.session_id,
@@ -489,8 +490,8 @@ class Session:
             self._ut = up.attach(upstream)
             return b""
         self._ut, left = _take_over(up.reader, up.writer, upstream)
-        if up.spare:  # the pool's name for it goes, before the client's next command
-            self._ut.write(core.swallowed(CLEAR_NAME))
+        # The pool's name for it goes with the client's next bytes (one write for both).
+        self._clear_name = up.spare
         return left
 
     async def _relay(self) -> None:
@@ -532,7 +533,13 @@ class Session:
         core = self.core
         idle = core.idle
         before = core.commands
-        up, down = core.feed_client(data)
+        if self._clear_name:
+            self._clear_name = False
+            first = core.swallowed(CLEAR_NAME)  # its reply is dropped, before the client's
+            up, down = core.feed_client(data)
+            up = first + up
+        else:
+            up, down = core.feed_client(data)
         if up:
             self._ut.write(up)
             if idle and self._m_on and not self._probe:

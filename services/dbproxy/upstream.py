@@ -456,6 +456,9 @@ class UpstreamPool:
                 up.close()
                 return await connect_upstream(target, credentials, logical_db, timeout=timeout,
                                               on_auth_refused=on_auth_refused, tracer=tracer)
+            except BaseException:  # cancelled (the session ended meanwhile): it goes too
+                up.close()
+                raise
             if isinstance(reply, hiredis.ReplyError):
                 up.close()
                 raise UpstreamError(f'cannot select logical database {logical_db} on "{target.name}": '

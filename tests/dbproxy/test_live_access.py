@@ -316,3 +316,32 @@ def test_an_idle_session_that_cannot_have_a_connection_again_ends_with_one_line(
     assert "not-the-password" not in line and redis_server.password not in line
     assert direct.get("park:lost") is None
     assert end_reasons(proxy, "rene", 1)[-1] == "database connection failed: auth"
+
+
+def test_a_new_session_gets_the_roles_and_traits_as_they_are_now(proxy, plane, certs):
+    """Sessions of one user and certificate share what RBAC compiled for them, until a role
+    or the user changes."""
+    from services.common.roleproto import role_to_proto
+
+    set_state(proxy, plane, {"live-rw": role("live-rw")},
+              {"nora": UserAccess("nora", ("live-rw",), ("default",), ("0", "1"))})
+    cert = certs.user_cert("nora", service=DB, roles=("live-rw",), db_names=("0",))
+    for _ in range(2):
+        s = connect(proxy, plane, cert)
+        s.send(C("GET", "nora:k") + C("SELECT", "1"))
+        assert s.read(2) == [None, b"OK"]
+        s.close()
+    proxy.run(plane.cache._on_role, role_service_pb2.WatchRolesResponse(
+        type=PUT, role=role_to_proto(role("live-rw", deny_commands=("GET",)))), None)
+    s = connect(proxy, plane, cert)
+    s.send(C("GET", "nora:k"))
+    assert 'command GET denied by role "live-rw"' in str(s.read(1)[0])
+    s.close()
+    proxy.run(plane.cache._on_user, user_service_pb2.WatchUsersResponse(
+        type=PUT, user=user_service_pb2.UserAccess(name="nora", roles=["live-rw"], db_users=["default"],
+                                                   db_names=["0"])), None)
+    s = connect(proxy, plane, cert)
+    s.send(C("SELECT", "1"))
+    (reply,) = s.read(1)
+    assert isinstance(reply, hiredis.ReplyError), reply
+    s.close()
