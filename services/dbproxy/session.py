@@ -636,6 +636,12 @@ class Session:
             self._end(End(f"database connection failed: {exc.reason}",
                           f"Cachegate ended this session: {exc}; the command was not run"))
             return
+        except Exception:  # noqa: BLE001 - never a session left paused: it ends, the log has why
+            log.exception("could not take a database connection again for an idle session")
+            self._unparking = None
+            self._end(End("internal error", "Cachegate ended this session: the proxy could not connect to "
+                          "the database again (internal error; see the proxy log); the command was not run"))
+            return
         self._unparking = None
         if self._stop is None or self._stop.done():
             up.close()
