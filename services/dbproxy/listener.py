@@ -159,9 +159,6 @@ class RespListener:
         for t in list(self._handlers):
             t.cancel()
 
-    def sessions_of(self, user: str) -> list[Session]:
-        return [s for s in self.sessions if s.user == user]
-
     def session_count(self, user: str) -> int:
         """Live sessions of ``user`` (kept as they start and end: no walk over every session)."""
         return self._per_user.get(user, 0)

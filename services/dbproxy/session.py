@@ -344,19 +344,7 @@ class Session:
                     await refuse(self._creader, self._cwriter, refusal[1], self.limits.refusal_linger)
                     return
                 try:
-                    connect = ctx.connect or connect_upstream
-                    extra = {}
-                    if ctx.cluster:
-                        from services.dbproxy.clusterconn import connect_cluster
-
-                        connect = connect_cluster
-                        extra["address"] = _client_facing(self._cwriter)
-                    self._up = await connect(
-                        ctx.target, ctx.credentials, self.core.logical_db,
-                        timeout=self.limits.upstream_connect_timeout, tracer=tracer,
-                        on_auth_refused=(lambda: m.upstream_auth_failure(ctx.database, "auth"))
-                        if m.enabled else None, **extra,
-                    )
+                    self._up = await self._connect()
                 except UpstreamError as exc:
                     span.set_status(trace.Status(trace.StatusCode.ERROR, f"upstream {exc.reason}"))
                     m.session_refused(f"upstream_{exc.reason}")
@@ -476,6 +464,24 @@ class Session:
     def _finish_now(self) -> None:
         if self._finishing is not None and self._stop is not None and not self._stop.done():
             self._stop.set_result(self._finishing)
+
+    async def _connect(self) -> Upstream:
+        """A database connection in the session's logical database (``ctx.connect``: the
+        pool's; a Redis Cluster's router); raises UpstreamError."""
+        ctx = self.ctx
+        m = self._metrics
+        connect = ctx.connect or connect_upstream
+        extra = {}
+        if ctx.cluster:
+            from services.dbproxy.clusterconn import connect_cluster
+
+            connect = connect_cluster
+            extra["address"] = _client_facing(self._cwriter)
+        return await connect(
+            ctx.target, ctx.credentials, self.core.logical_db,
+            timeout=self.limits.upstream_connect_timeout, tracer=m.tracer,
+            on_auth_refused=(lambda: m.upstream_auth_failure(ctx.database, "auth")) if m.enabled else None,
+            **extra)
 
     def _attach(self, up: Upstream) -> bytes:
         """Make ``up`` the session's database connection; returns the bytes it had already
@@ -606,10 +612,8 @@ class Session:
         only plain commands and SELECT were sent, no reply is due, no command half read, and
         it is not a Redis Cluster router nor authenticated with a token that expires."""
         up, ut = self._up, self._ut
-        if (self._parked or up is None or ut is None or self.ctx.release is None or self._stop is None
-                or self._stop.done() or self._finishing is not None or ut.is_closing()
-                or up.auth_expires_at is not None or up.writer.transport is not ut
-                or not self.core.parkable):
+        if (not self._own_connection() or self._stop is None or self._stop.done()
+                or self._finishing is not None or up.auth_expires_at is not None or not self.core.parkable):
             return
         if self._upstream_side is not None:
             self._upstream_side.detach()
@@ -624,13 +628,8 @@ class Session:
         """Take a database connection again (the pool's, in the session's logical database)
         for what the client sent while parked; if none can be had the session ends with one
         line that says why (its command did not run)."""
-        ctx = self.ctx
-        m = self._metrics
         try:
-            up = await (ctx.connect or connect_upstream)(
-                ctx.target, ctx.credentials, self.core.logical_db,
-                timeout=self.limits.upstream_connect_timeout, tracer=m.tracer,
-                on_auth_refused=(lambda: m.upstream_auth_failure(ctx.database, "auth")) if m.enabled else None)
+            up = await self._connect()
         except UpstreamError as exc:
             self._unparking = None
             self._end(End(f"database connection failed: {exc.reason}",
@@ -647,7 +646,7 @@ class Session:
             up.close()
             return
         self._parked = False
-        m.session_parked(ctx.database, -1)
+        self._metrics.session_parked(self.ctx.database, -1)
         left = self._attach(up)
         if left:
             self._from_upstream(left)
@@ -717,6 +716,7 @@ class Session:
         while True:
             now = time.time()
             wait = 1.0
+            quiet = time.monotonic() - self._last_activity
             if expires_at is not None:
                 if now >= expires_at:
                     self._end(End("certificate expired",
@@ -724,13 +724,11 @@ class Session:
                     return
                 wait = min(wait, expires_at - now)
             if idle:
-                quiet = time.monotonic() - self._last_activity
                 if quiet >= idle:
                     self._end(End("idle timeout", f"Cachegate ended this session: idle for {idle:g}s"))
                     return
                 wait = min(wait, idle - quiet)
             if park_after and not self._parked:
-                quiet = time.monotonic() - self._last_activity
                 if quiet >= park_after:
                     self._park()
                 else:
@@ -808,13 +806,17 @@ class Session:
         self._parked_in.clear()
         self.core.detach()
 
+    def _own_connection(self) -> bool:
+        """The session relays over a pool connection of its own (not a cluster router) that
+        is still open and may go back to the pool."""
+        ut, up = self._ut, self._up
+        return (self.ctx.release is not None and ut is not None and up is not None and not ut.is_closing()
+                and up.writer.transport is ut)
+
     def _gives_back(self) -> bool:
         """The database connection can serve another session: the client closed or quit,
         every reply it was due has come, and the session sent nothing RESET may not undo."""
-        ut = self._ut
-        return (self.ctx.release is not None and self.end_reason in _CLEAN_ENDS and ut is not None
-                and not ut.is_closing() and self.core.reusable and self._up is not None
-                and self._up.writer.transport is ut)
+        return self.end_reason in _CLEAN_ENDS and self._own_connection() and self.core.reusable
 
     def _close(self) -> None:
         """Close both sides; a TLS peer that does not answer the close is cut off after a
