@@ -110,6 +110,16 @@ _V1 = [bytes((i,)) for i in range(128)]
 def _varint(n: int) -> bytes:
     if n < 128:
         return _V1[n]
+    # Up to five bytes (every length, a time's seconds and nanoseconds) without a loop.
+    if n < 1 << 14:
+        return bytes((n & 0x7F | 0x80, n >> 7))
+    if n < 1 << 21:
+        return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
+    if n < 1 << 28:
+        return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14 & 0x7F | 0x80, n >> 21))
+    if n < 1 << 35:
+        return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14 & 0x7F | 0x80, n >> 21 & 0x7F | 0x80,
+                      n >> 28))
     out = bytearray()
     while n > 127:
         out.append((n & 0x7F) | 0x80)
@@ -200,13 +210,19 @@ def _args_entry(name: str, argv: Sequence[bytes], max_arg: int, max_args: int) -
     return (_ARGS_HEADER[n] if n < 8192 else _args_header(n)) + items
 
 
+_SECONDS: list = [None, b""]  # the last whole second encoded, and its encoding
+
+
 def _timestamp(when: float) -> bytes:
+    """``time`` (field 4): a Timestamp of seconds and nanoseconds (at most 14 bytes)."""
     sec = int(when)
     nanos = int((when - sec) * 1e9)
-    body = b"\x08" + _varint(sec)
-    if nanos > 0:
-        body += b"\x10" + _varint(nanos)
-    return _ld(b"\x22", body)
+    last = _SECONDS
+    if last[0] != sec:
+        last[1] = b"\x08" + _varint(sec)
+        last[0] = sec
+    body = last[1] + b"\x10" + _varint(nanos) if nanos > 0 else last[1]
+    return b"\x22" + _V1[len(body)] + body
 
 
 def _struct_bytes(fields: Mapping[str, Any]) -> bytes:
@@ -446,13 +462,18 @@ class AuditSpool:
         q = self._queue
         evs: list[bytes] = []
         limit = max(self.batch_size, self.max_batch_events)
+        encode_commands = self._encode_commands
         while q and len(evs) < limit:
             entry = q.popleft()
-            count = len(entry[4]) if entry[0] == _CMDS else 1
+            cmds = entry[0] == _CMDS
+            count = len(entry[4]) if cmds else 1
             self._pending -= count
             before = len(evs)
             try:
-                self._encode(entry, evs)
+                if cmds:  # most entries: one call, not two
+                    encode_commands(entry[1], entry[2], entry[3], entry[4], evs)
+                else:
+                    self._encode(entry, evs)
             except Exception:  # noqa: BLE001 - a bug here must not stop the rest
                 del evs[before:]
                 self.lost += count

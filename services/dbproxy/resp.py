@@ -564,172 +564,169 @@ class ReplyFramer:
         if self._error is not None:
             raise self._error
         try:
-            return self._feed(chunk)
+            out: list[Frame] = []
+            append = out.append
+            new = _new_tuple
+            stack = self._stack
+            data = chunk
+            base = 0
+            if self._line:
+                base = len(self._line)
+                data = self._line + chunk
+                self._line = b""
+            n = len(data)
+            pos = 0
+            fstart = 0  # where the current frame starts in data (0: it began earlier)
+            done = False
+            if self._skip:
+                if self._skip > n:
+                    self._skip -= n
+                    self._acc += n
+                    self._tail = (self._tail + data[-2:])[-2:]
+                    return out
+                pos = self._skip
+                self._skip = 0
+                if (self._tail + data[max(0, pos - 2):pos])[-2:] != b"\r\n":
+                    raise ProtocolError("expected CRLF after bulk string in reply")
+                done = self._skip_elem
+            find = data.find
+            while True:
+                if done:
+                    # One element (or a whole top-level item) is complete at pos.
+                    done = False
+                    complete = True
+                    while stack:
+                        top = stack[-1]
+                        top[0] -= 1
+                        if top[0]:
+                            complete = False
+                            break
+                        stack.pop()
+                        if top[1] == _ATTR and stack:
+                            complete = False  # an attribute is not an element of its parent
+                            break
+                        if top[1] == _ATTR:
+                            break  # a top-level attribute is its own frame
+                    if complete:
+                        append(new(Frame, (self._kind, self._acc + pos - fstart, pos - base, self._kind == ">", self._tag)))
+                        self._acc = 0
+                        self._tag = None
+                        fstart = pos
+                if pos >= n:
+                    break
+                nl = find(b"\r\n", pos)
+                if nl < 0:
+                    self._carry(data, pos)
+                    break
+                c = data[pos]
+                if not stack:
+                    self._kind = chr(c)
+                    self._tag = None
+                if c in _LINE_TYPES:
+                    if self._want_tag:
+                        self._want_tag = False
+                        if c == 0x2B and nl - pos <= _TAG_MAX:
+                            self._tag = data[pos + 1 : nl].lower()
+                    pos = nl + 2
+                    done = True
+                    continue
+                if c in _BLOB_TYPES:
+                    head = data[pos + 1 : nl]
+                    ln = _LENGTHS.get(head)
+                    if ln is None:
+                        if c == 0x24 and head == b"?":  # streamed string: ";n" chunks up to ";0"
+                            self._want_tag = False
+                            self._push(stack, -1, _STREAM_STR)
+                            pos = nl + 2
+                            continue
+                        ln = _reply_len(head)
+                    if ln < 0:
+                        if ln != -1 or c != 0x24:
+                            raise ProtocolError("invalid bulk length in reply")
+                        self._want_tag = False
+                        pos = nl + 2
+                        done = True
+                        continue
+                    end = nl + 4 + ln
+                    if end <= n:
+                        if data[end - 2] != 0x0D or data[end - 1] != 0x0A:
+                            raise ProtocolError("expected CRLF after bulk string in reply")
+                        if self._want_tag:
+                            self._want_tag = False
+                            if c == 0x24 and ln <= _TAG_MAX:
+                                self._tag = data[nl + 2 : end - 2].lower()
+                        pos = end
+                        done = True
+                        continue
+                    if self._want_tag and ln <= _TAG_MAX:
+                        # Keep the small first element whole so its tag can be read.
+                        self._carry(data, pos)
+                        break
+                    self._want_tag = False
+                    self._skip = end - n
+                    self._skip_elem = True
+                    self._tail = data[nl + 2:n][-2:]
+                    pos = n
+                    break
+                if c in _AGG_TYPES or c in _PAIR_TYPES:
+                    head = data[pos + 1 : nl]
+                    cnt = _LENGTHS.get(head)
+                    if cnt is None:
+                        cnt = -3 if head == b"?" else _reply_len(head)
+                    pos = nl + 2
+                    if self._want_tag:
+                        self._want_tag = False
+                    if cnt == -3:  # streamed aggregate, ended by "."
+                        self._push(stack, -1, 0)
+                        continue
+                    if cnt <= 0:
+                        if cnt < -1 or (cnt == -1 and c != 0x2A):
+                            raise ProtocolError("invalid aggregate length in reply")
+                        if c == 0x7C and stack:
+                            continue  # an empty attribute inside an aggregate: no element
+                        done = True
+                        continue
+                    if c in _PAIR_TYPES:
+                        cnt *= 2
+                    self._push(stack, cnt, _ATTR if c == 0x7C else 0)
+                    if len(stack) == 1 and (c == 0x2A or c == 0x3E):
+                        self._want_tag = True
+                    continue
+                if c == 0x3B:  # ';' streamed string chunk
+                    if not stack or stack[-1][1] != _STREAM_STR:
+                        raise ProtocolError("unexpected streamed string chunk in reply")
+                    ln = _reply_len(data[pos + 1 : nl])
+                    if ln < 0:
+                        raise ProtocolError("invalid bulk length in reply")
+                    if ln == 0:
+                        stack[-1][0] = 1  # the next decrement closes it
+                        pos = nl + 2
+                        done = True
+                        continue
+                    end = nl + 4 + ln
+                    if end <= n:
+                        if data[end - 2] != 0x0D or data[end - 1] != 0x0A:
+                            raise ProtocolError("expected CRLF after bulk string in reply")
+                        pos = end
+                        continue
+                    self._skip = end - n
+                    self._skip_elem = False
+                    self._tail = data[nl + 2:n][-2:]
+                    pos = n
+                    break
+                if c == 0x2E:  # '.' end of a streamed aggregate
+                    if not stack or stack[-1][0] >= 0 or stack[-1][1] == _STREAM_STR:
+                        raise ProtocolError("unexpected end of aggregate in reply")
+                    stack[-1][0] = 1
+                    pos = nl + 2
+                    done = True
+                    continue
+                raise ProtocolError("unexpected type byte %r in reply" % _show_byte(c))
+            self._acc += pos - fstart
+            return out
         except ProtocolError as err:
             self._error = err
             raise
-
-    def _feed(self, chunk: bytes) -> list[Frame]:
-        out: list[Frame] = []
-        append = out.append
-        new = _new_tuple
-        stack = self._stack
-        data = chunk
-        base = 0
-        if self._line:
-            base = len(self._line)
-            data = self._line + chunk
-            self._line = b""
-        n = len(data)
-        pos = 0
-        fstart = 0  # where the current frame starts in data (0: it began earlier)
-        done = False
-        if self._skip:
-            if self._skip > n:
-                self._skip -= n
-                self._acc += n
-                self._tail = (self._tail + data[-2:])[-2:]
-                return out
-            pos = self._skip
-            self._skip = 0
-            if (self._tail + data[max(0, pos - 2):pos])[-2:] != b"\r\n":
-                raise ProtocolError("expected CRLF after bulk string in reply")
-            done = self._skip_elem
-        find = data.find
-        while True:
-            if done:
-                # One element (or a whole top-level item) is complete at pos.
-                done = False
-                complete = True
-                while stack:
-                    top = stack[-1]
-                    top[0] -= 1
-                    if top[0]:
-                        complete = False
-                        break
-                    stack.pop()
-                    if top[1] == _ATTR and stack:
-                        complete = False  # an attribute is not an element of its parent
-                        break
-                    if top[1] == _ATTR:
-                        break  # a top-level attribute is its own frame
-                if complete:
-                    append(new(Frame, (self._kind, self._acc + pos - fstart, pos - base, self._kind == ">", self._tag)))
-                    self._acc = 0
-                    self._tag = None
-                    fstart = pos
-            if pos >= n:
-                break
-            nl = find(b"\r\n", pos)
-            if nl < 0:
-                self._carry(data, pos)
-                break
-            c = data[pos]
-            if not stack:
-                self._kind = chr(c)
-                self._tag = None
-            if c in _LINE_TYPES:
-                if self._want_tag:
-                    self._want_tag = False
-                    if c == 0x2B and nl - pos <= _TAG_MAX:
-                        self._tag = data[pos + 1 : nl].lower()
-                pos = nl + 2
-                done = True
-                continue
-            if c in _BLOB_TYPES:
-                head = data[pos + 1 : nl]
-                ln = _LENGTHS.get(head)
-                if ln is None:
-                    if c == 0x24 and head == b"?":  # streamed string: ";n" chunks up to ";0"
-                        self._want_tag = False
-                        self._push(stack, -1, _STREAM_STR)
-                        pos = nl + 2
-                        continue
-                    ln = _reply_len(head)
-                if ln < 0:
-                    if ln != -1 or c != 0x24:
-                        raise ProtocolError("invalid bulk length in reply")
-                    self._want_tag = False
-                    pos = nl + 2
-                    done = True
-                    continue
-                end = nl + 4 + ln
-                if end <= n:
-                    if data[end - 2] != 0x0D or data[end - 1] != 0x0A:
-                        raise ProtocolError("expected CRLF after bulk string in reply")
-                    if self._want_tag:
-                        self._want_tag = False
-                        if c == 0x24 and ln <= _TAG_MAX:
-                            self._tag = data[nl + 2 : end - 2].lower()
-                    pos = end
-                    done = True
-                    continue
-                if self._want_tag and ln <= _TAG_MAX:
-                    # Keep the small first element whole so its tag can be read.
-                    self._carry(data, pos)
-                    break
-                self._want_tag = False
-                self._skip = end - n
-                self._skip_elem = True
-                self._tail = data[nl + 2:n][-2:]
-                pos = n
-                break
-            if c in _AGG_TYPES or c in _PAIR_TYPES:
-                head = data[pos + 1 : nl]
-                cnt = _LENGTHS.get(head)
-                if cnt is None:
-                    cnt = -3 if head == b"?" else _reply_len(head)
-                pos = nl + 2
-                if self._want_tag:
-                    self._want_tag = False
-                if cnt == -3:  # streamed aggregate, ended by "."
-                    self._push(stack, -1, 0)
-                    continue
-                if cnt <= 0:
-                    if cnt < -1 or (cnt == -1 and c != 0x2A):
-                        raise ProtocolError("invalid aggregate length in reply")
-                    if c == 0x7C and stack:
-                        continue  # an empty attribute inside an aggregate: no element
-                    done = True
-                    continue
-                if c in _PAIR_TYPES:
-                    cnt *= 2
-                self._push(stack, cnt, _ATTR if c == 0x7C else 0)
-                if len(stack) == 1 and (c == 0x2A or c == 0x3E):
-                    self._want_tag = True
-                continue
-            if c == 0x3B:  # ';' streamed string chunk
-                if not stack or stack[-1][1] != _STREAM_STR:
-                    raise ProtocolError("unexpected streamed string chunk in reply")
-                ln = _reply_len(data[pos + 1 : nl])
-                if ln < 0:
-                    raise ProtocolError("invalid bulk length in reply")
-                if ln == 0:
-                    stack[-1][0] = 1  # the next decrement closes it
-                    pos = nl + 2
-                    done = True
-                    continue
-                end = nl + 4 + ln
-                if end <= n:
-                    if data[end - 2] != 0x0D or data[end - 1] != 0x0A:
-                        raise ProtocolError("expected CRLF after bulk string in reply")
-                    pos = end
-                    continue
-                self._skip = end - n
-                self._skip_elem = False
-                self._tail = data[nl + 2:n][-2:]
-                pos = n
-                break
-            if c == 0x2E:  # '.' end of a streamed aggregate
-                if not stack or stack[-1][0] >= 0 or stack[-1][1] == _STREAM_STR:
-                    raise ProtocolError("unexpected end of aggregate in reply")
-                stack[-1][0] = 1
-                pos = nl + 2
-                done = True
-                continue
-            raise ProtocolError("unexpected type byte %r in reply" % _show_byte(c))
-        self._acc += pos - fstart
-        return out
 
     def _carry(self, data: bytes, pos: int) -> None:
         part = data[pos:]

@@ -38,6 +38,7 @@ from services.dbproxy import metrics as dbmetrics
 from services.dbproxy.commands import KNOWN_NAMES, audit_args, lookup
 from services.dbproxy.limits import ProxyLimits, RequestBudget
 from services.dbproxy.metrics import ProxyMetrics
+from services.dbproxy.readbuffer import SHARED_BUFFER as _BUFFER
 from services.dbproxy.readbuffer import SharedBufferProtocol
 from services.dbproxy.resp import Command, encode_command, encode_error
 from services.dbproxy.sessioncore import End, SessionCore
@@ -189,6 +190,10 @@ class _Side(SharedBufferProtocol):
         self._pause_peer = pause_peer
         self._resume_peer = resume_peer
         self.name = name
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # SharedBufferProtocol's, with no data_received in between: this runs for every read.
+        self._on_data(_BUFFER[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         self._on_data(data)
@@ -524,20 +529,25 @@ class Session:
             ct.write(last)
             self.bytes_out += len(last)
 
-    def _from_client(self, data: bytes) -> None:
+    def _while_parked(self, data: bytes) -> None:
+        """What the client sends while the session has no database connection (the client
+        side's callback from :meth:`_park` until :meth:`_unpark` is done)."""
         self.bytes_in += len(data)
         self._last_activity = time.monotonic()
-        if self._parked:
-            self._parked_in.append(data)
-            if self._unparking is None:
-                self._ct.pause_reading()  # until a database connection is back
-                self._unparking = asyncio.get_running_loop().create_task(self._unpark(), name="unpark")
-            return
-        self._feed(data)
+        self._parked_in.append(data)
+        if self._unparking is None:
+            self._ct.pause_reading()  # until a database connection is back
+            self._unparking = asyncio.get_running_loop().create_task(self._unpark(), name="unpark")
 
-    def _feed(self, data: bytes) -> None:
+    def _from_client(self, data: bytes, counted: bool = False) -> None:
+        """The client side's callback while the session relays (the hot path: one call per
+        read; ``counted``: the bytes were counted as they came, while parked)."""
+        if not counted:
+            self.bytes_in += len(data)
+            self._last_activity = time.monotonic()
         core = self.core
-        idle = core.idle
+        # Whether a round trip begins here, for the latency sample (only with metrics on).
+        idle = self._m_on and not self._probe and core.idle
         before = core.commands
         if self._clear_name:
             self._clear_name = False
@@ -548,7 +558,7 @@ class Session:
             up, down = core.feed_client(data)
         if up:
             self._ut.write(up)
-            if idle and self._m_on and not self._probe:
+            if idle:
                 now = time.perf_counter()
                 if now >= self._probe_next:
                     self._probe = now
@@ -581,7 +591,7 @@ class Session:
                 self._resume_client()
         if core.ending is not None:
             self._end(core.ending)
-        if core.idle:
+        if (self._finishing is not None or self._probe) and core.idle:
             if self._finishing is not None:
                 self._finish_now()
             if self._probe:
@@ -620,6 +630,8 @@ class Session:
         self._upstream_side = None
         self._up = self._ut = None
         self._parked = True
+        if self._client_side is not None:
+            self._client_side._on_data = self._while_parked
         up.reclaim()
         self.ctx.release(up)
         self._metrics.session_parked(self.ctx.database, 1)
@@ -647,12 +659,14 @@ class Session:
             return
         self._parked = False
         self._metrics.session_parked(self.ctx.database, -1)
+        if self._client_side is not None:
+            self._client_side._on_data = self._from_client
         left = self._attach(up)
         if left:
             self._from_upstream(left)
         data = b"".join(self._parked_in)
         self._parked_in.clear()
-        self._feed(data)
+        self._from_client(data, counted=True)
         self._ut.resume_reading()
         self._resume_client()
 

@@ -38,6 +38,7 @@ from services.common.rbac import DatabaseAccess, Decision, RoleSet
 from services.dbproxy.commands import (
     SCRIPT_CALLABLE,
     SCRIPT_RUNNERS,
+    SUBCOMMAND_PARENTS,
     lookup,
     own_client_lines,
     proxy_refusal,
@@ -217,6 +218,9 @@ class SessionCore:
         self._script_check: tuple[DatabaseAccess, bool] | None = None
         self._access_db = self._initial_db  # the key ``_access`` was computed for
         self._access = self._access_for(self._initial_db)
+        # Plain commands ``_access`` allowed, by name (those whose RBAC name does not depend
+        # on their arguments): name -> RBAC name. Emptied whenever ``_access`` changes.
+        self._allowed: dict[str, str] = {}
         # Reply side state.
         self._framer = ReplyFramer(max_line=max_reply_line)
         self._q: deque[_Entry] = deque()
@@ -336,6 +340,7 @@ class SessionCore:
         """Check commands against ``logical_db``'s access from now on (None: the route's)."""
         self._access_db = logical_db
         self._access = self._access_for(logical_db)
+        self._allowed = {}
 
     def _scripts_allowed(self, name: str) -> bool:
         """May this session run (or load) scripts? Cached per access (SELECT changes it)."""
@@ -402,6 +407,9 @@ class SessionCore:
                 replies += 1
             if head.n > replies:
                 head.n -= replies
+                return data
+            if head.n == replies and len(q) == 1:  # every reply due, and nothing waits after
+                q.popleft()
                 return data
         try:
             out = self._route(data, frames)
@@ -578,16 +586,18 @@ class SessionCore:
         append = out.append
         q = self._q
         check = self._access.check_command
+        allowed = self._allowed
         special = _SPECIAL
         audited: list[Command] = []
         now = time.time()
         m_on = self._m_on
         m_allowed = self.allowed_counts
         self.commands += len(cmds)
+        unusual = self._monitor_cmd or self._noreply or self._in_multi
         for cmd in cmds:
             name = cmd.name
             handler = special.get(name)
-            if handler is not None or self._monitor_cmd or self._noreply or self._in_multi:
+            if handler is not None or unusual:
                 if name not in _KEEP_CLEAN:
                     self._clean = False
                 if audited:
@@ -605,19 +615,26 @@ class SessionCore:
                     self._skip_next = False
                     self._noreply = _REPLY_SKIP
                 check = self._access.check_command  # SELECT/RESET may have changed it
+                allowed = self._allowed
+                unusual = self._monitor_cmd or self._noreply or self._in_multi
                 continue
-            info = lookup(name, cmd.argv)
-            decision = check(info.name, info.categories)
-            if not decision.allowed:
-                if audited:
-                    self._aq.commands(now, self._logical_db, audited)
-                    audited = []
-                self._deny(cmd, info.name, decision.reason)
-                continue
+            rbac_name = allowed.get(name)
+            if rbac_name is None:
+                info = lookup(name, cmd.argv)
+                decision = check(info.name, info.categories)
+                if not decision.allowed:
+                    if audited:
+                        self._aq.commands(now, self._logical_db, audited)
+                        audited = []
+                    self._deny(cmd, info.name, decision.reason)
+                    continue
+                rbac_name = info.name
+                if name not in SUBCOMMAND_PARENTS and len(allowed) < _ALLOWED_MAX:
+                    allowed[name] = rbac_name
             audited.append(cmd)
             append(cmd.raw)
             if m_on:
-                m_allowed[info.name] = m_allowed.get(info.name, 0) + 1
+                m_allowed[rbac_name] = m_allowed.get(rbac_name, 0) + 1
             if q:
                 last = q[-1]
                 if last.plain:
@@ -1164,6 +1181,8 @@ def _own_user_error(s: SessionCore, user: str) -> str | None:
 # selects database 0 and logs it out; the proxy authenticates it again). AUTH and QUIT are
 # answered by the proxy itself.
 _KEEP_CLEAN = frozenset(("SELECT", "AUTH", "QUIT"))
+
+_ALLOWED_MAX = 256  # names remembered per access (a client sending made-up names gets no more)
 
 _SPECIAL: dict[str, Callable[[SessionCore, Command, list[bytes]], None]] = {
     "AUTH": _Handlers.auth,
