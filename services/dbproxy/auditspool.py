@@ -161,6 +161,7 @@ def _frame(ev: bytes) -> bytes:
 # A ListValue item (field 1) holding a short string Value: tag, length, tag, length.
 _LIST_ITEM = [bytes((0x0A, n + 2, 0x1A, n)) for n in range(126)]
 _SUCCESS = b"\x38\x01"
+_SUCCESS_FIELDS = _SUCCESS + b"\x4a"  # success, then the fields Struct's tag
 _ID_MASK = 0xFFFFFFFFFFFF
 
 
@@ -273,7 +274,7 @@ class QueryStream:
     name, error)`` queues one event whose ``command`` field is ``name`` (the RBAC
     name); a non-empty ``error`` makes it a failure."""
 
-    __slots__ = ("_spool", "head", "base", "max_arg", "max_args")
+    __slots__ = ("_spool", "head", "base", "max_arg", "max_args", "_db", "_shared")
 
     def __init__(self, spool: AuditSpool, actor: str, source_addr: str, base: Mapping[str, Any],
                  max_arg: int, max_args: int) -> None:
@@ -289,6 +290,15 @@ class QueryStream:
         self.base = _struct_bytes(base)
         self.max_arg = max_arg
         self.max_args = max_args
+        self._db = -1  # the logical database of the last commands, and
+        self._shared = b""  # their Struct entries shared by every command (base, db_name)
+
+    def shared(self, db: int) -> bytes:
+        """The fields Struct's entries the same for every command in logical database ``db``."""
+        if db != self._db:
+            self._shared = self.base + _db_entry(db)
+            self._db = db
+        return self._shared
 
     def commands(self, when: float, logical_db: int, cmds: list) -> None:
         sp = self._spool
@@ -675,10 +685,10 @@ class AuditSpool:
         """The hot loop: one framed AuditEvent per allowed command. Layout: id (the spool's
         UUID prefix and a counter), the session's constant fields, time and success (one
         ``post`` for all), then the fields Struct (the session's, db_name, command, args)."""
-        post = b"".join((s.head, _timestamp(when), _SUCCESS, b"\x4a"))
+        post = s.head + _timestamp(when) + _SUCCESS_FIELDS
         fixed = 38 + len(post)  # id (2 + 36 bytes) and post
         pre = self._id_prefix_b
-        shared = s.base + _db_entry(db)
+        shared = s.shared(db)
         nshared = len(shared)
         max_arg, max_args = s.max_arg, s.max_args
         short = min(max_arg, 125)

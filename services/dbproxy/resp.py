@@ -309,7 +309,62 @@ class CommandParser:
                 self._pend = None
                 if not data:
                     return out
-            self._parse(bytes(data), out)
+            # The hot path (here, not in a function of its own: it runs for every read):
+            # split the chunk on CRLF once, take each canonical command from the pieces.
+            buf = data if type(data) is bytes else bytes(data)
+            append = out.append
+            arrays = self._arrays.get
+            bulks = self._bulks.get
+            names = _NAMES.get
+            maxbuf = self._max_buffer
+            new = _new_tuple
+            t = buf.split(b"\r\n")
+            last = len(t) - 1  # t[last] is not followed by CRLF
+            n = len(buf)
+            i = 0
+            pos = 0  # byte offset of t[i]
+            while pos < n:
+                if i < last:
+                    head = t[i]
+                    k = arrays(head)
+                    if k is not None:
+                        j = i + 1 + 2 * k
+                        if j <= last:
+                            size = len(head) + 2
+                            argv = []
+                            h = i + 1
+                            while h < j:
+                                hd = t[h]
+                                ln = bulks(hd)
+                                v = t[h + 1]
+                                if ln != len(v):
+                                    break
+                                argv.append(v)
+                                size += len(hd) + ln + 4
+                                h += 2
+                            else:
+                                if size > maxbuf:
+                                    raise ProtocolError("too big request")
+                                end = pos + size
+                                first = argv[0]
+                                name = names(first)
+                                if name is None:
+                                    name = _name_of(first)
+                                append(new(Command, (argv, buf[pos:end], name)))
+                                pos = end
+                                i = j
+                                continue
+                # Anything else: one unit by headers, then find our place in t again.
+                end = self._slow(buf, pos, out)
+                if end < 0:
+                    return out
+                off = pos
+                while i < last and off + len(t[i]) + 2 <= end:
+                    off += len(t[i]) + 2
+                    i += 1
+                if off < end:  # the unit ended inside t[i] (an inline line ended by a bare LF)
+                    t[i] = t[i][end - off :]
+                pos = end
         except ProtocolError as err:
             self._pend = None
             self._tail, self._tail_len = [], 0
@@ -317,62 +372,6 @@ class CommandParser:
             self._error = err
             raise
         return out
-
-    # -- hot path -----------------------------------------------------------
-    def _parse(self, buf: bytes, out: list[Command]) -> None:
-        append = out.append
-        arrays = self._arrays.get
-        bulks = self._bulks.get
-        names = _NAMES.get
-        maxbuf = self._max_buffer
-        new = _new_tuple
-        t = buf.split(b"\r\n")
-        last = len(t) - 1  # t[last] is not followed by CRLF
-        n = len(buf)
-        i = 0
-        pos = 0  # byte offset of t[i]
-        while pos < n:
-            if i < last:
-                head = t[i]
-                k = arrays(head)
-                if k is not None:
-                    j = i + 1 + 2 * k
-                    if j <= last:
-                        size = len(head) + 2
-                        argv = []
-                        h = i + 1
-                        while h < j:
-                            hd = t[h]
-                            ln = bulks(hd)
-                            v = t[h + 1]
-                            if ln != len(v):
-                                break
-                            argv.append(v)
-                            size += len(hd) + ln + 4
-                            h += 2
-                        else:
-                            if size > maxbuf:
-                                raise ProtocolError("too big request")
-                            end = pos + size
-                            first = argv[0]
-                            name = names(first)
-                            if name is None:
-                                name = _name_of(first)
-                            append(new(Command, (argv, buf[pos:end], name)))
-                            pos = end
-                            i = j
-                            continue
-            # Anything else: one unit by headers, then find our place in t again.
-            end = self._slow(buf, pos, out)
-            if end < 0:
-                return
-            off = pos
-            while i < last and off + len(t[i]) + 2 <= end:
-                off += len(t[i]) + 2
-                i += 1
-            if off < end:  # the unit ended inside t[i] (an inline line ended by a bare LF)
-                t[i] = t[i][end - off :]
-            pos = end
 
     # -- slow path ----------------------------------------------------------
     def _slow(self, buf: bytes, start: int, out: list[Command]) -> int:

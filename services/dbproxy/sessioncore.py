@@ -243,7 +243,7 @@ class SessionCore:
         self.clock: Callable[[], float] = time.monotonic
         self._blocked: _Blocked | None = None
         self._held_up: list[bytes] = []
-        self._held_up_size = 0
+        self.held_bytes = 0  # bytes of client commands waiting in the proxy behind a capped block
         # Per-command counts for the metrics (read and reset by the shell).
         self._m_on = count_commands
         self.allowed_counts: dict[str, int] = {}
@@ -286,11 +286,6 @@ class SessionCore:
         return not self._parser.pending and self.reusable
 
     @property
-    def held_bytes(self) -> int:
-        """Bytes of client commands waiting in the proxy behind a capped blocking command."""
-        return self._held_up_size
-
-    @property
     def pending(self) -> int:
         """Bytes held for an incomplete command from the client."""
         return self._parser.pending
@@ -304,7 +299,7 @@ class SessionCore:
         self._on_protocol_error = None
         self._q.clear()
         self._blocked = None
-        self._held_up, self._held_up_size = [], 0
+        self._held_up, self.held_bytes = [], 0
 
     def reply_local(self, data: bytes) -> bytes:
         """A reply of the proxy's own in its place; returns what goes to the client now."""
@@ -520,7 +515,7 @@ class SessionCore:
         self._blocked = None
         if self._held_up:
             self._up_out += self._held_up
-            self._held_up, self._held_up_size = [], 0
+            self._held_up, self.held_bytes = [], 0
         return frame
 
     def _reauth_subscribed(self, auth_cmd: bytes) -> bytes:
@@ -651,7 +646,7 @@ class SessionCore:
             held = out[start:]
             del out[start:]
             for b in held:
-                self._held_up_size += len(b)
+                self.held_bytes += len(b)
             self._held_up += held
         return out
 
