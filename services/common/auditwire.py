@@ -23,7 +23,16 @@ def event_spans(data: bytes, name: str = "") -> list[tuple[int, int, int]]:
             raise ValueError(f"not an audit batch {name}".strip())
         p = off + 1
         ln = shift = 0
-        while True:
+        # Nearly every event is shorter than 16 KiB: a length of one or two bytes.
+        if p + 1 < n:
+            b = data[p]
+            if b < 0x80:
+                ln, p, shift = b, p + 1, -1
+            else:
+                b2 = data[p + 1]
+                if b2 < 0x80:
+                    ln, p, shift = (b & 0x7F) | b2 << 7, p + 2, -1
+        while shift >= 0:
             if p >= n or shift > 28:
                 raise ValueError(f"truncated audit batch {name}".strip())
             b = data[p]
