@@ -8,8 +8,10 @@ Starts a TLS redis-server with a password, stunnel4 (mutual TLS in, TLS to Redis
 real cluster (auth and dbproxy processes, a user logged in with `cgate login`, a database
 certificate from `cgate db login`, audit ON and delivered to auth). Then, interleaved:
 
-- redis-benchmark GET and SET, 50 clients, -P 1 and -P 16, against direct TLS, stunnel and
-  Cachegate; a probe session measures the longest stall while Cachegate is loaded;
+- redis-benchmark GET and SET, 50 clients, -P 1 and -P 16, against direct TLS, stunnel, a
+  plain TLS relay on uvloop (bench/relay.py: no parsing, RBAC nor audit, the floor of a
+  Python data plane) and Cachegate; a probe session measures the longest stall while
+  Cachegate is loaded;
 - new sessions per second (TLS handshake, AUTH or the proxy's RBAC + upstream TLS + AUTH,
   first PING) against each;
 - RSS of the dbproxy process per idle session at 1,000 and 5,000 sessions;
@@ -41,7 +43,7 @@ from pathlib import Path
 from bench import infra
 from bench.infra import ROOT, BenchError
 
-TARGETS = ("direct_tls", "stunnel", "cachegate")
+TARGETS = ("direct_tls", "stunnel", "relay", "cachegate")
 TESTS = ("get", "set")
 STEP_TIMEOUT = 300.0
 SETTLE_LIMIT = 30.0  # seconds a step waits at most for the audit spilled by the one before
@@ -232,12 +234,14 @@ def run(mode: str, clients_n: int, workers: int = 1) -> dict:
         d.chmod(0o755)
         parts: list = []
         try:
-            log("certificates, redis-server, stunnel4")
+            log("certificates, redis-server, stunnel4, the plain relay")
             infra.make_pki(d)
             redis = infra.Redis(d).start()
             parts.append(redis)
             stunnel = infra.Stunnel(d, redis.port).start()
             parts.append(stunnel)
+            relay = infra.Relay(d, redis.port).start()
+            parts.append(relay)
             log("Cachegate: auth (SQLite), dbproxy, a user and its database certificate")
             cg = infra.Cachegate(d)
             parts.append(cg)
@@ -252,6 +256,7 @@ def run(mode: str, clients_n: int, workers: int = 1) -> dict:
                 "direct_tls": Target("direct_tls", redis.port, ca, password=True),
                 "stunnel": Target("stunnel", stunnel.port, ca, str(d / "client.crt"), str(d / "client.key"),
                                   password=True),
+                "relay": Target("relay", relay.port, ca, str(d / "client.crt"), str(d / "client.key"), password=True),
                 "cachegate": Target("cachegate", int(dbcfg["port"]), dbcfg["ca"], dbcfg["cert"], dbcfg["key"]),
             }
             # Each target answers before anything is measured.
@@ -381,6 +386,12 @@ def run(mode: str, clients_n: int, workers: int = 1) -> dict:
         "tput_p16_vs_stunnel": ratio(rps[("cachegate", 16)], rps[("stunnel", 16)]),
         "tput_p1_vs_direct_tls": ratio(rps[("cachegate", 1)], rps[("direct_tls", 1)]),
         "tput_p16_vs_direct_tls": ratio(rps[("cachegate", 16)], rps[("direct_tls", 16)]),
+        # The plain uvloop relay (bench/relay.py): what a Python data plane with no session
+        # logic gives on this machine, and how much of it dbproxy keeps.
+        "tput_p1_relay_vs_stunnel": ratio(rps[("relay", 1)], rps[("stunnel", 1)]),
+        "tput_p16_relay_vs_stunnel": ratio(rps[("relay", 16)], rps[("stunnel", 16)]),
+        "tput_p1_vs_relay": ratio(rps[("cachegate", 1)], rps[("relay", 1)]),
+        "tput_p16_vs_relay": ratio(rps[("cachegate", 16)], rps[("relay", 16)]),
         "sessions_per_s_vs_stunnel": ratio(sess["cachegate"]["per_s"], sess["stunnel"]["per_s"]),
         "sessions_per_s_vs_direct_tls": ratio(sess["cachegate"]["per_s"], sess["direct_tls"]["per_s"]),
         "p50_added_ms_vs_stunnel": round(p50["cachegate"] - p50["stunnel"], 3),
@@ -452,7 +463,9 @@ def print_table(res: dict) -> None:
     print()
     targets = [
         ("tput_p1_vs_stunnel", ">= 1.5"), ("tput_p16_vs_stunnel", ">= 1.5"), ("tput_p1_vs_direct_tls", ">= 0.35"),
-        ("tput_p16_vs_direct_tls", ""), ("sessions_per_s_vs_stunnel", ">= 2"),
+        ("tput_p16_vs_direct_tls", ""), ("tput_p1_relay_vs_stunnel", "(plain relay)"),
+        ("tput_p16_relay_vs_stunnel", "(plain relay)"), ("tput_p1_vs_relay", ""), ("tput_p16_vs_relay", ""),
+        ("sessions_per_s_vs_stunnel", ">= 2"),
         ("sessions_per_s_vs_direct_tls", ">= 0.5"), ("p50_added_ms_vs_stunnel", ""), ("p50_ms", ""),
         ("p99_ms", f"<= {4 * s['p50_ms']:.3f} (4x p50)"), ("max_stall_s", "< 0.2"),
         ("rss_kib_per_idle_session", "<= 64"), ("audit_events_per_s_sqlite", ">= 50000"),

@@ -198,6 +198,30 @@ sslVersionMin = TLSv1.2
         stop(self.proc)
 
 
+class Relay:
+    """:mod:`bench.relay`: a plain TLS relay on uvloop in its own process, with stunnel's
+    certificate and checks: the floor of a Python data plane, next to dbproxy."""
+
+    def __init__(self, d: Path, redis_port: int):
+        self.d = d
+        self.redis_port = redis_port
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Relay:
+        log = self.d / "relay.log"
+        with open(log, "wb") as logf:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.relay", "--port", str(self.port), "--redis-port", str(self.redis_port),
+                 "--dir", str(self.d)], stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT, env=py_env(),
+                start_new_session=True)
+        wait_port(self.port, self.proc, "the plain relay (bench.relay)", log)
+        return self
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
 # --------------------------------------------------------------------------------------------
 # PostgreSQL
 
