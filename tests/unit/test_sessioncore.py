@@ -141,6 +141,34 @@ def test_update_access_narrows_the_next_command():
     assert up == b"" and down.startswith(b"-ERR command FLUSHALL denied")
 
 
+
+NO_GET = load_role_yaml("""
+kind: role
+version: v1
+metadata: {name: no-get}
+spec:
+  allow:
+    db_labels: {'*': '*'}
+    db_users: ['*']
+    db_names: ['*']
+    db_commands: ['*']
+  deny:
+    db_commands: [GET]
+""")
+
+
+def test_a_command_allowed_before_is_checked_again_once_the_roles_change():
+    c, rec = core()
+    for _ in range(3):  # allowed plain commands are remembered by name after the first
+        assert c.feed_client(C("GET", "k"))[0] == C("GET", "k")
+        assert c.feed_upstream(b"$-1\r\n") == b"$-1\r\n"
+    assert c.update_access(RoleSet([NO_GET], {"db_users": ["*"], "db_names": ["*"]}), {})
+    up, down = c.feed_client(C("GET", "k"))
+    assert up == b"" and down.startswith(b"-ERR command GET denied")
+    assert c.feed_client(C("SET", "k", "v"))[0] == C("SET", "k", "v")
+    assert rec.events[-2][0] == "GET" and rec.events[-2][1]  # audited as denied
+
+
 # -- re-authentication in band (Entra ID tokens) ---------------------------------------------
 
 AUTH2 = C("AUTH", "oid", "token-2")
