@@ -474,20 +474,26 @@ class AuditSpool:
         limit = max(self.batch_size, self.max_batch_events)
         encode_commands = self._encode_commands
         while q and len(evs) < limit:
+            if q[0][0] == _CMDS:
+                # The run of command entries that waits (nearly all of them), in one call.
+                run: list[tuple] = []
+                count = 0
+                while q and q[0][0] == _CMDS and len(evs) + count < limit:
+                    entry = q.popleft()
+                    run.append(entry)
+                    count += len(entry[4])
+                self._pending -= count
+                before = len(evs)
+                try:
+                    encode_commands(run, evs)
+                except Exception:  # noqa: BLE001 - one by one: only what cannot be encoded is lost
+                    del evs[before:]
+                    for entry in run:
+                        self._encode_or_lose(entry, evs)
+                continue
             entry = q.popleft()
-            cmds = entry[0] == _CMDS
-            count = len(entry[4]) if cmds else 1
-            self._pending -= count
-            before = len(evs)
-            try:
-                if cmds:  # most entries: one call, not two
-                    encode_commands(entry[1], entry[2], entry[3], entry[4], evs)
-                else:
-                    self._encode(entry, evs)
-            except Exception:  # noqa: BLE001 - a bug here must not stop the rest
-                del evs[before:]
-                self.lost += count
-                log.exception("AUDIT EVENTS LOST: %d events could not be encoded", count)
+            self._pending -= 1
+            self._encode_or_lose(entry, evs)
         batches, cur, size = [], [], 0
         for ev in evs:
             if cur and (len(cur) >= limit or size + len(ev) > self.max_batch_bytes):
@@ -666,11 +672,23 @@ class AuditSpool:
         self._id_lo += 1
         return "%s%012x" % (self._id_prefix, self._id_lo & _ID_MASK)
 
+    def _encode_or_lose(self, entry: tuple, out: list[bytes]) -> None:
+        """:meth:`_encode`; an entry that cannot be encoded (a bug) is counted as lost and
+        logged at ERROR, and the rest go on."""
+        before = len(out)
+        try:
+            self._encode(entry, out)
+        except Exception:  # noqa: BLE001 - a bug here must not stop the rest
+            del out[before:]
+            count = len(entry[4]) if entry[0] == _CMDS else 1
+            self.lost += count
+            log.exception("AUDIT EVENTS LOST: %d events could not be encoded", count)
+
     def _encode(self, entry: tuple, out: list[bytes]) -> None:
         """Append the framed events of one queue entry to ``out``."""
         kind = entry[0]
         if kind == _CMDS:
-            self._encode_commands(*entry[1:], out)
+            self._encode_commands([entry], out)
         elif kind == _ONE:
             _, s, when, db, cmd, name, error = entry
             f = b"".join((s.base, _db_entry(db), _str_entry("command", name),
@@ -681,17 +699,12 @@ class AuditSpool:
         else:
             out.append(_frame(self._event(*entry[1:]).SerializeToString()))
 
-    def _encode_commands(self, s: QueryStream, when: float, db: int, cmds: list, out: list[bytes]) -> None:
-        """The hot loop: one framed AuditEvent per allowed command. Layout: id (the spool's
-        UUID prefix and a counter), the session's constant fields, time and success (one
-        ``post`` for all), then the fields Struct (the session's, db_name, command, args)."""
-        post = s.head + _timestamp(when) + _SUCCESS_FIELDS
-        fixed = 38 + len(post)  # id (2 + 36 bytes) and post
+    def _encode_commands(self, entries: list[tuple], out: list[bytes]) -> None:
+        """The hot loop: one framed AuditEvent per allowed command of each ``(_CMDS, stream,
+        when, logical_db, cmds)`` entry. Layout: id (the spool's UUID prefix and a counter),
+        the session's constant fields, time and success (one ``post`` per entry), then the
+        fields Struct (the session's, db_name, command, args)."""
         pre = self._id_prefix_b
-        shared = s.shared(db)
-        nshared = len(shared)
-        max_arg, max_args = s.max_arg, s.max_args
-        short = min(max_arg, 125)
         item = _LIST_ITEM
         header = _ARGS_HEADER
         vt = _VARINTS
@@ -700,33 +713,40 @@ class AuditSpool:
         lo = self._id_lo
         append = out.append
         join = b"".join
-        for cmd in cmds:
-            name = cmd.name
-            argv = cmd.argv
-            ce = by_name.get(name)
-            if ce is None:
-                ce = _cmd_entry_of(name, argv)
-            if len(argv) <= max_args and name not in secret:
-                parts = []
-                add = parts.append
-                for a in argv:
-                    n = len(a)
-                    if n <= short and a.isascii():
-                        add(item[n])
-                        add(a)
-                    else:
-                        add(_list_item(audit_text(a, max_arg).encode()))
-                items = join(parts)
-            else:
-                items = _args_items(name, argv, max_arg, max_args)
-            ni = len(items)
-            ah = header[ni] if ni < 8192 else _args_header(ni)
-            nf = nshared + len(ce) + len(ah) + ni
-            vf = vt[nf] if nf < _VN else _varint(nf)
-            ne = fixed + len(vf) + nf
-            lo += 1
-            append(join((b"\x0a", vt[ne] if ne < _VN else _varint(ne), b"\x0a\x24", pre,
-                         b"%012x" % (lo & _ID_MASK), post, vf, shared, ce, ah, items)))
+        for _kind, s, when, db, cmds in entries:
+            post = s.head + _timestamp(when) + _SUCCESS_FIELDS
+            fixed = 38 + len(post)  # id (2 + 36 bytes) and post
+            shared = s.shared(db)
+            nshared = len(shared)
+            max_arg, max_args = s.max_arg, s.max_args
+            short = min(max_arg, 125)
+            for cmd in cmds:
+                name = cmd.name
+                argv = cmd.argv
+                ce = by_name.get(name)
+                if ce is None:
+                    ce = _cmd_entry_of(name, argv)
+                if len(argv) <= max_args and name not in secret:
+                    parts = []
+                    add = parts.append
+                    for a in argv:
+                        n = len(a)
+                        if n <= short and a.isascii():
+                            add(item[n])
+                            add(a)
+                        else:
+                            add(_list_item(audit_text(a, max_arg).encode()))
+                    items = join(parts)
+                else:
+                    items = _args_items(name, argv, max_arg, max_args)
+                ni = len(items)
+                ah = header[ni] if ni < 8192 else _args_header(ni)
+                nf = nshared + len(ce) + len(ah) + ni
+                vf = vt[nf] if nf < _VN else _varint(nf)
+                ne = fixed + len(vf) + nf
+                lo += 1
+                append(join((b"\x0a", vt[ne] if ne < _VN else _varint(ne), b"\x0a\x24", pre,
+                             b"%012x" % (lo & _ID_MASK), post, vf, shared, ce, ah, items)))
         self._id_lo = lo
 
     def _template(self, base: dict[str, Any]) -> struct_pb2.Struct:

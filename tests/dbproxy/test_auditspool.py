@@ -190,3 +190,28 @@ async def test_a_full_spool_drains_several_files_at_a_time_and_keeps_what_failed
     assert sorted(got) == [0, 1, 2, 3, 4, 5, 6] and len(list(tmp_path.glob("*.batch"))) == 13
     fail_n.clear()
     await spool2.close(timeout=2)
+
+
+def test_a_command_that_cannot_be_encoded_loses_only_its_own_events(tmp_path, caplog):
+    from cachegate.auth.v1 import audit_service_pb2
+    from services.common.auditwire import event_spans
+    from services.dbproxy.resp import Command
+
+    spool = AuditSpool(FlakySink().send, tmp_path, encoded=True)
+    s = spool.query_stream("alice", "127.0.0.1:1", {"session_id": "s1"})
+    good = Command([b"GET", b"k"], b"", "GET")
+    bad = Command([b"GET", 7], b"", "GET")  # not bytes: a bug upstream of the encoder
+    s.commands(1.0, 0, [good, good])
+    s.commands(2.0, 0, [bad, good])
+    s.commands(3.0, 1, [good])
+    s.query(4.0, 0, good, "GET", "denied")
+    s.commands(5.0, 0, [good])
+    batches = spool._take()
+    data = b"".join(b"".join(b) for b in batches)
+    assert len(event_spans(data)) == 5
+    events = audit_service_pb2.EmitAuditEventsRequest.FromString(data).events
+    assert [e.time.seconds for e in events] == [1, 1, 3, 4, 5]  # in order, the bad entry's two gone
+    assert [e.success for e in events] == [True, True, True, False, True]
+    assert len({e.id for e in events}) == 5
+    assert spool.lost == 2 and spool.queued == 0
+    assert "AUDIT EVENTS LOST: 2 events" in caplog.text
