@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import asyncio
 
-__all__ = ["SHARED_BUFFER", "SharedBufferProtocol"]
+__all__ = ["SharedBufferProtocol"]
 
 _SIZE = 256 * 1024  # what uvloop's TLS layer reads at most at once
-SHARED_BUFFER = _BUFFER = memoryview(bytearray(_SIZE))
+_BUFFER = memoryview(bytearray(_SIZE))
 
 
 class SharedBufferProtocol(asyncio.BufferedProtocol):

@@ -38,7 +38,6 @@ from services.dbproxy import metrics as dbmetrics
 from services.dbproxy.commands import KNOWN_NAMES, audit_args, lookup
 from services.dbproxy.limits import ProxyLimits, RequestBudget
 from services.dbproxy.metrics import ProxyMetrics
-from services.dbproxy.readbuffer import SHARED_BUFFER as _BUFFER
 from services.dbproxy.readbuffer import SharedBufferProtocol
 from services.dbproxy.resp import Command, encode_command, encode_error
 from services.dbproxy.sessioncore import End, SessionCore
@@ -179,28 +178,25 @@ def _take_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
 
 class _Side(SharedBufferProtocol):
-    """One transport of a relaying session; everything goes to the session."""
+    """One transport of a relaying session; everything goes to the session.
 
-    __slots__ = ("_on_data", "_on_eof", "_pause_peer", "_resume_peer", "name")
+    ``data_received`` is the session's callback itself, held in a slot (the session swaps
+    it while idle without a database connection): each read reaches the session straight
+    from the shared buffer, with no method of this class in between."""
+
+    __slots__ = ("data_received", "_on_eof", "_pause_peer", "_resume_peer", "name")
 
     def __init__(self, on_data: Callable[[bytes], None], on_eof: Callable[[str], None],
                  pause_peer: Callable[[], None], resume_peer: Callable[[], None], name: str) -> None:
-        self._on_data = on_data
+        self.data_received = on_data
         self._on_eof = on_eof
         self._pause_peer = pause_peer
         self._resume_peer = resume_peer
         self.name = name
 
-    def buffer_updated(self, nbytes: int) -> None:
-        # SharedBufferProtocol's, with no data_received in between: this runs for every read.
-        self._on_data(_BUFFER[:nbytes].tobytes())
-
-    def data_received(self, data: bytes) -> None:
-        self._on_data(data)
-
     def detach(self) -> None:
         """The session ended: nothing more reaches it (and this no longer keeps it alive)."""
-        self._on_data = _ignore
+        self.data_received = _ignore
         self._on_eof = self._pause_peer = self._resume_peer = _noop
 
     def eof_received(self) -> bool:
@@ -631,7 +627,7 @@ class Session:
         self._up = self._ut = None
         self._parked = True
         if self._client_side is not None:
-            self._client_side._on_data = self._while_parked
+            self._client_side.data_received = self._while_parked
         up.reclaim()
         self.ctx.release(up)
         self._metrics.session_parked(self.ctx.database, 1)
@@ -660,7 +656,7 @@ class Session:
         self._parked = False
         self._metrics.session_parked(self.ctx.database, -1)
         if self._client_side is not None:
-            self._client_side._on_data = self._from_client
+            self._client_side.data_received = self._from_client
         left = self._attach(up)
         if left:
             self._from_upstream(left)
