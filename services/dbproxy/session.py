@@ -58,6 +58,12 @@ log = logging.getLogger("cachegate.dbproxy.session")
 # protocol error), and how long a closing TLS connection may wait for its peer.
 _FINISH_TIMEOUT = 2.0
 _CLOSE_GRACE = 1.0
+# A session that ends over what the client sent (a command past request_buffer or
+# request_timeout, a protocol error) may end while the client is still sending it: what it
+# sends then is read and dropped for up to this long (until it closes), so that it reads the
+# one-line error instead of losing it to the reset a closed socket answers more data with.
+# The session keeps its place among max_sessions meanwhile.
+_REFUSED_LINGER = 5.0
 # With no new token, a session ends this long before its token expires (Azure would close it).
 _LAST_SECOND = 1.0
 # Client commands held behind a capped blocking command, at most (then the client is not read).
@@ -184,7 +190,7 @@ class _Side(SharedBufferProtocol):
     it while idle without a database connection): each read reaches the session straight
     from the shared buffer, with no method of this class in between."""
 
-    __slots__ = ("data_received", "_on_eof", "_pause_peer", "_resume_peer", "name")
+    __slots__ = ("data_received", "_on_eof", "_pause_peer", "_resume_peer", "name", "gone")
 
     def __init__(self, on_data: Callable[[bytes], None], on_eof: Callable[[str], None],
                  pause_peer: Callable[[], None], resume_peer: Callable[[], None], name: str) -> None:
@@ -193,6 +199,7 @@ class _Side(SharedBufferProtocol):
         self._pause_peer = pause_peer
         self._resume_peer = resume_peer
         self.name = name
+        self.gone: asyncio.Future | None = None  # set once the connection is lost
 
     def detach(self) -> None:
         """The session ended: nothing more reaches it (and this no longer keeps it alive)."""
@@ -204,6 +211,9 @@ class _Side(SharedBufferProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        gone = self.gone
+        if gone is not None and not gone.done():
+            gone.set_result(None)
         self._on_eof(self.name)
 
     # The peer of this side cannot take more bytes than this side's transport can send.
@@ -249,6 +259,8 @@ class Session:
         self._pending_stop: End | None = None
         self._finishing: End | None = None  # waiting for the replies due, then this
         self._held_pause = False  # client reading paused while commands wait behind a block
+        self._input_refused = False  # what the client sends is dropped; its close lingers
+        self._gone: asyncio.Future | None = None  # the lingering client connection is lost
         self._last_activity = time.monotonic()
         self._client_side: _Side | None = None
         self._upstream_side: _Side | None = None
@@ -380,6 +392,8 @@ class Session:
             m.session_ended(ctx.database)
             self._flush_metrics()
             self._release()
+            if self._gone is not None:
+                await asyncio.wait((self._gone,), timeout=_REFUSED_LINGER + _CLOSE_GRACE)
 
     # -- checks ------------------------------------------------------------------------------
 
@@ -445,6 +459,11 @@ class Session:
     def _end(self, end: End, finish_timeout: float = _FINISH_TIMEOUT) -> None:
         """End the session with ``end`` (the first reason wins); with ``after_replies``,
         once the replies already due reached the client (bounded)."""
+        if end.input_refused and not self._input_refused:
+            # Nothing more the client sends is read as commands (it would only be refused again).
+            self._input_refused = True
+            if self._client_side is not None:
+                self._client_side.data_received = _ignore
         stop = self._stop
         if stop is None:
             if self._pending_stop is None:
@@ -711,7 +730,7 @@ class Session:
         if down and self._ct is not None:
             self._ct.write(down)
             self.bytes_out += len(down)
-        self._end(End(reason.replace("_", " "), after_replies=True))
+        self._end(End(reason.replace("_", " "), after_replies=True, input_refused=True))
 
     async def _watchdog(self) -> None:
         ctx = self.ctx
@@ -842,6 +861,15 @@ class Session:
         ct = self._ct
         if ct is None:
             self._cwriter.close()
+            return
+        if self._input_refused and not ct.is_closing() and self.limits.refusal_linger > 0:
+            # The TLS close reads and drops what the client still sends until it answers the
+            # close or closes (the session waits for that, in run), or this long at most.
+            side = self._client_side
+            if side is not None:
+                self._gone = side.gone = loop.create_future()
+            ct.close()
+            loop.call_later(_REFUSED_LINGER, _abort, ct)
             return
         ct.close()
         loop.call_later(_CLOSE_GRACE, _abort, ct)

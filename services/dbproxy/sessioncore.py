@@ -68,13 +68,17 @@ class Queries(Protocol):
 
 class End(Exception):
     """The session ends: ``reason`` for the audit, ``message`` for the client (or None).
-    ``after_replies``: once every reply already due has reached the client."""
+    ``after_replies``: once every reply already due has reached the client.
+    ``input_refused``: over what the client sent (a protocol error, a command past a limit),
+    which it may still be sending: nothing more it sends is read as commands."""
 
-    def __init__(self, reason: str, message: str | None = None, *, after_replies: bool = False) -> None:
+    def __init__(self, reason: str, message: str | None = None, *, after_replies: bool = False,
+                 input_refused: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.message = message
         self.after_replies = after_replies
+        self.input_refused = input_refused
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,7 +376,7 @@ class SessionCore:
             if self._on_protocol_error is not None:
                 self._on_protocol_error(self._logical_db, f"protocol error: {err}")
             self._local(err.reply())
-            self.ending = End(f"protocol error: {err}", after_replies=True)
+            self.ending = End(f"protocol error: {err}", after_replies=True, input_refused=True)
             return b"".join(out), self._take_down()
         if not cmds:
             return b"", b""

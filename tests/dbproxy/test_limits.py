@@ -87,6 +87,65 @@ def test_incomplete_commands_past_the_shared_budget_are_refused(proxy, alice, re
         assert proxy.listener.budget.used == 0
 
 
+def _keep_sending(r, seconds: float, chunk: bytes) -> int:
+    """Send ``chunk`` again and again for ``seconds`` without reading (a client still busy
+    writing its command, as a slow or busy one is after the proxy has answered it); returns
+    the bytes sent. Raises if the connection is reset meanwhile."""
+    sent, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        r.send(chunk)
+        sent += len(chunk)
+        time.sleep(0.01)
+    return sent
+
+
+def _everything(r, timeout: float = 10) -> bytes:
+    """What the proxy sends until it closes the connection."""
+    out, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r.sock.settimeout(max(deadline - time.monotonic(), 0.01))
+        data = r.sock.recv(1 << 16)
+        if not data:
+            return b"".join(out)
+        out.append(data)
+    raise TimeoutError(f"still open after {timeout}s; got {b''.join(out)[:200]!r}")
+
+
+@pytest.mark.parametrize("case", ["request_buffer", "protocol_error"])
+def test_a_client_still_sending_when_it_is_refused_gets_the_one_line_error(proxy, certs, case):
+    # Past the proxy's old one-second close grace: a closed socket answers more data with a
+    # reset, and a client that had not read the error yet lost it (redis-py: "Connection
+    # reset by peer" instead of the reason).
+    user = f"still-sending-{case}"
+    with limited(proxy, request_buffer=1024 * 1024) as reader:
+        r = proxy.raw(certs.user_cert(user))
+        try:
+            r.send(C("PING"))
+            assert r.read(1) == [b"PONG"]
+            if case == "request_buffer":
+                r.send(b"*3\r\n$3\r\nSET\r\n$6\r\nlinger\r\n$%d\r\n" % (8 * 1024 * 1024))
+            else:
+                r.send(b"*2\r\n$3\r\nGET\r\n$x\r\n")
+            sent = _keep_sending(r, 2.5, b"z" * 32768)
+            assert sent > 2 * 1024 * 1024
+            got = _everything(r)
+        finally:
+            r.close()
+    # One line, the reason, and nothing after it (no second error over the bytes that followed).
+    assert got.count(b"\r\n") == 1 and got.startswith(b"-ERR "), got[:300]
+    if case == "request_buffer":
+        assert b"memory for incomplete commands (1MiB, shared by all sessions) is full" in got
+        assert refused(reader, "request_buffer") == 1
+    else:
+        assert got.startswith(b"-ERR Protocol error: "), got
+    events = [e for e in proxy.flush_audit() if e.actor == user]
+    failed = [e for e in events if e.type == "db.session.query" and not e.success]
+    assert len(failed) == 1, [e.error for e in failed]
+    assert failed[0].error.lower() in got.decode().lower(), (failed[0].error, got)
+    ends = [e.fields["reason"] for e in events if e.type == "db.session.end"]
+    assert len(ends) == 1 and ends[0] == ("request buffer" if case == "request_buffer" else failed[0].error), ends
+
+
 def test_a_command_not_completed_within_the_deadline_is_refused(proxy, alice, redis_server):
     direct = redis_server.client()
     direct.delete("slow:k")
