@@ -104,11 +104,13 @@ class _Server:
     def where(self) -> str:
         return f"{self.spec.host}:{self.spec.port}"
 
-    def connect(self):
+    def connect(self, socket_timeout: float | None = 10):
+        """A client of the server (for MONITOR: ``socket_timeout=None``, as it may be idle for
+        as long as nobody sends a command; CLIENT LIST and ACL do not show in MONITOR)."""
         import redis.asyncio as aioredis
 
         kw: dict[str, Any] = {"host": self.spec.host, "port": self.spec.port, "protocol": 2,
-                              "socket_timeout": 10, "socket_connect_timeout": 5,
+                              "socket_timeout": socket_timeout, "socket_connect_timeout": 5,
                               "username": self.spec.username, "password": self.spec.password,
                               "client_name": "azure-standin"}
         if self.spec.tls:
@@ -199,19 +201,28 @@ class EntraRedisEnforcer:
                 log.warning("stand-in: redis-server %s: %s: %s; retrying", srv.where, type(exc).__name__,
                             str(exc).splitlines()[0][:200] if str(exc) else "")
                 srv.ready.clear()
+                # A new client: nothing of a connection that failed mid-command is used again.
+                old, srv.client = srv.client, srv.connect()
+                with contextlib.suppress(Exception):
+                    await old.aclose()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
     async def _monitor(self, srv: _Server) -> None:
-        async with srv.client.monitor() as m:
-            async for cmd in m.listen():
-                words = str(cmd.get("command", "")).split()
-                if not words:
-                    continue
-                verb = words[0].upper()
-                if verb == "AUTH" or (verb == "HELLO" and any(w.upper() == "AUTH" for w in words[1:])):
-                    addr = f"{cmd.get('client_address')}:{cmd.get('client_port')}"
-                    srv.auth_seen[addr] = float(cmd.get("time") or time.time())
+        client = srv.connect(socket_timeout=None)
+        try:
+            async with client.monitor() as m:
+                async for cmd in m.listen():
+                    words = str(cmd.get("command", "")).split()
+                    if not words:
+                        continue
+                    verb = words[0].upper()
+                    if verb == "AUTH" or (verb == "HELLO" and any(w.upper() == "AUTH" for w in words[1:])):
+                        addr = f"{cmd.get('client_address')}:{cmd.get('client_port')}"
+                        srv.auth_seen[addr] = float(cmd.get("time") or time.time())
+        finally:
+            with contextlib.suppress(Exception):
+                await client.aclose()
 
     async def enforce(self, srv: _Server) -> list[str]:
         """One pass: expired tokens out of the ACL, expired connections ended. Returns the

@@ -68,6 +68,30 @@ async def test_token_works_on_redis_and_expired_connections_are_ended(entra_redi
         await s.stop()
 
 
+async def test_a_quiet_server_keeps_its_expired_connections_ended(entra_redis, tmp_path, caplog):
+    # Nothing but the stand-in's own CLIENT LIST talks to the server for longer than a read
+    # timeout (CLIENT and ACL do not show in MONITOR): the stand-in must not take the quiet
+    # for a failure (it did: its users were set up again and expired connections lived on).
+    s = AzureStandin(entra_config(entra_redis, redis_lifetime=13), ca_file=tmp_path / "ca.pem")
+    await s.start()
+    cred = await _cred(s)
+    a = None
+    try:
+        t = await cred.get_token(REDIS)
+        a = await raw_redis(entra_redis)
+        assert await raw_call(a, "AUTH", claims(t.token)["oid"], t.token) == b"+OK"
+        caplog.clear()
+        await asyncio.sleep(max(0.0, t.expires_on + 1.5 - time.time()))  # 14 s with no command
+        assert s.entra_redis.status()[0]["ready"]
+        assert not [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+        assert await raw_call(a, "PING") == b"", "the connection on the expired token was not ended"
+    finally:
+        if a is not None:
+            a[1].close()
+        await cred.close()
+        await s.stop()
+
+
 async def test_control_patch_applies_its_body(standin):
     import aiohttp
     import ssl
