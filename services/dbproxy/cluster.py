@@ -28,9 +28,9 @@ and gives back one reply stream in the order of the commands, as a single Redis 
 * CLUSTER SLOTS, SHARDS, NODES, INFO and MYID are answered here: one node, the proxy
   itself, serves every slot, so cluster-aware clients (``redis-cli -c``, ``RedisCluster``)
   keep talking to the proxy; READONLY, READWRITE and ASKING are accepted.
-* Retries are bounded: at most :data:`MAX_REDIRECTS` redirections per command, and
-  ``TRYAGAIN``/``CLUSTERDOWN`` or a shard that cannot be reached are retried for at most
-  :data:`RETRY_WINDOW` seconds; then the client gets one clear error.
+* Retries are bounded: at most :data:`MAX_REDIRECTS` redirections per try of a command, and
+  ``TRYAGAIN``/``CLUSTERDOWN`` or a shard that cannot be reached are tried again (a new try)
+  for at most :data:`RETRY_WINDOW` seconds; then the client gets one clear error.
 
 The asyncio shell (:mod:`services.dbproxy.clusterconn`) only connects, moves bytes, and
 fetches the slot map when :attr:`ClusterRouter.wants_refresh` says so.
@@ -1167,6 +1167,10 @@ class ClusterRouter:
             part.raw = b"".join([b"*1\r\n$5\r\nMULTI\r\n", *txn["raws"], part.raw if not part.pre else _EXEC])
             part.pre = 1 + len(txn["raws"])
             part.slot, part.node, part.asking = txn["slot"], None, False
+            # A new try from the slot's owner once the moment passed (a migration moving keys a
+            # few at a time asks it back and forth until the last key moved): its redirections
+            # are counted afresh, and the time window bounds the whole.
+            part.redirects = 0
             part.retry_at = self.clock() + RETRY_DELAY
             self._retry.append(part)
             return True
@@ -1220,6 +1224,7 @@ class ClusterRouter:
                 self.wants_refresh = True
             part.asking = False
             part.node = None
+            part.redirects = 0  # a new try (see _txn_frame); RETRY_WINDOW bounds them
             part.retry_at = self.clock() + RETRY_DELAY
             self._retry.append(part)
             return True

@@ -433,3 +433,31 @@ def test_a_transaction_meeting_tryagain_runs_again_after_a_moment():
     assert r.take_writes() == {node: cmd("MULTI") + cmd("INCR", "{u}a") + cmd("EXEC")}
     r.feed(node, b"+OK\r\n+QUEUED\r\n*1\r\n:1\r\n")
     assert r.take_replies() == b"*1\r\n:1\r\n"
+
+
+def test_a_transaction_on_a_slot_being_migrated_waits_for_the_migration_to_finish():
+    # Resharding moves a slot's keys a few at a time: a transaction on keys on both sides is
+    # asked to the importing node, which answers TRYAGAIN until the last key is there. Each
+    # round is a new try, not one more redirection of the same: the client sees the reply.
+    clock = Clock()
+    r = router(clock)
+    node = node_of(b"u")
+    new = next(n for n in (A, B, C) if n != node)
+    slot = key_slot(b"u")
+    r.send(cmd("MULTI") + cmd("INCR", "{u}a") + cmd("GET", "{u}b") + cmd("EXEC"))
+    r.take_writes()
+    ask = b"*1\r\n$6\r\nASKING\r\n"
+    body = cmd("MULTI") + cmd("INCR", "{u}a") + cmd("GET", "{u}b") + cmd("EXEC")
+    r.feed(node, b"+OK\r\n-ASK %d %s\r\n+QUEUED\r\n-EXECABORT Transaction discarded.\r\n" % (slot, new.encode()))
+    assert r.take_replies() == b"+OK\r\n+QUEUED\r\n+QUEUED\r\n"
+    for _ in range(cl.MAX_REDIRECTS + 3):
+        assert r.take_writes() == {new: ask + body}
+        r.feed(new, b"+OK\r\n+OK\r\n+QUEUED\r\n+QUEUED\r\n-TRYAGAIN Multiple keys request during rehashing of slot\r\n")
+        assert r.take_replies() == b"" and r.take_writes() == {}
+        clock.t += cl.RETRY_DELAY
+        r.run_retries()
+        assert r.take_writes() == {node: body}
+        r.feed(node, b"+OK\r\n-ASK %d %s\r\n+QUEUED\r\n-EXECABORT Transaction discarded.\r\n" % (slot, new.encode()))
+    assert r.take_writes() == {new: ask + body}
+    r.feed(new, b"+OK\r\n+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n:1\r\n$1\r\nv\r\n")
+    assert r.take_replies() == b"*2\r\n:1\r\n$1\r\nv\r\n"
