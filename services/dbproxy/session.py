@@ -862,17 +862,16 @@ class Session:
         if ct is None:
             self._cwriter.close()
             return
+        grace = _CLOSE_GRACE
         if self._input_refused and not ct.is_closing() and self.limits.refusal_linger > 0:
             # The TLS close reads and drops what the client still sends until it answers the
             # close or closes (the session waits for that, in run), or this long at most.
+            grace = _REFUSED_LINGER
             side = self._client_side
             if side is not None:
                 self._gone = side.gone = loop.create_future()
-            ct.close()
-            loop.call_later(_REFUSED_LINGER, _abort, ct)
-            return
         ct.close()
-        loop.call_later(_CLOSE_GRACE, _abort, ct)
+        loop.call_later(grace, _abort, ct)
 
 
 def _client_facing(writer: asyncio.StreamWriter) -> tuple[str, int]:
