@@ -22,7 +22,7 @@ from services.auth.locks import LockServicer
 from services.auth.roles import AdminPolicy, RoleServicer
 from services.auth.users import UserServicer
 from services.auth.state import AuthState, TokenError
-from services.common import authz
+from services.common import authz, heap
 from services.common.authz import ADMIN, ANY, HOST_DBPROXY, HOST_DISCOVERY, PUBLIC, USER, CertVerifier, Policy, rule
 from services.common.config import Config
 from services.common.creds import private_dir
@@ -227,6 +227,7 @@ async def run_auth(cfg: Config, stop: asyncio.Event, ready=None) -> None:
                       extra_interceptors=server_interceptors(tracing))
     mesh_port = await mesh.start(cfg.auth_service.listen_addr)
     join_port = await join.start(cfg.auth_service.join_listen_addr)
+    heap.settle_after_start()  # audit batches: many short-lived containers
     log.info("auth service ready", extra={"cluster": state.cluster_name, "ca_pin": state.host_ca.pin,
                                           "mesh_port": mesh_port, "join_port": join_port})
     if ready:

@@ -10,7 +10,6 @@ certificates; see dataplane.py).
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import re
@@ -25,7 +24,7 @@ from aiohttp import web
 from cachegate.auth.v1 import cluster_service_pb2
 from cachegate.dbproxy.v1 import proxy_service_pb2, proxy_service_pb2_grpc
 from cachegate.types.v1 import types_pb2
-from services.common import authz
+from services.common import authz, heap
 from services.common.authclient import AuthClient
 from services.common.authz import ADMIN, ANY, PUBLIC, USER, CertVerifier, Policy, rule
 from services.common.config import (
@@ -309,8 +308,7 @@ async def run_dbproxy(cfg: Config, stop: asyncio.Event, ready=None) -> None:
     runner.app[PUBLIC_ADDR] = public_hostport(pub, pcfg.listen_addr, public_port)
     # Long-lived objects made so far (modules, config, caches) leave the collector's view,
     # and young collections run less often: the RESP hot path allocates many short-lived objects.
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
+    heap.settle_after_start()
     log.info("dbproxy service ready", extra={"host_id": creds.identity.name, "public_port": public_port,
                                              "api_port": api_port, "web_port": web_port, "redis_port": redis_port,
                                              "workers": nworkers})

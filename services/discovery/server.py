@@ -15,6 +15,7 @@ from cachegate.auth.v1 import database_service_pb2
 from cachegate.discovery.v1 import discovery_service_pb2, discovery_service_pb2_grpc
 from cachegate.types.v1 import types_pb2
 
+from services.common import heap
 from services.common.authclient import AuthClient
 from services.common.authz import ADMIN, HOST_AUTH, CertVerifier, Policy, rule
 from services.common.config import Config, ConfigError
@@ -251,6 +252,7 @@ async def _serve(cfg: Config, discovery: Discovery, tracing, stop: asyncio.Event
         discovery_service_pb2_grpc.add_DiscoveryServiceServicer_to_server, servicer, DISCOVERY)],
         POLICY, creds.server_credentials(True), lambda: verifier, extra_interceptors=server_interceptors(tracing))
     port = await server.start(dcfg.listen_addr)
+    heap.settle_after_start()
     log.info("discovery service ready", extra={
         "host_id": creds.identity.name, "port": port, "azure_matchers": len(dcfg.azure),
         "static_databases": len(dcfg.static), "poll_interval": dcfg.poll_interval})
