@@ -201,6 +201,9 @@ class SessionCore:
         # Command side state.
         self._parser = CommandParser(resp_limits)
         self._proto = 2
+        # No HELLO 3 was sent on this connection: every frame from the database is a RESP2
+        # reply or (subscribed) message, never a push (stays False once RESP3 was asked for).
+        self._resp2 = True
         self._in_multi = False
         self._multi_bad = False
         self._subs: tuple[set[bytes], set[bytes], set[bytes]] = (set(), set(), set())
@@ -388,14 +391,27 @@ class SessionCore:
 
     def feed_upstream(self, data: bytes) -> bytes:
         """Bytes from the database -> bytes for the client."""
+        q = self._q
+        plain = q and q[0].plain and not self._held and not self._monitor
+        if plain and self._resp2 and not self._sub2:
+            # Hottest path: whole RESP2 replies, each answering a command, counted in C.
+            replies = self._framer.whole_replies(data)
+            if replies > 0:
+                head = q[0]
+                if head.n > replies:
+                    head.n -= replies
+                    return data
+                if head.n == replies and len(q) == 1:
+                    q.popleft()
+                    return data
+                # Replies for more than the head entry: framed below (the framer saw nothing).
         try:
             frames = self._framer.feed(data)
         except ProtocolError as err:
             self.ending = End(f"bad reply from the database: {err}")
             return b""
-        q = self._q
         # Hot path: every complete reply belongs to the plain entry at the head.
-        if not self._held and not self._monitor and q and q[0].plain:
+        if plain:
             head = q[0]
             sub2 = self._sub2
             replies = 0
@@ -854,6 +870,8 @@ class _Handlers:
                 return
         before = s._proto
         s._proto = ver
+        if ver >= 3:
+            s._resp2 = False
 
         def hook(kind: str, done: bool) -> None:
             if kind == "-":

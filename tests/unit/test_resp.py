@@ -248,3 +248,68 @@ def test_large_values_split_anywhere_parse_the_same_and_pending_counts_what_is_h
             assert p.pending == min(pos, len(stream)) - done
         assert [c.argv for c in got] == [[b"SET", b"k", big], [b"PING"], [b"SET", b"k2", big[:5000]]]
         assert b"".join(c.raw for c in got) == stream
+
+
+def test_whole_replies_counts_a_chunk_of_whole_replies_and_refuses_the_rest():
+    framer = ReplyFramer()
+    data = b"+OK\r\n$3\r\nabc\r\n-ERR no\r\n:42\r\n*2\r\n$1\r\na\r\n*-1\r\n$-1\r\n"
+    assert framer.whole_replies(data) == 6  # the array holds a bulk and a null array
+    # A reply cut at the end: nothing is consumed, and feed() frames the chunk as ever.
+    assert framer.whole_replies(b"+OK\r\n$5\r\nab") == -1
+    assert [f.kind for f in framer.feed(b"+OK\r\n$5\r\nab")] == ["+"] and framer.in_frame
+    # Mid-frame (the rest of that bulk first): the framer's own state decides.
+    assert framer.whole_replies(b"cde\r\n+OK\r\n") == -1
+    assert [f.kind for f in framer.feed(b"cde\r\n+OK\r\n")] == ["$", "+"] and not framer.in_frame
+    # The reader the refused chunk was fed to kept none of it: the next whole chunk counts alone.
+    assert framer.whole_replies(b":1\r\n") == 1
+    # Bytes hiredis refuses go to feed(), which names the error the session ends with.
+    assert framer.whole_replies(b"$abc\r\nxyz\r\n") == -1
+    with pytest.raises(ProtocolError):
+        framer.feed(b"$abc\r\nxyz\r\n")
+
+
+def _resp2_reply(rng, depth=0) -> bytes:
+    kind = rng.randrange(7 if depth < 3 else 5)
+    if kind == 0:
+        return b"+OK\r\n"
+    if kind == 1:
+        return b"-ERR bad\r\n"
+    if kind == 2:
+        return b":%d\r\n" % rng.randint(-5, 10**12)
+    if kind == 3:
+        return encode_bulk(rng.randbytes(rng.choice([0, 3, 40, 70000])))
+    if kind == 4:
+        return rng.choice([b"$-1\r\n", b"*-1\r\n", b"*0\r\n"])
+    n = rng.randint(1, 4)
+    return b"*%d\r\n" % n + b"".join(_resp2_reply(rng, depth + 1) for _ in range(n))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_whole_replies_agrees_with_feed_on_resp2_streams(seed):
+    """Chunks of whole replies, some cut in two anywhere: counted by whole_replies where it
+    can, framed by feed where it refuses, the count is feed's alone."""
+    rng = random.Random(seed)
+    replies = [_resp2_reply(rng) for _ in range(300)]
+    chunks = []
+    i = 0
+    while i < len(replies):
+        k = rng.randint(1, 20)
+        whole = b"".join(replies[i : i + k])
+        i += k
+        if rng.random() < 0.3:
+            cut = rng.randrange(1, len(whole))
+            chunks += [whole[:cut], whole[cut:]]
+        else:
+            chunks.append(whole)
+    fast, slow = ReplyFramer(), ReplyFramer()
+    counted = framed = quick = 0
+    for chunk in chunks:
+        framed += len(slow.feed(chunk))
+        n = fast.whole_replies(chunk)
+        if n >= 0:
+            quick += 1
+            counted += n
+        else:
+            counted += len(fast.feed(chunk))
+    assert counted == framed == len(replies)
+    assert quick and not fast.in_frame

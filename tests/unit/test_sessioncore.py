@@ -320,3 +320,29 @@ def test_not_reusable_once_a_command_set_connection_state(first):
     if name not in (b"MONITOR",) and not first.endswith(b"OFF\r\n"):
         c.feed_upstream(replies.get(name, b"+OK\r\n"))
     assert not c.reusable
+
+
+def test_a_chunk_answering_more_than_the_first_entry_is_routed_reply_by_reply():
+    c, rec = core()
+    c.feed_client(C("GET", "a") + C("SELECT", "1") + C("GET", "b"))
+    # One chunk answers a plain command, SELECT (which the core follows) and another.
+    assert c.feed_upstream(b"$1\r\nx\r\n+OK\r\n$1\r\ny\r\n") == b"$1\r\nx\r\n+OK\r\n$1\r\ny\r\n"
+    assert c.idle and c.logical_db == 1
+    assert [e[0] for e in rec.events] == ["GET", "SELECT", "GET"]
+
+
+def test_after_hello_3_a_push_frame_is_never_taken_for_a_reply():
+    c, _ = core()
+    c.feed_client(C("HELLO", "3"))
+    c.feed_upstream(b"%1\r\n+proto\r\n:3\r\n")
+    c.feed_client(C("GET", "k"))
+    push = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n"
+    assert c.feed_upstream(push) == push
+    assert not c.idle  # the GET is still waiting for its reply
+    assert c.feed_upstream(b"$1\r\nv\r\n") == b"$1\r\nv\r\n"
+    assert c.idle
+    # Back on RESP2 the pushes that may still come are told apart the same way.
+    c.feed_client(C("HELLO", "2") + C("GET", "k"))
+    assert c.feed_upstream(b"*2\r\n$5\r\nproto\r\n:2\r\n" + push) == b"*2\r\n$5\r\nproto\r\n:2\r\n" + push
+    assert not c.idle
+    assert c.feed_upstream(b"$1\r\nv\r\n") == b"$1\r\nv\r\n" and c.idle
