@@ -406,8 +406,12 @@ class AuditSpool:
     def _queued_a_batch(self) -> None:
         if self._wake is not None:
             self._wake.set()
-        if self._pending > self.max_queue:
-            self._spill()
+        # Over the bound: the oldest events go to disk, a batch at a time, until the rest fits
+        # (spilling all that waited at once stalled every session for the time it took).
+        while self._pending > self.max_queue and self._queue:
+            for batch in self._take():
+                self._write_spool(batch)
+            self._spooled_pending = True
 
     @property
     def queued(self) -> int:
@@ -511,6 +515,10 @@ class AuditSpool:
         turn of the event loop, whatever the number of sessions. A batch that fails goes
         to the spool, and so does everything after it.
 
+        A batch is encoded when a sending slot is free, and the sessions run between two
+        batches: encoding all that waited at once (tens of thousands of events when auth,
+        on the same CPUs, fell behind) held every session up for 100 ms and more.
+
         Without ``drain``, what was queued while a batch was on its way goes at once only
         when it makes a whole batch; else it waits for ``batch_size`` events or the next
         ``flush_interval``. (Sending whatever had come in meant, under steady load of
@@ -519,29 +527,49 @@ class AuditSpool:
         first = True
         while self._queue and (first or drain or self._pending >= self.batch_size):
             first = False
-            batches: list[list[bytes]] = []
-            while self._queue:
-                batches.extend(self._take())
-            if spool_only:
-                # Older events wait on disk: keep the order, queue behind them.
-                for batch in batches:
-                    self._write_spool(batch)
-                continue
-            if len(batches) == 1:
-                results = [await self._try_send(batches[0])]
-            else:
-                slots = asyncio.Semaphore(self.max_in_flight)
+            slots = asyncio.Semaphore(self.max_in_flight)
+            sends: list[asyncio.Future] = []
 
-                async def send(batch: list[bytes]) -> tuple[bool, list[bytes]]:
-                    async with slots:
-                        return await self._try_send(batch)
+            async def send(batches: list[list[bytes]]) -> list[tuple[bool, list[bytes]]]:
+                try:
+                    return [await self._try_send(b) for b in batches]
+                finally:
+                    slots.release()
 
-                results = await asyncio.gather(*(send(b) for b in batches))
+            left = self._pending  # this round: what waits now, not what comes meanwhile
+            failed: Exception | None = None
+            try:
+                while self._queue and (left > 0 or not sends):
+                    await slots.acquire()
+                    spool_only = spool_only or self._spooled_pending  # spilled meanwhile: keep the order
+                    before = self._pending
+                    try:
+                        batches = self._take()
+                    except Exception as exc:  # noqa: BLE001 - the batches on their way still count
+                        slots.release()
+                        failed = exc
+                        break
+                    left -= before - self._pending
+                    if spool_only:
+                        # Older events wait on disk: keep the order, queue behind them.
+                        for batch in batches:
+                            self._write_spool(batch)
+                        slots.release()
+                    else:
+                        sends.append(asyncio.ensure_future(send(batches)))
+                    await asyncio.sleep(0)  # the sessions, and the send just begun, run now
+                results = [r for done in await asyncio.gather(*sends) for r in done]
+            except asyncio.CancelledError:
+                for f in sends:
+                    f.cancel()
+                raise
             for ok, kept in results:
                 if not ok:
                     self._write_spool(kept)
                     self._spooled_pending = True
                     spool_only = True
+            if failed is not None:
+                raise failed
 
     def _checked(self, evs: list[bytes]) -> list[bytes]:
         """``evs`` without the events that do not parse (a bug: logged at ERROR and

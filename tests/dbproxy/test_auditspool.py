@@ -215,3 +215,60 @@ def test_a_command_that_cannot_be_encoded_loses_only_its_own_events(tmp_path, ca
     assert len({e.id for e in events}) == 5
     assert spool.lost == 2 and spool.queued == 0
     assert "AUDIT EVENTS LOST: 2 events" in caplog.text
+
+
+async def test_a_long_queue_is_encoded_a_batch_at_a_time_with_the_sessions_running_between(tmp_path):
+    """When auth fell behind, tens of thousands of events wait: encoding them all in one turn
+    of the event loop held every session up for 100 ms and more. Each batch is encoded when it
+    can go, and the loop runs between two batches."""
+    from services.dbproxy.resp import Command
+
+    sink = FlakySink()
+    spool = AuditSpool(sink.send, tmp_path, batch_size=500, max_batch_events=500, max_in_flight=2,
+                       flush_interval=10, max_queue=100_000)
+    await spool.start()
+    stream = spool.query_stream("alice", "1.2.3.4:5", {"session_id": "s", "db_service": "d"})
+    get = Command([b"GET", b"k"], b"", "GET")
+    for _ in range(8_000):  # what the sessions queued while a batch was on its way
+        stream.commands(1.0, 0, [get])
+    ticks = 0
+    seen: list[int] = []
+    take = spool._take
+
+    def counted_take():
+        seen.append(ticks)
+        return take()
+
+    spool._take = counted_take
+
+    async def session():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(session())
+    await spool.flush(30)
+    other.cancel()
+    assert len(sink.events) == 8_000 and spool.lost == 0
+    assert len(seen) >= 16  # 500 events a batch
+    # Between any two batches the other task ran: no turn of the loop encoded two.
+    assert all(b > a for a, b in zip(seen, seen[1:])), seen
+    await spool.close()
+
+
+async def test_an_overflowing_queue_spills_its_oldest_events_not_all_of_them(tmp_path):
+    sink = FlakySink()
+    sink.up = False
+    spool = AuditSpool(sink.send, tmp_path, batch_size=100, max_batch_events=100, max_queue=1_000,
+                       flush_interval=10)
+    await spool.start()
+    for i in range(1_500):
+        spool.emit("db.session.query", "a", fields={"n": i})
+    # Only what went past the bound went to disk, a batch at a time, oldest first.
+    assert spool.queued <= 1_000 and spool.queued + spool.spooled == 1_500
+    assert spool.spooled <= 600
+    first = sorted(tmp_path.glob("*.batch"))[0]
+    assert [e.fields["n"] for e in read_spool_file(first)][:3] == [0, 1, 2]
+    sink.up = True
+    await spool.close()
