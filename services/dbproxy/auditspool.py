@@ -406,12 +406,10 @@ class AuditSpool:
     def _queued_a_batch(self) -> None:
         if self._wake is not None:
             self._wake.set()
-        # Over the bound: the oldest events go to disk, a batch at a time, until the rest fits
-        # (spilling all that waited at once stalled every session for the time it took).
-        while self._pending > self.max_queue and self._queue:
-            for batch in self._take():
-                self._write_spool(batch)
-            self._spooled_pending = True
+        if self._pending > self.max_queue:
+            # The oldest events go to disk until the rest fits (spilling all that waited at
+            # once stalled every session for the time it took).
+            self._spill(keep=self.max_queue)
 
     @property
     def queued(self) -> int:
@@ -667,8 +665,10 @@ class AuditSpool:
 
     # -- disk ----------------------------------------------------------------------------------
 
-    def _spill(self) -> None:
-        while self._queue:
+    def _spill(self, keep: int = 0) -> None:
+        """Write queued events to the spool, oldest first, a batch at a time, until at most
+        ``keep`` wait in memory."""
+        while self._queue and self._pending > keep:
             for batch in self._take():
                 self._write_spool(batch)
         self._spooled_pending = True

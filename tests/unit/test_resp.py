@@ -135,16 +135,21 @@ def test_random_garbage_never_crashes(seed):
 # -- reply framer --------------------------------------------------------------------------
 
 
-def _random_reply(rng: random.Random, depth: int = 0) -> bytes:
-    kind = rng.randrange(13 if depth < 3 else 7)
+def _simple_reply(rng: random.Random, kind: int) -> bytes:
+    """Kinds 0 to 3: a status, an error, an integer, a bulk string (RESP2 and RESP3 alike)."""
     if kind == 0:
         return b"+OK\r\n"
     if kind == 1:
         return b"-ERR bad\r\n"
     if kind == 2:
         return b":%d\r\n" % rng.randint(-5, 10**12)
-    if kind == 3:
-        return encode_bulk(rng.randbytes(rng.choice([0, 3, 40, 70000])))
+    return encode_bulk(rng.randbytes(rng.choice([0, 3, 40, 70000])))
+
+
+def _random_reply(rng: random.Random, depth: int = 0) -> bytes:
+    kind = rng.randrange(13 if depth < 3 else 7)
+    if kind <= 3:
+        return _simple_reply(rng, kind)
     if kind == 4:
         return b"$-1\r\n" if rng.random() < 0.5 else b"_\r\n"
     if kind == 5:
@@ -268,16 +273,10 @@ def test_whole_replies_counts_a_chunk_of_whole_replies_and_refuses_the_rest():
         framer.feed(b"$abc\r\nxyz\r\n")
 
 
-def _resp2_reply(rng, depth=0) -> bytes:
+def _resp2_reply(rng: random.Random, depth: int = 0) -> bytes:
     kind = rng.randrange(7 if depth < 3 else 5)
-    if kind == 0:
-        return b"+OK\r\n"
-    if kind == 1:
-        return b"-ERR bad\r\n"
-    if kind == 2:
-        return b":%d\r\n" % rng.randint(-5, 10**12)
-    if kind == 3:
-        return encode_bulk(rng.randbytes(rng.choice([0, 3, 40, 70000])))
+    if kind <= 3:
+        return _simple_reply(rng, kind)
     if kind == 4:
         return rng.choice([b"$-1\r\n", b"*-1\r\n", b"*0\r\n"])
     n = rng.randint(1, 4)
