@@ -533,6 +533,8 @@ def _new_counter() -> hiredis.Reader:
 
 
 _COUNTER = _new_counter()  # ReplyFramer.whole_replies: empty between calls
+_END_PROBE_VALUE = b"cachegate:end-of-chunk"
+_END_PROBE = b"+" + _END_PROBE_VALUE + b"\r\n"
 
 
 class ReplyFramer:
@@ -585,9 +587,16 @@ class ReplyFramer:
             gets = counter.gets
             while gets() is not Ellipsis:
                 n += 1
+            # Did the chunk end where a frame ends? has_data() cannot tell: it is False once
+            # hiredis has taken a lone type byte or the elements so far of an array that is
+            # cut. A frame of our own after it can: only at a frame's end is it read back as
+            # itself (inside a cut frame it is part of that frame, and a bulk of it would
+            # begin with the "+"), with nothing left over.
+            counter.feed(_END_PROBE)
+            whole = gets() == _END_PROBE_VALUE and not counter.has_data()
         except hiredis.ProtocolError:
-            n = -1
-        if n < 0 or counter.has_data():
+            whole = False
+        if not whole:
             _COUNTER = _new_counter()  # what was fed is dropped with it
             return -1
         return n

@@ -273,6 +273,30 @@ def test_whole_replies_counts_a_chunk_of_whole_replies_and_refuses_the_rest():
         framer.feed(b"$abc\r\nxyz\r\n")
 
 
+def test_whole_replies_counts_a_chunk_only_when_it_ends_where_a_reply_ends():
+    """Cut anywhere, even right after a type byte or between the elements of an array (where
+    hiredis has taken every byte but the reply is not whole), a chunk is counted only when
+    it ends where a reply ends; a cut chunk leaves nothing behind for the next one."""
+    stream = b":1\r\n*2\r\n$1\r\na\r\n*1\r\n:7\r\n$0\r\n\r\n+OK\r\n-ERR x\r\n*0\r\n$-1\r\n"
+    ends = {cut for cut in range(1, len(stream) + 1) if not _cut(stream[:cut])}
+    assert len(ends) == 7  # one per reply
+    for cut in range(1, len(stream) + 1):
+        framer = ReplyFramer()
+        n = framer.whole_replies(stream[:cut])
+        if cut in ends:
+            assert n == len(ReplyFramer().feed(stream[:cut])), cut
+        else:
+            assert n == -1, (cut, stream[:cut])
+        # Whatever happened, the next chunk is counted on its own.
+        assert ReplyFramer().whole_replies(b":5\r\n") == 1
+
+
+def _cut(data: bytes) -> bool:
+    framer = ReplyFramer()
+    framer.feed(data)
+    return framer.in_frame
+
+
 def _resp2_reply(rng: random.Random, depth: int = 0) -> bytes:
     kind = rng.randrange(7 if depth < 3 else 5)
     if kind <= 3:

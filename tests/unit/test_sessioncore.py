@@ -331,6 +331,22 @@ def test_a_chunk_answering_more_than_the_first_entry_is_routed_reply_by_reply():
     assert [e[0] for e in rec.events] == ["GET", "SELECT", "GET"]
 
 
+def test_a_reply_cut_right_after_its_type_byte_reaches_the_client_whole():
+    """A chunk from the database may end anywhere: here one reply in, right after the next
+    one's type byte, and the next chunk answers more than the first entry. Every reply
+    reaches the client as it came (this once ended the session with "bad reply from the
+    database" and lost the replies after the cut)."""
+    for cut_after in (b"$", b"*", b"*2\r\n$1\r\nx\r\n"):
+        c, rec = core()
+        c.feed_client(C("GET", "a") + C("MGET", "a", "b") + C("SELECT", "1") + C("GET", "b"))
+        replies = b"$1\r\nx\r\n*2\r\n$1\r\nx\r\n$-1\r\n+OK\r\n$1\r\ny\r\n"
+        cut = replies.index(cut_after, 7) + len(cut_after)
+        got = c.feed_upstream(replies[:cut]) + c.feed_upstream(replies[cut:])
+        assert got == replies and c.ending is None, cut_after
+        assert c.idle and c.logical_db == 1
+        assert [e[0] for e in rec.events] == ["GET", "MGET", "SELECT", "GET"]
+
+
 def test_after_hello_3_a_push_frame_is_never_taken_for_a_reply():
     c, _ = core()
     c.feed_client(C("HELLO", "3"))
