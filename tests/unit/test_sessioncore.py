@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from services.common.rbac import BUILTIN_ROLES, RoleSet, load_role_yaml
@@ -345,6 +347,55 @@ def test_a_reply_cut_right_after_its_type_byte_reaches_the_client_whole():
         assert got == replies and c.ending is None, cut_after
         assert c.idle and c.logical_db == 1
         assert [e[0] for e in rec.events] == ["GET", "MGET", "SELECT", "GET"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_replies_cut_anywhere_reach_the_client_as_they_came(seed):
+    """Plain commands, SELECTs and pipelines; the replies come in chunks of whole replies,
+    some cut anywhere (right after a type byte, between an array's elements): the client
+    gets every reply's bytes in order and the session is idle only at the end."""
+    rng = random.Random(seed)
+    c, rec = core()
+    requests, replies = [], []
+    for i in range(600):
+        kind = rng.choice([0, 0, 1, 1, 2, 2, 2, 3])
+        if kind == 0:
+            requests.append(C("GET", f"k{i}"))
+            replies.append(rng.choice([b"$-1\r\n", b"$3\r\nabc\r\n", b"$0\r\n\r\n"]))
+        elif kind == 1:
+            n = rng.randint(1, 4)
+            requests.append(C("MGET", *(f"k{j}" for j in range(n))))
+            replies.append(b"*%d\r\n" % n + b"".join(rng.choice([b"$-1\r\n", b"$1\r\nv\r\n"]) for _ in range(n)))
+        elif kind == 2:
+            requests.append(C("INCR", "n"))
+            replies.append(b":%d\r\n" % i)
+        else:
+            requests.append(C("SELECT", str(rng.randint(0, 3))))
+            replies.append(b"+OK\r\n")
+    data = b"".join(requests)
+    while data:  # the client's bytes come in pieces too
+        k = rng.randint(1, 3000)
+        c.feed_client(data[:k])
+        data = data[k:]
+    chunks, i, carry = [], 0, b""
+    while i < len(replies):
+        k = rng.randint(1, 30)
+        whole = carry + b"".join(replies[i:i + k])
+        i += k
+        cut = len(whole)
+        if i < len(replies) and rng.random() < 0.4:
+            cut = rng.choice([len(whole) - len(replies[i - 1]) + 1, rng.randrange(1, len(whole))])
+        chunks.append(whole[:cut])
+        carry = whole[cut:]
+    if carry:
+        chunks.append(carry)
+    got = []
+    for chunk in chunks:
+        assert not c.idle
+        got.append(c.feed_upstream(chunk))
+        assert c.ending is None
+    assert b"".join(got) == b"".join(replies) and c.idle
+    assert len(rec.events) == len(requests)
 
 
 def test_after_hello_3_a_push_frame_is_never_taken_for_a_reply():
