@@ -269,6 +269,8 @@ class Session:
         self._parked = False
         self._parked_in: list[bytes] = []
         self._unparking: asyncio.Task | None = None
+        self._watch_timer: asyncio.TimerHandle | None = None  # the watchdog's next check (_watch)
+        self._loop: asyncio.AbstractEventLoop | None = None  # run()'s
         self._clear_name = False  # the connection still has the pool's spare name
         # Audit.
         self._afields = {
@@ -334,7 +336,7 @@ class Session:
 
     async def run(self) -> None:
         """The whole session; returns when it is over (never raises for I/O errors)."""
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self._stop = loop.create_future()
         if self._pending_stop is not None:
             self._stop.set_result(self._pending_stop)
@@ -370,7 +372,8 @@ class Session:
             span.end()
         self._audit_start(True, "")
         m.session_started(ctx.database)
-        tasks = [asyncio.create_task(self._watchdog(), name="watchdog")]
+        self._watch_start()
+        tasks = []
         expiring = getattr(ctx.credentials, "expiring", None)
         if expiring is not None and self._up.auth_expires_at is not None:
             self.core.block_cap = _block_cap(self._up.auth_expires_at - time.time())
@@ -378,11 +381,15 @@ class Session:
         try:
             await self._relay()
         finally:
+            if self._watch_timer is not None:
+                self._watch_timer.cancel()
+                self._watch_timer = None
             if self._unparking is not None:
                 tasks.append(self._unparking)
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            if tasks:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
             self._release_budget()
             self.core.discard("session ended")  # its memory goes now
             self._close()
@@ -448,6 +455,8 @@ class Session:
         if not self._m_on:
             return
         core = self.core
+        if not core.allowed_counts and not core.denied_counts and self._m_bytes == (self.bytes_in, self.bytes_out):
+            return  # nothing since the last call (an idle session, every second)
         allowed, denied = _known(core.allowed_counts), _known(core.denied_counts)
         core.allowed_counts, core.denied_counts = {}, {}
         done_in, done_out = self._m_bytes
@@ -732,54 +741,82 @@ class Session:
             self.bytes_out += len(down)
         self._end(End(reason.replace("_", " "), after_replies=True, input_refused=True))
 
-    async def _watchdog(self) -> None:
+    def _watch_start(self) -> None:
+        """Start the session's watchdog: certificate expiry, idle timeout, giving the database
+        connection back while idle, request_timeout, locks, metrics. A timer of the loop
+        calls :meth:`_watch` when the next of them is due (at least once a second), not a
+        task per session: with thousands of idle sessions the task's wake-ups (a future and
+        a step of its coroutine each time) were most of the proxy's idle CPU."""
         ctx = self.ctx
         expiry = ctx.disconnect_expired_cert
         if expiry is None:
             expiry = ctx.roles.disconnect_expired_cert
-        expires_at = ctx.expires_at if expiry else None
-        idle = ctx.client_idle_timeout if ctx.client_idle_timeout is not None else ctx.roles.client_idle_timeout
-        timeout = self.limits.request_timeout
-        park_after = self.limits.upstream_idle_release if ctx.release is not None else 0.0
-        next_flush = 0.0
-        while True:
-            now = time.time()
-            wait = 1.0
-            quiet = time.monotonic() - self._last_activity
-            if expires_at is not None:
-                if now >= expires_at:
-                    self._end(End("certificate expired",
-                                  f"your certificate expired; run `cgate db login {ctx.database}` and connect again"))
-                    return
-                wait = min(wait, expires_at - now)
-            if idle:
-                if quiet >= idle:
-                    self._end(End("idle timeout", f"Cachegate ended this session: idle for {idle:g}s"))
-                    return
-                wait = min(wait, idle - quiet)
-            if park_after and not self._parked:
-                if quiet >= park_after:
-                    self._park()
-                else:
-                    wait = min(wait, park_after - quiet)
-            if self._held:
-                left = self._deadline - time.monotonic()
-                if left <= 0:
-                    self._refuse_request(
-                        "request_timeout",
-                        f"Cachegate closed this session: a command was not complete within {timeout:g}s "
-                        "(request_timeout); it was not run: send each command whole and promptly")
-                    return
-                wait = min(wait, left)
-            if ctx.lock_check is not None:
-                locked = ctx.lock_check()
-                if locked:
-                    self._end(End(f"locked: {locked}", f"Cachegate ended this session: {locked}"))
-                    return
-            if self._m_on and now >= next_flush:
-                self._flush_metrics()
-                next_flush = now + 1.0
-            await asyncio.sleep(max(wait, 0.01))
+        self._w_expires_at = ctx.expires_at if expiry else None
+        self._w_idle = ctx.client_idle_timeout if ctx.client_idle_timeout is not None else ctx.roles.client_idle_timeout
+        self._w_park_after = self.limits.upstream_idle_release if ctx.release is not None else 0.0
+        self._w_next_flush = 0.0
+        self._watch()
+
+    def _watch(self) -> None:
+        self._watch_timer = None
+        stop = self._stop
+        if stop is None or stop.done():
+            return
+        try:
+            wait = self._watch_once()
+        except Exception:  # noqa: BLE001 - a session its watchdog cannot check does not go on
+            log.exception("session watchdog failed")
+            self._end(End("internal error", "Cachegate ended this session: the proxy could not check it "
+                          "(internal error; see the proxy log)"))
+            return
+        if wait is not None and not stop.done():
+            # (The session's own loop: asyncio.get_running_loop() asks the kernel for the pid.)
+            self._watch_timer = self._loop.call_later(max(wait, 0.01), self._watch)
+
+    def _watch_once(self) -> float | None:
+        """One check; seconds until the next one, or None when it ended the session."""
+        ctx = self.ctx
+        now = time.time()
+        wait = 1.0
+        quiet = time.monotonic() - self._last_activity
+        expires_at = self._w_expires_at
+        if expires_at is not None:
+            if now >= expires_at:
+                self._end(End("certificate expired",
+                              f"your certificate expired; run `cgate db login {ctx.database}` and connect again"))
+                return None
+            wait = min(wait, expires_at - now)
+        idle = self._w_idle
+        if idle:
+            if quiet >= idle:
+                self._end(End("idle timeout", f"Cachegate ended this session: idle for {idle:g}s"))
+                return None
+            wait = min(wait, idle - quiet)
+        park_after = self._w_park_after
+        if park_after and not self._parked:
+            if quiet >= park_after:
+                self._park()
+            else:
+                wait = min(wait, park_after - quiet)
+        if self._held:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                timeout = self.limits.request_timeout
+                self._refuse_request(
+                    "request_timeout",
+                    f"Cachegate closed this session: a command was not complete within {timeout:g}s "
+                    "(request_timeout); it was not run: send each command whole and promptly")
+                return None
+            wait = min(wait, left)
+        if ctx.lock_check is not None:
+            locked = ctx.lock_check()
+            if locked:
+                self._end(End(f"locked: {locked}", f"Cachegate ended this session: {locked}"))
+                return None
+        if self._m_on and now >= self._w_next_flush:
+            self._flush_metrics()
+            self._w_next_flush = now + 1.0
+        return wait
 
     async def _reauth_loop(self, expiring: Callable[..., Awaitable[tuple[str, str, float]]]) -> None:
         """Authenticate the upstream connection again, in band, before its token expires:

@@ -466,6 +466,28 @@ def test_idle_timeout_and_terminate(proxy, certs):
     raw.close()
 
 
+def test_a_session_its_watchdog_cannot_check_is_ended_with_a_line_that_says_so(proxy, certs):
+    calls = []
+
+    def lock_check():  # the lock cache breaks after the session started
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("lock cache broken")
+        return None
+
+    proxy.overrides["hilda"] = {"lock_check": lock_check}
+    raw = proxy.raw(certs.user_cert("hilda"))
+    raw.send(C("PING"))
+    assert raw.read(1) == [b"PONG"]
+    try:
+        got = raw.read(1)
+    except EOFError:
+        got = []
+    assert got and "could not check it" in str(got[0]), got
+    assert raw.closed(5)
+    raw.close()
+
+
 def test_expired_certificate_ends_session(proxy, certs):
     proxy.overrides["ivan"] = {"disconnect_expired_cert": True}
     soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=2)
