@@ -19,8 +19,8 @@ was made since the one before, at most :data:`THRESHOLDS` [0] x [1] objects, a f
 Frozen objects are still freed by reference counting (an ended session is: it breaks its
 own cycles); only a reference cycle among them would stay. So that none stays for long, every
 :data:`SWEEP_EVERY` seconds everything is thawed (``gc.unfreeze``) and the next full
-collection walks it all once (about 0.7 µs per object: 0.3 s with 5,000 live sessions),
-then it is frozen again.
+collection walks it all once (about 0.7 µs per object: some 0.35 s with 5,000 live
+sessions), then it is frozen again.
 """
 
 from __future__ import annotations
