@@ -7,7 +7,7 @@
 /usr/lib/postgresql/*/bin, as the ``postgres`` OS user when run as root, on a free
 loopback port, then stopped and deleted). ``events`` is how many events to store, in
 batches of 1000 (auth's maximum, what dbproxy sends under load). Returns events per
-second of :meth:`services.auth.audit.AuditLog.ingest` (check + store) over the whole
+second of :meth:`services.auth.audit.AuditLog.ingest_serialized` (parse, check and store) over the whole
 run, wall clock, one batch after the other. Self-contained: it starts what it needs and removes it afterwards;
 nothing is left behind on success or failure. Raises RuntimeError when PostgreSQL's
 binaries are not installed.
@@ -15,10 +15,10 @@ binaries are not installed.
 The events are realistic ``db.session.query`` events built by dbproxy's real encoder
 (:class:`services.dbproxy.auditspool.AuditSpool` and its ``QueryStream``, with a
 session's base fields, a logical db, a command and its arguments), serialized into
-``EmitAuditEventsRequest`` bytes and parsed back, as auth's gRPC server hands them to
-``AuditService.EmitAuditEvents``. Parsing is done before the clock starts: only what
-auth does with ``request.events`` is timed. Every id is distinct, so every event is
-really inserted.
+``EmitAuditEventsRequest`` bytes, as auth's gRPC server hands them to
+``AuditService.EmitAuditEvents``: what is timed is :meth:`AuditLog.ingest_serialized`
+on those bytes (parse, check, store each event's bytes as they came), auth's own path
+without gRPC. Every id is distinct, so every event is really inserted.
 
 From the command line (each run is bounded by ``--events``)::
 
@@ -54,8 +54,6 @@ ROOT = Path(__file__).resolve().parent.parent
 for _p in (str(ROOT / "protos"), str(ROOT)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
-
-from cachegate.auth.v1 import audit_service_pb2  # noqa: E402
 
 from services.auth.audit import MAX_BATCH, AuditLog  # noqa: E402
 from services.dbproxy.auditspool import AuditSpool  # noqa: E402
@@ -174,7 +172,6 @@ class _Postgres:
 # --- the measurement ---------------------------------------------------------------------------
 async def _ingest_all(log: AuditLog, requests: list[bytes], profile: str | None = None,
                       in_flight: int = 1) -> tuple[float, float, int]:
-    parsed = [audit_service_pb2.EmitAuditEventsRequest.FromString(r) for r in requests]
     prof = None
     if profile:
         import cProfile  # noqa: PLC0415
@@ -185,17 +182,17 @@ async def _ingest_all(log: AuditLog, requests: list[bytes], profile: str | None 
     c0 = time.process_time()
     t0 = time.perf_counter()
     if in_flight <= 1:
-        for req in parsed:
-            # As AuditService.EmitAuditEvents does: the parsed request is auth's own, checked in place.
-            stored += await log.ingest(req.events, in_place=True)
+        for req in requests:
+            # As AuditService.EmitAuditEvents does: the request's bytes as they came.
+            stored += await log.ingest_serialized(req)
     else:  # several batches at once, as dbproxy sends them (max_in_flight)
         slots = asyncio.Semaphore(in_flight)
 
-        async def one(req) -> int:
+        async def one(req: bytes) -> int:
             async with slots:
-                return await log.ingest(req.events, in_place=True)
+                return await log.ingest_serialized(req)
 
-        stored = sum(await asyncio.gather(*(one(r) for r in parsed)))
+        stored = sum(await asyncio.gather(*(one(r) for r in requests)))
     elapsed = time.perf_counter() - t0
     cpu = time.process_time() - c0
     if prof is not None:
@@ -229,7 +226,7 @@ async def _run(backend_kind: str, events: int, profile: str | None = None, in_fl
             raise ValueError(f"unknown backend_kind {backend_kind!r}: use 'sqlite' or 'postgres'")
         log = AuditLog(backend, CLUSTER)
         # Warm up (connections, statement caches) with a batch that is not counted.
-        await log.ingest(audit_service_pb2.EmitAuditEventsRequest.FromString(build_requests(BATCH)[0]).events)
+        await log.ingest_serialized(build_requests(BATCH)[0])
         elapsed, cpu, stored = await _ingest_all(log, requests, profile, in_flight)
         if stored != events:
             raise RuntimeError(f"stored {stored} events of {events}")
@@ -247,8 +244,8 @@ async def _run(backend_kind: str, events: int, profile: str | None = None, in_fl
 
 
 async def measure(backend_kind: str, events: int) -> float:
-    """Events per second that auth checks and stores (``AuditLog.ingest`` of 1000-event
-    batches) on ``backend_kind`` ("sqlite" or "postgres"); see the module docstring."""
+    """Events per second that auth checks and stores (``AuditLog.ingest_serialized`` of
+    1000-event batches) on ``backend_kind`` ("sqlite" or "postgres"); see the module docstring."""
     return (await _run(backend_kind, events))[0]
 
 
