@@ -121,6 +121,23 @@ def _rss(pid: int) -> int:
     return total
 
 
+def _cpu(pid: int) -> float:
+    """CPU seconds (user and system) of ``pid`` and its child processes (dbproxy's workers)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                total += _cpu(int(child))
+            except OSError:
+                pass
+    return total
+
+
 async def idle(args) -> dict:
     ctx = _ssl(args)
     hello, want = _hello(args)
@@ -151,9 +168,15 @@ async def idle(args) -> dict:
         opened = time.perf_counter() - t0
         await asyncio.sleep(args.settle)
         rss = _rss(args.pid)
-        out["levels"].append({"sessions": len(held), "wanted": n, "open_seconds": round(opened, 2),
-                              "rss_kib": rss,
-                              "kib_per_session": round((rss - out["baseline_rss_kib"]) / max(len(held), 1), 1)})
+        level = {"sessions": len(held), "wanted": n, "open_seconds": round(opened, 2), "rss_kib": rss,
+                 "kib_per_session": round((rss - out["baseline_rss_kib"]) / max(len(held), 1), 1)}
+        if args.cpu_window > 0:  # what the proxy spends while they all sit idle
+            c0, t0 = _cpu(args.pid), time.perf_counter()
+            await asyncio.sleep(args.cpu_window)
+            spent, took = _cpu(args.pid) - c0, time.perf_counter() - t0
+            level["cpu_s_per_s"] = round(spent / took, 4)
+            level["cpu_us_per_session_s"] = round(spent / took / max(len(held), 1) * 1e6, 2)
+        out["levels"].append(level)
         if errors:
             break
     out["errors"] = len(errors)
@@ -282,6 +305,8 @@ def main() -> None:
     ap.add_argument("--counts", default="1000,5000")
     ap.add_argument("--pid", type=int, default=0)
     ap.add_argument("--settle", type=float, default=2.0)
+    ap.add_argument("--cpu-window", type=float, default=0.0,
+                    help="idle: seconds over which to measure the proxy's CPU at each level (0: not measured)")
     ap.add_argument("--interval", type=float, default=0.001)
     ap.add_argument("--addr", default="")
     ap.add_argument("--join-addr", default="")

@@ -15,8 +15,10 @@ within ``request_timeout``; past either the session ends with one error line (no
 that command reaches the database).
 
 A watchdog ends the session when the certificate expires (role option
-``disconnect_expired_cert``, on by default), within a second of ``lock_check`` reporting a
-lock or :meth:`Session.terminate`, and after ``client_idle_timeout``.
+``disconnect_expired_cert``, on by default), after ``client_idle_timeout``, and when
+``lock_check`` reports a lock: within a second while the session is busy, within
+``_QUIET_TICK`` seconds once it has been quiet for ``_QUIET_AFTER`` (locks reach live
+sessions at once by push, :meth:`Session.terminate`; the poll is the second line).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import math
 import random
 import time
 import uuid
@@ -70,6 +73,15 @@ _LAST_SECOND = 1.0
 _MAX_HELD_BEHIND_BLOCK = 1 << 20
 # Ends after which the database connection may go back to the pool (Session._gives_back).
 _CLEAN_ENDS = frozenset(("client closed", "client quit"))
+# The watchdog checks a session every second; one quiet (nothing read from either side) for
+# _QUIET_AFTER seconds every _QUIET_TICK seconds instead, so that thousands of pooled idle
+# connections cost a fifth of the CPU. Deadlines (certificate expiry, client_idle_timeout,
+# the upstream idle release, request_timeout) still end or park it on time, and locks reach
+# it at once by push: what waits longer is only the lock poll, the second line.
+_TICK = 1.0
+_QUIET_AFTER = 2.0
+_QUIET_TICK = 5.0
+_GRID = 0.25  # regular checks fall on multiples of this of the loop's clock (Session._arm)
 
 
 class AuditSink(Protocol):
@@ -113,8 +125,9 @@ class SessionContext:
 
     ``db_name`` is the logical database of the certificate's route ("" = 0).
     ``expires_at`` is the certificate's NotAfter (epoch seconds). ``lock_check`` is
-    polled every second: it returns a reason (one line) when a lock now applies
-    to the user or one of their roles, else None. ``disconnect_expired_cert`` and
+    polled by the watchdog (every second; every few seconds while the session is quiet):
+    it returns a reason (one line) when a lock now applies to the user or one of their
+    roles, else None. ``disconnect_expired_cert`` and
     ``client_idle_timeout`` default to the roles' options.
     """
 
@@ -270,6 +283,7 @@ class Session:
         self._parked_in: list[bytes] = []
         self._unparking: asyncio.Task | None = None
         self._watch_timer: asyncio.TimerHandle | None = None  # the watchdog's next check (_watch)
+        self._watch_due = 0.0  # when it is due (monotonic)
         self._loop: asyncio.AbstractEventLoop | None = None  # run()'s
         self._clear_name = False  # the connection still has the pool's spare name
         # Audit.
@@ -718,7 +732,9 @@ class Session:
         if pending < held:
             budget.give(held - pending)
         if pending and (completed or not held):  # a new command began
-            self._deadline = time.monotonic() + self.limits.request_timeout
+            self._deadline = deadline = time.monotonic() + self.limits.request_timeout
+            if self._watch_due > deadline:
+                self._watch_by(deadline)  # a quiet session's watchdog would look too late
         self._held = pending
 
     def _release_budget(self) -> None:
@@ -744,9 +760,10 @@ class Session:
     def _watch_start(self) -> None:
         """Start the session's watchdog: certificate expiry, idle timeout, giving the database
         connection back while idle, request_timeout, locks, metrics. A timer of the loop
-        calls :meth:`_watch` when the next of them is due (at least once a second): not a
-        task per session, whose coroutine, sleep future and cancelling at the end each
-        session paid for (about 1 KiB of an idle session)."""
+        calls :meth:`_watch` when the next of them is due (at least every ``_TICK`` seconds,
+        ``_QUIET_TICK`` while the session is quiet): not a task per session, whose
+        coroutine, sleep future and cancelling at the end each session paid for (about
+        1 KiB of an idle session)."""
         ctx = self.ctx
         expiry = ctx.disconnect_expired_cert
         if expiry is None:
@@ -770,14 +787,34 @@ class Session:
                           "(internal error; see the proxy log)"))
             return
         if wait is not None and not stop.done():
-            self._watch_timer = self._loop.call_later(max(wait, 0.01), self._watch)
+            self._arm(wait, wait == _TICK or wait == _QUIET_TICK)
+
+    def _arm(self, wait: float, regular: bool) -> None:
+        """The next check in ``wait`` seconds; a ``regular`` one (no deadline is due sooner)
+        on the loop's shared _GRID, so that one wake-up of the loop checks every session due
+        then (each of thousands of sessions woke the loop on its own before)."""
+        loop = self._loop
+        now = loop.time()
+        due = now + max(wait, 0.01)
+        if regular:
+            due = math.ceil(due / _GRID) * _GRID
+        self._watch_due = time.monotonic() + (due - now)
+        self._watch_timer = loop.call_at(due, self._watch)
+
+    def _watch_by(self, due: float) -> None:
+        """Have the watchdog look again by ``due`` (monotonic), not later."""
+        timer = self._watch_timer
+        if timer is None:  # not started yet, or the session is ending
+            return
+        timer.cancel()
+        self._arm(due - time.monotonic(), False)
 
     def _watch_once(self) -> float | None:
         """One check; seconds until the next one, or None when it ended the session."""
         ctx = self.ctx
         now = time.time()
-        wait = 1.0
         quiet = time.monotonic() - self._last_activity
+        wait = _TICK if quiet < _QUIET_AFTER else _QUIET_TICK
         expires_at = self._w_expires_at
         if expires_at is not None:
             if now >= expires_at:

@@ -14,6 +14,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from services.common.rbac import load_role_yaml
+from services.dbproxy import session as session_mod
 from services.dbproxy.limits import ProxyLimits, RequestBudget
 from services.dbproxy.metrics import ProxyMetrics
 
@@ -175,6 +176,28 @@ def test_a_command_not_completed_within_the_deadline_is_refused(proxy, alice, re
                 time.sleep(0.6)
                 r.send(b"1\r\n")
                 assert r.read(1) == [b"OK"]
+        finally:
+            r.close()
+        assert refused(reader, "request_timeout") == 1
+
+
+def test_a_quiet_session_still_meets_its_request_timeout(proxy, alice, monkeypatch):
+    # A session quiet for _QUIET_AFTER is checked every _QUIET_TICK seconds: a command begun
+    # then must still be refused at its deadline, not at the next of those checks.
+    monkeypatch.setattr(session_mod, "_QUIET_AFTER", 0.5)
+    monkeypatch.setattr(session_mod, "_QUIET_TICK", 5.0)
+    with limited(proxy, request_timeout=1.0) as reader:
+        r = proxy.raw(alice)
+        try:
+            r.send(C("PING"))
+            assert r.read(1) == [b"PONG"]
+            time.sleep(2.0)  # a check has seen the session quiet: the next one is 5 s away
+            started = time.monotonic()
+            r.send(b"*3\r\n$3\r\nSET\r\n$7\r\nquiet:k\r\n$10\r\nabc")
+            err = r.read(1, timeout=8)[0]
+            took = time.monotonic() - started
+            assert isinstance(err, Exception) and "not complete within 1s (request_timeout)" in str(err)
+            assert 0.9 <= took < 2.5, took
         finally:
             r.close()
         assert refused(reader, "request_timeout") == 1

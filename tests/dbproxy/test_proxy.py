@@ -11,6 +11,7 @@ import time
 import pytest
 import redis
 
+from services.dbproxy import session as session_mod
 from services.dbproxy.resp import encode_command
 from services.dbproxy.upstream import UpstreamTarget
 
@@ -486,6 +487,42 @@ def test_a_session_its_watchdog_cannot_check_is_ended_with_a_line_that_says_so(p
     assert got and "could not check it" in str(got[0]), got
     assert raw.closed(5)
     raw.close()
+
+
+def test_a_quiet_session_is_checked_less_often_and_its_lock_poll_still_ends_it(proxy, certs, monkeypatch):
+    # Shorter than the real 2 s and 5 s, to keep the test short; the same rules.
+    monkeypatch.setattr(session_mod, "_QUIET_AFTER", 1.0)
+    monkeypatch.setattr(session_mod, "_QUIET_TICK", 2.5)
+    calls: list[float] = []
+    locked: list[str] = []
+
+    def lock_check():  # a lock that no push reached: only the poll can find it
+        calls.append(time.monotonic())
+        return locked[0] if locked else None
+
+    proxy.overrides["quentin"] = {"lock_check": lock_check}
+    raw = proxy.raw(certs.user_cert("quentin"))
+    try:
+        busy_from = time.monotonic()
+        while time.monotonic() - busy_from < 3.0:
+            raw.send(C("PING"))
+            assert raw.read(1) == [b"PONG"]
+            time.sleep(0.2)
+        quiet_from = time.monotonic()
+        busy = [t for t in calls if t <= quiet_from]
+        assert len(busy) >= 3 and max(b - a for a, b in zip(busy, busy[1:])) < 1.5, busy
+        time.sleep(7.0)
+        quiet = [t for t in calls if t > quiet_from + 1.5]  # past _QUIET_AFTER and one check
+        assert len(quiet) >= 2, quiet  # still polled
+        assert min(b - a for a, b in zip(quiet, quiet[1:])) > 2.3, quiet  # but every _QUIET_TICK
+        locked.append('user "quentin" is locked: quiet test')
+        started = time.monotonic()
+        got = raw.read(1, timeout=6)
+        assert got and "quiet test" in str(got[0]), got
+        assert time.monotonic() - started < 3.5  # within _QUIET_TICK (and the loop's grid)
+        assert raw.closed(5)
+    finally:
+        raw.close()
 
 
 def test_expired_certificate_ends_session(proxy, certs):
