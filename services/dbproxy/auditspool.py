@@ -27,9 +27,13 @@ Each batch goes to the injected ``send`` coroutine: by default as a list of
 serializer sends as is (no copying of messages at all). When ``send`` fails or
 times out the batch is written to the spool directory (one file per batch,
 written to a temporary name, fsynced, then renamed) and retried later, oldest
-first; a file is deleted only after ``send`` succeeded. When the in-memory queue
-is over its bound, events are spilled to disk at once instead of growing
-memory. Should the disk fail as well, the loss is logged at ERROR with the
+first; a file is deleted only after ``send`` succeeded. Spool files are written
+by a thread of their own, in order, so that a slow disk (an fsync of a cloud disk
+takes milliseconds) holds up neither the sessions nor the delivery; once
+``_WRITE_BACKLOG`` bytes wait for it, the event loop waits for the disk too (so do
+the sessions, and memory stays bounded). When the in-memory queue is over its
+bound, events are spilled to disk at once instead of growing memory. Should the
+disk fail as well, the loss is logged at ERROR with the
 number of events and counted in :attr:`AuditSpool.lost` (never silent).
 
 Spool file format: repeated (4-byte big-endian length, serialized AuditEvent).
@@ -38,11 +42,13 @@ Spool file format: repeated (4-byte big-endian length, serialized AuditEvent).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import struct
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,6 +71,8 @@ log = logging.getLogger("cachegate.dbproxy.audit")
 SendFn = Callable[[Any], Awaitable[Any]]
 
 _LEN = struct.Struct(">I")
+# Bytes of spool files at most waiting for the writer thread (AuditSpool._write_spool).
+_WRITE_BACKLOG = 16 << 20
 _Request = audit_service_pb2.EmitAuditEventsRequest
 
 # Queue entry kinds.
@@ -367,6 +375,13 @@ class AuditSpool:
         self._id_prefix_b = self._id_prefix.encode()
         self._id_lo = 0
         self._spooled_pending = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer: ThreadPoolExecutor | None = None  # writes spool files (one thread: in order)
+        # Spool files handed to it and not yet accounted for, oldest first: (its future, the
+        # number of events, the bytes); it finishes them in this order.
+        self._writes: deque[tuple[Future, int, int]] = deque()
+        self._writing_bytes = 0
+        self._written: asyncio.Event | None = None  # set while it has nothing to write
         self.sent = 0  # events delivered
         self.spooled = 0  # events written to disk (delivered later or still waiting)
         self.lost = 0  # events neither delivered nor spooled (logged at ERROR)
@@ -422,11 +437,24 @@ class AuditSpool:
         private_dir(self.spool_dir, tighten_files=True)
         self._spooled_pending = any(self.spool_dir.glob("*.batch"))
         self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-spool-writer")
+        self._written = asyncio.Event()
+        self._written.set()
         self._task = asyncio.create_task(self._run(), name="audit-spool")
 
     async def flush(self, timeout: float | None = None) -> None:
         """Deliver (or spool) everything queued now."""
-        await asyncio.wait_for(self._deliver_queue(), timeout)
+        async def both() -> None:
+            await self._deliver_queue()
+            await self.written()
+
+        await asyncio.wait_for(both(), timeout)
+
+    async def written(self) -> None:
+        """Return once every spool file handed to the writer thread is on disk (or lost)."""
+        while self._writes and self._written is not None:
+            await self._written.wait()
 
     async def close(self, timeout: float = 10.0) -> None:
         """Deliver what is queued (or spool it), then stop."""
@@ -440,6 +468,14 @@ class AuditSpool:
                 self._task.cancel()
         if self._queue:
             self._spill()
+        try:
+            await asyncio.wait_for(self.written(), timeout)
+        except TimeoutError:  # the disk hangs: said, never silent
+            log.error("AUDIT SPOOL: the disk has not taken %d spool files within %gs; they are written "
+                      "when it does (lost if this process is killed first)", len(self._writes), timeout)
+        writer, self._writer = self._writer, None  # from here, spool files are written at once
+        if writer is not None:
+            writer.shutdown(wait=False)
 
     # -- consumer ------------------------------------------------------------------------------
 
@@ -630,7 +666,13 @@ class AuditSpool:
         so it spilled again and again); True when the spool is empty. A file goes once its
         send returned; after a failed send the rest waits for the next retry."""
         step = self.max_in_flight
-        while paths := sorted(self.spool_dir.glob("*.batch")):  # again: spilled meanwhile
+        while True:
+            paths = sorted(self.spool_dir.glob("*.batch"))  # again: spilled meanwhile
+            if not paths:
+                if not self._writes:
+                    break
+                await self.written()  # files on their way to the disk are part of the spool
+                continue
             for i in range(0, len(paths), step):
                 results = await asyncio.gather(*(self._deliver_file(p) for p in paths[i:i + step]))
                 if not all(results):
@@ -674,23 +716,62 @@ class AuditSpool:
         self._spooled_pending = True
 
     def _write_spool(self, evs: list[bytes]) -> None:
+        """One spool file of ``evs``, named (so ordered) now and written by the writer thread;
+        written here when that thread is not running (before start, after close)."""
         self._seq += 1
         name = f"{time.time_ns():020d}-{os.getpid()}-{self._seq:06d}.batch"
+        data = b"".join(evs)
+        self._spooled_pending = True
+        writer, loop = self._writer, self._loop
+        if writer is None or loop is None:  # not started, or closed: written here
+            try:
+                self._write_file(name, data)
+            except OSError as exc:
+                self._lost_to_disk(len(evs), exc)
+            else:
+                self.spooled += len(evs)
+            return
+        while self._writes and self._writing_bytes + len(data) > _WRITE_BACKLOG:
+            # Too much waits for the disk: the loop (and so every session) waits for the
+            # oldest write, about one fsync, and no more than it must.
+            self._writes[0][0].exception()  # waits; what it raised is accounted by _reap
+            self._reap()
+        done = writer.submit(self._write_file, name, data)
+        self._writes.append((done, len(evs), len(data)))
+        self._writing_bytes += len(data)
+        if self._written is not None:
+            self._written.clear()
+        done.add_done_callback(functools.partial(_call_soon, loop, self._reap))
+
+    def _reap(self) -> None:
+        """Account for the spool files the writer thread has finished (oldest first)."""
+        writes = self._writes
+        while writes and writes[0][0].done():
+            done, count, size = writes.popleft()
+            self._writing_bytes -= size
+            exc = done.exception() if not done.cancelled() else OSError("the write was cancelled")
+            if exc is None:
+                self.spooled += count
+            else:
+                self._lost_to_disk(count, exc)
+        if not writes and self._written is not None:
+            self._written.set()
+
+    def _write_file(self, name: str, data: bytes) -> None:
+        """Write a spool file: to a temporary name, fsynced, then renamed (any thread)."""
         tmp = self.spool_dir / (name + ".tmp")
-        try:
-            private_dir(self.spool_dir)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(b"".join(evs))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.spool_dir / name)
-            self.spooled += len(evs)
-            self._spooled_pending = True
-        except OSError as exc:
-            self.lost += len(evs)
-            log.error("AUDIT EVENTS LOST: %d events could not be delivered nor spooled to %s: %s",
-                      len(evs), self.spool_dir, exc)
+        private_dir(self.spool_dir)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.spool_dir / name)
+
+    def _lost_to_disk(self, count: int, exc: BaseException) -> None:
+        self.lost += count
+        log.error("AUDIT EVENTS LOST: %d events could not be delivered nor spooled to %s: %s",
+                  count, self.spool_dir, exc)
 
     # -- building events -----------------------------------------------------------------------
 
@@ -811,6 +892,14 @@ class AuditSpool:
                 elif v is not None:
                     st.update({k: v})
         return ev
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None], _done: Future) -> None:
+    """From the writer thread: ``fn`` on the loop (unless it is gone: the process is ending)."""
+    try:
+        loop.call_soon_threadsafe(fn)
+    except RuntimeError:  # the loop is closed
+        pass
 
 
 def events_of(spool: Iterable[types_pb2.AuditEvent], type_: str) -> list[types_pb2.AuditEvent]:
