@@ -510,7 +510,7 @@ def test_a_quiet_session_is_checked_less_often_and_its_lock_poll_still_ends_it(p
             time.sleep(0.2)
         quiet_from = time.monotonic()
         busy = [t for t in calls if t <= quiet_from]
-        assert len(busy) >= 3 and max(b - a for a, b in zip(busy, busy[1:])) < 1.5, busy
+        assert len(busy) >= 3 and max(b - a for a, b in zip(busy, busy[1:])) < 2.0, busy  # about every second
         time.sleep(7.0)
         quiet = [t for t in calls if t > quiet_from + 1.5]  # past _QUIET_AFTER and one check
         assert len(quiet) >= 2, quiet  # still polled
