@@ -430,6 +430,11 @@ class AuditSpool:
     def queued(self) -> int:
         return self._pending
 
+    @property
+    def spooling(self) -> int:
+        """Events handed to the writer thread and not yet on disk (then: ``spooled``)."""
+        return sum(count for _done, count, _size in self._writes)
+
     # -- life cycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:

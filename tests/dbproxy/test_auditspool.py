@@ -88,7 +88,7 @@ async def test_overflow_spills_to_disk_not_memory(tmp_path):
     await spool.start()
     for i in range(120):
         spool.emit("db.session.query", "a", fields={"n": i})
-    assert spool.queued <= 50  # at once: the rest left memory
+    assert spool.queued <= 50 and spool.spooling + spool.spooled >= 51  # at once: the rest left memory
     await spool.written()  # and the writer thread has put it on disk
     assert spool.spooled >= 51
     await spool.close()
@@ -269,11 +269,11 @@ async def test_an_overflowing_queue_spills_its_oldest_events_not_all_of_them(tmp
     await spool.start()
     for i in range(1_500):
         spool.emit("db.session.query", "a", fields={"n": i})
-    # Only what went past the bound went to disk, a batch at a time, oldest first.
-    assert spool.queued <= 1_000
+    # Only what went past the bound went to disk, a batch at a time, oldest first (its files
+    # are on their way to the disk: the writer thread's).
+    assert spool.queued <= 1_000 and spool.queued + spool.spooling + spool.spooled == 1_500
+    assert spool.spooling + spool.spooled <= 600
     await spool.written()
-    assert spool.queued + spool.spooled == 1_500
-    assert spool.spooled <= 600
     first = sorted(tmp_path.glob("*.batch"))[0]
     assert [e.fields["n"] for e in read_spool_file(first)][:3] == [0, 1, 2]
     sink.up = True
@@ -313,9 +313,10 @@ async def test_a_slow_disk_holds_up_neither_the_sessions_nor_the_delivery(tmp_pa
     assert spool.queued <= 100
     await spool.written()
     tick.cancel()
-    assert spool.spooled == 500 and spool.lost == 0
+    # The five batches past the bound, and what the delivery task spooled meanwhile (auth down).
+    assert spool.spooled >= 500 and spool.spooled + spool.queued == 600 and spool.lost == 0
     assert max(lags) < 0.2, max(lags)
-    assert len(list(tmp_path.glob("*.batch"))) == 5
+    assert len(list(tmp_path.glob("*.batch"))) >= 5
     sink.up = True
     await spool.close()
     assert sorted(e.fields["n"] for e in sink.events) == list(range(600))
