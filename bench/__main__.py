@@ -284,11 +284,12 @@ def run(mode: str, clients_n: int, workers: int = 1) -> dict:
                                  f"{cfg['idle_s']:.0f}s; the RSS figure is at {lv['sessions']}")
             per_idle = {lv["sessions"]: lv["kib_per_session"] for lv in idle["levels"]}
             # What one more idle session costs: the CPU between the two levels, so that what the
-            # stall probe's session (a PING every 5 ms) costs counts in neither.
+            # stall probe's session (a PING every 5 ms) costs counts in neither. Only with levels
+            # 1,000 sessions apart or more (not --smoke's 50 and 100: /proc counts 10 ms ticks).
             lv = [x for x in idle["levels"] if "cpu_s_per_s" in x]
             idle_cpu = (round((lv[-1]["cpu_s_per_s"] - lv[0]["cpu_s_per_s"])
                               / (lv[-1]["sessions"] - lv[0]["sessions"]) * 1e6, 2)
-                        if len(lv) > 1 and lv[-1]["sessions"] > lv[0]["sessions"] else None)
+                        if len(lv) > 1 and lv[-1]["sessions"] - lv[0]["sessions"] >= 1000 else None)
 
             # --- throughput and latency, interleaved -----------------------------------------
             # A short run per target and depth warms it up and sizes -n so that each test
