@@ -283,7 +283,6 @@ class Session:
         self._parked_in: list[bytes] = []
         self._unparking: asyncio.Task | None = None
         self._watch_timer: asyncio.TimerHandle | None = None  # the watchdog's next check (_watch)
-        self._watch_due = 0.0  # when it is due (monotonic)
         self._loop: asyncio.AbstractEventLoop | None = None  # run()'s
         self._clear_name = False  # the connection still has the pool's spare name
         # Audit.
@@ -733,8 +732,7 @@ class Session:
             budget.give(held - pending)
         if pending and (completed or not held):  # a new command began
             self._deadline = deadline = time.monotonic() + self.limits.request_timeout
-            if self._watch_due > deadline:
-                self._watch_by(deadline)  # a quiet session's watchdog would look too late
+            self._watch_by(deadline)  # a quiet session's watchdog would look too late
         self._held = pending
 
     def _release_budget(self) -> None:
@@ -798,7 +796,6 @@ class Session:
         due = now + max(wait, 0.01)
         if regular:
             due = math.ceil(due / _GRID) * _GRID
-        self._watch_due = time.monotonic() + (due - now)
         self._watch_timer = loop.call_at(due, self._watch)
 
     def _watch_by(self, due: float) -> None:
@@ -806,8 +803,11 @@ class Session:
         timer = self._watch_timer
         if timer is None:  # not started yet, or the session is ending
             return
+        wait = due - time.monotonic()
+        if timer.when() <= self._loop.time() + wait:
+            return  # it looks by then already
         timer.cancel()
-        self._arm(due - time.monotonic(), False)
+        self._arm(wait, False)
 
     def _watch_once(self) -> float | None:
         """One check; seconds until the next one, or None when it ended the session."""
