@@ -25,6 +25,7 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -102,12 +103,10 @@ async def sessions(args) -> dict:
             "errors": len(errors), "first_error": errors[0] if errors else ""}
 
 
-def _rss(pid: int) -> int:
-    """VmRSS of ``pid`` and its child processes (dbproxy's workers), KiB."""
-    total = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            total += int(line.split()[1])
+def _summed(pid: int, own: Callable[[int], float]) -> float:
+    """``own(pid)`` plus the same for each of its child processes (dbproxy's workers), and
+    theirs; a child that is gone meanwhile counts nothing (``pid`` itself must be there)."""
+    total = own(pid)
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             children = (task / "children").read_text().split()
@@ -115,27 +114,32 @@ def _rss(pid: int) -> int:
             continue
         for child in children:
             try:
-                total += _rss(int(child))
+                total += _summed(int(child), own)
             except OSError:
                 pass
     return total
+
+
+def _own_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _own_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss(pid: int) -> int:
+    """VmRSS of ``pid`` and its child processes (dbproxy's workers), KiB."""
+    return int(_summed(pid, _own_rss))
 
 
 def _cpu(pid: int) -> float:
     """CPU seconds (user and system) of ``pid`` and its child processes (dbproxy's workers)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            children = (task / "children").read_text().split()
-        except OSError:
-            continue
-        for child in children:
-            try:
-                total += _cpu(int(child))
-            except OSError:
-                pass
-    return total
+    return _summed(pid, _own_cpu)
 
 
 async def idle(args) -> dict:
