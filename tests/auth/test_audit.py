@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 import uuid
 
@@ -11,6 +12,7 @@ from cachegate.auth.v1 import audit_service_pb2 as au
 from cachegate.types.v1 import types_pb2
 from google.protobuf import struct_pb2
 
+from services.auth.audit import AuditLog
 from services.auth.backend import SQLiteBackend
 from services.common.grpcutil import from_ts, ts
 
@@ -78,6 +80,44 @@ async def test_a_complete_event_is_stored_as_the_bytes_sent_and_the_others_fille
     err = await env.fails(env.audit.EmitAuditEvents, b"\x0a\x05abc")
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid EmitAuditEventsRequest" in err.details
     assert len(await env.state.backend.search_audit(None, None, [], "", None, 10)) == 3
+
+
+def complete(type_="db.session.query", when=None, **fields) -> types_pb2.AuditEvent:
+    """An event as dbproxy sends it: nothing left for auth to fill in."""
+    ev = event(type_=type_, id_=str(uuid.uuid4()), when=when or time.time() - 1, **fields)
+    ev.code, ev.cluster_name = "T5001I", "unit"
+    return ev
+
+
+async def test_a_batch_of_complete_events_is_stored_as_sent_and_still_checked_event_by_event(env):
+    """A batch in which every event is complete is checked a field at a time over the whole
+    batch: the same checks, the same refusals (naming the event), the bytes as sent."""
+    evs = [complete(n=i) for i in range(3)]
+    env.as_proxy()
+    assert (await env.call(env.audit.EmitAuditEvents, au.EmitAuditEventsRequest(events=evs))).stored == 3
+    rows = await env.state.backend.search_audit(None, None, [], "", None, 10)
+    assert sorted(data for _w, _id, data in rows) == sorted(ev.SerializeToString() for ev in evs)
+    one, two, upper = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    for bad, expect in [
+        # two canonical ids in one, newline-joined: the batch's ids joined look canonical
+        ({"id": one + "\n" + two}, "event 1: id"),
+        ({"id": upper.upper()}, None),  # not canonical: filled in (made canonical), not refused
+        ({"type": "user.login"}, "event 1: events of type user.login are recorded by auth itself"),
+        ({"type": "db.session.query\n"}, "event 1: invalid event type"),
+        ({"big": "x" * (256 * 1024)}, "event 1: event is larger than 256 KiB"),
+    ]:
+        batch = [complete(), complete(big=bad.pop("big")) if "big" in bad else complete(), complete()]
+        for k, v in bad.items():
+            setattr(batch[1], k, v)
+        env.as_proxy()
+        if expect is None:
+            assert (await env.call(env.audit.EmitAuditEvents, au.EmitAuditEventsRequest(events=batch))).stored == 3
+            continue
+        err = await env.fails(env.audit.EmitAuditEvents, au.EmitAuditEventsRequest(events=batch))
+        assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.details.startswith(expect), (bad, err.details)
+    stored = {event_id for _w, event_id, _d in await env.state.backend.search_audit(None, None, [], "", None, 20)}
+    assert upper in stored and not {one, two} & stored
+    assert len(stored) == 6  # the first batch and the one with an id filled in; nothing of the refused
 
 
 async def test_bad_batches_are_refused_whole(env):
@@ -213,3 +253,28 @@ async def test_auth_events_carry_time_actor_source_and_unique_id(env):
     for e in evs:
         assert e.actor == "cachegate-admin" and e.source_addr == "10.9.9.9" and e.code == "T2001I"
         assert abs(from_ts(e.time) - time.time()) < 30
+
+
+async def test_a_new_database_has_16_kib_pages_and_one_made_before_keeps_its_own(tmp_path):
+    """Fuller pages for the audit table's inserts; a database of an earlier version (4 KiB
+    pages, SQLite's default) opens, stores and finds events as before."""
+    def page_size(path) -> int:
+        with sqlite3.connect(path) as db:
+            return db.execute("PRAGMA page_size").fetchone()[0]
+
+    new = SQLiteBackend(tmp_path / "new.db")
+    await new.close()
+    assert page_size(tmp_path / "new.db") == 16384
+    with sqlite3.connect(tmp_path / "old.db") as db:  # what an earlier auth left
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE audit (id TEXT PRIMARY KEY, time REAL NOT NULL, type TEXT NOT NULL, "
+                   "actor TEXT NOT NULL, data BLOB NOT NULL)")
+    assert page_size(tmp_path / "old.db") == 4096
+    old = SQLiteBackend(tmp_path / "old.db")
+    try:
+        log = AuditLog(old, "unit")
+        assert await log.ingest_serialized(au.EmitAuditEventsRequest(events=[complete(), complete()]).SerializeToString()) == 2
+        assert len(await old.search_audit(None, None, [], "", None, 10)) == 2
+    finally:
+        await old.close()
+    assert page_size(tmp_path / "old.db") == 4096
