@@ -75,10 +75,19 @@ _LEN = struct.Struct(">I")
 _WRITE_BACKLOG = 16 << 20
 _Request = audit_service_pb2.EmitAuditEventsRequest
 
-# Queue entry kinds.
+# Queue entry kinds; ``held``: the bytes of the client's commands the entry keeps.
 _GEN = 0  # (_GEN, type_, actor, source_addr, success, error, fields, when, base)
-_CMDS = 1  # (_CMDS, stream, when, logical_db, commands): allowed commands
-_ONE = 2  # (_ONE, stream, when, logical_db, command, rbac_name, error)
+_CMDS = 1  # (_CMDS, stream, when, logical_db, commands, held): allowed commands
+_ONE = 2  # (_ONE, stream, when, logical_db, command, rbac_name, error, held)
+
+
+def _arg_bytes(cmds: Iterable[Any]) -> int:
+    """The bytes of the commands' arguments (0 for arguments that are not bytes: a bug the
+    encoder reports as lost events; queuing never raises)."""
+    try:
+        return sum([len(a) for c in cmds for a in c.argv])
+    except TypeError:
+        return 0
 
 
 def _split_request(data: bytes, name: str = "") -> list[bytes]:
@@ -275,10 +284,13 @@ def _cmd_entry_of(name: str, argv: Sequence[bytes]) -> bytes:
 class QueryStream:
     """The ``db.session.query`` events of one session (see :meth:`AuditSpool.query_stream`).
 
-    ``commands(when, logical_db, cmds)`` queues one event per command (allowed,
+    ``commands(when, logical_db, cmds, size)`` queues one event per command (allowed,
     forwarded); each command is anything with ``.name`` (uppercased first argument)
     and ``.argv`` (list of bytes) that nobody changes afterwards, such as
-    :class:`~services.dbproxy.resp.Command`. ``query(when, logical_db, command,
+    :class:`~services.dbproxy.resp.Command`; ``size``: their bytes (the caller has
+    counted them: the ``raw`` of each), or -1 to count their arguments here. The queue
+    keeps the commands until they are encoded, so it is bounded by their bytes too
+    (``AuditSpool.max_queue_bytes``). ``query(when, logical_db, command,
     name, error)`` queues one event whose ``command`` field is ``name`` (the RBAC
     name); a non-empty ``error`` makes it a failure."""
 
@@ -308,18 +320,23 @@ class QueryStream:
             self._db = db
         return self._shared
 
-    def commands(self, when: float, logical_db: int, cmds: list) -> None:
+    def commands(self, when: float, logical_db: int, cmds: list, size: int = -1) -> None:
         sp = self._spool
-        sp._queue.append((_CMDS, self, when, logical_db, cmds))
+        if size < 0:
+            size = _arg_bytes(cmds)
+        sp._queue.append((_CMDS, self, when, logical_db, cmds, size))
         sp._pending += len(cmds)
-        if sp._pending >= sp._trigger:
+        sp._held += size
+        if sp._pending >= sp._trigger or sp._held > sp._held_trigger:
             sp._queued_a_batch()
 
     def query(self, when: float, logical_db: int, cmd: Any, name: str, error: str = "") -> None:
         sp = self._spool
-        sp._queue.append((_ONE, self, when, logical_db, cmd, name, error))
+        size = _arg_bytes((cmd,))
+        sp._queue.append((_ONE, self, when, logical_db, cmd, name, error, size))
         sp._pending += 1
-        if sp._pending >= sp._trigger:
+        sp._held += size
+        if sp._pending >= sp._trigger or sp._held > sp._held_trigger:
             sp._queued_a_batch()
 
 
@@ -333,7 +350,12 @@ class AuditSpool:
     undelivered batches wait (created if missing). A batch leaves when ``batch_size``
     events wait or every ``flush_interval``; it takes all that waits then, up to
     ``max_batch_events`` (auth takes at most 1000 per call) and ``max_batch_bytes``
-    (gRPC's limit is 4 MiB); up to ``max_in_flight`` batches are sent at once."""
+    (gRPC's limit is 4 MiB); up to ``max_in_flight`` batches are sent at once.
+
+    Past ``max_queue`` events, or ``max_queue_bytes`` of the client commands they keep (a
+    query event keeps its command until it is encoded, cut to ``max_arg``), the oldest go
+    to disk. Sessions sending large values while auth is slow or away would otherwise make
+    the queue hold their every byte (50,000 commands of 1 MiB: 50 GB)."""
 
     def __init__(
         self,
@@ -348,6 +370,7 @@ class AuditSpool:
         send_timeout: float = 10.0,
         retry_interval: float = 5.0,
         max_queue: int = 50_000,
+        max_queue_bytes: int = 64 << 20,
         max_in_flight: int = 8,
         encoded: bool = False,
     ) -> None:
@@ -361,10 +384,14 @@ class AuditSpool:
         self.send_timeout = send_timeout
         self.retry_interval = retry_interval
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
         self.max_in_flight = max(1, max_in_flight)
         self.encoded = encoded
         self._queue: deque[tuple] = deque()
         self._pending = 0  # events in _queue
+        self._held = 0  # the bytes of client commands its entries keep
+        # Send (or spill) from here: a quarter of the bound is a batch's worth of bytes.
+        self._held_trigger = max_queue_bytes // 4
         self._trigger = min(batch_size, max_queue + 1)  # wake the sender (or spill) from here
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -421,14 +448,19 @@ class AuditSpool:
     def _queued_a_batch(self) -> None:
         if self._wake is not None:
             self._wake.set()
-        if self._pending > self.max_queue:
+        if self._pending > self.max_queue or self._held > self.max_queue_bytes:
             # The oldest events go to disk until the rest fits (spilling all that waited at
             # once stalled every session for the time it took).
-            self._spill(keep=self.max_queue)
+            self._spill(keep=self.max_queue, keep_bytes=self.max_queue_bytes)
 
     @property
     def queued(self) -> int:
         return self._pending
+
+    @property
+    def queued_bytes(self) -> int:
+        """The bytes of client commands the queued events keep."""
+        return self._held
 
     @property
     def spooling(self) -> int:
@@ -520,12 +552,14 @@ class AuditSpool:
             if q[0][0] == _CMDS:
                 # The run of command entries that waits (nearly all of them), in one call.
                 run: list[tuple] = []
-                count = 0
+                count = held = 0
                 while q and q[0][0] == _CMDS and len(evs) + count < limit:
                     entry = q.popleft()
                     run.append(entry)
                     count += len(entry[4])
+                    held += entry[5]
                 self._pending -= count
+                self._held -= held
                 before = len(evs)
                 try:
                     encode_commands(run, evs)
@@ -536,6 +570,8 @@ class AuditSpool:
                 continue
             entry = q.popleft()
             self._pending -= 1
+            if entry[0] == _ONE:
+                self._held -= entry[7]
             self._encode_or_lose(entry, evs)
         batches, cur, size = [], [], 0
         for ev in evs:
@@ -712,10 +748,10 @@ class AuditSpool:
 
     # -- disk ----------------------------------------------------------------------------------
 
-    def _spill(self, keep: int = 0) -> None:
+    def _spill(self, keep: int = 0, keep_bytes: int = 0) -> None:
         """Write queued events to the spool, oldest first, a batch at a time, until at most
-        ``keep`` wait in memory."""
-        while self._queue and self._pending > keep:
+        ``keep`` wait in memory, keeping at most ``keep_bytes`` of client commands."""
+        while self._queue and (self._pending > keep or self._held > keep_bytes):
             for batch in self._take():
                 self._write_spool(batch)
         self._spooled_pending = True
@@ -804,7 +840,7 @@ class AuditSpool:
         if kind == _CMDS:
             self._encode_commands([entry], out)
         elif kind == _ONE:
-            _, s, when, db, cmd, name, error = entry
+            _, s, when, db, cmd, name, error, _size = entry
             f = b"".join((s.base, _db_entry(db), _str_entry("command", name),
                           _args_entry(cmd.name, cmd.argv, s.max_arg, s.max_args)))
             status = _ld(b"\x42", error.encode("utf-8", "replace")) if error else _SUCCESS
@@ -827,7 +863,7 @@ class AuditSpool:
         lo = self._id_lo
         append = out.append
         join = b"".join
-        for _kind, s, when, db, cmds in entries:
+        for _kind, s, when, db, cmds, _size in entries:
             post = s.head + _timestamp(when) + _SUCCESS_FIELDS
             fixed = 38 + len(post)  # id (2 + 36 bytes) and post
             shared = s.shared(db)

@@ -107,7 +107,7 @@ class _EmitQueries:
         self._audit, self._actor, self._source, self._base = audit, actor, source_addr, base
         self._max_arg, self._max_args = max_arg, max_args
 
-    def commands(self, when: float, logical_db: int, cmds: list[Command]) -> None:
+    def commands(self, when: float, logical_db: int, cmds: list[Command], size: int = -1) -> None:
         for cmd in cmds:
             self.query(when, logical_db, cmd, lookup(cmd.name, cmd.argv).name)
 

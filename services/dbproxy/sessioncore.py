@@ -61,7 +61,7 @@ __all__ = ["End", "Queries", "SessionCore"]
 class Queries(Protocol):
     """A session's ``db.session.query`` events (:class:`~.auditspool.QueryStream`)."""
 
-    def commands(self, when: float, logical_db: int, cmds: list[Command]) -> None: ...
+    def commands(self, when: float, logical_db: int, cmds: list[Command], size: int = -1) -> None: ...
 
     def query(self, when: float, logical_db: int, cmd: Command, name: str, error: str = "") -> None: ...
 
@@ -604,6 +604,7 @@ class SessionCore:
         allowed = self._allowed
         special = _SPECIAL
         audited: list[Command] = []
+        held = 0  # their bytes, which the audit queue holds until they are encoded
         now = time.time()
         m_on = self._m_on
         m_allowed = self.allowed_counts
@@ -616,8 +617,8 @@ class SessionCore:
                 if name not in _KEEP_CLEAN:
                     self._clean = False
                 if audited:
-                    self._aq.commands(now, self._logical_db, audited)
-                    audited = []
+                    self._aq.commands(now, self._logical_db, audited, held)
+                    audited, held = [], 0
                 if self._monitor_cmd and name != "QUIT":
                     handler = _Handlers.other_in_monitor
                 elif handler is None:
@@ -639,15 +640,17 @@ class SessionCore:
                 decision = check(info.name, info.categories)
                 if not decision.allowed:
                     if audited:
-                        self._aq.commands(now, self._logical_db, audited)
-                        audited = []
+                        self._aq.commands(now, self._logical_db, audited, held)
+                        audited, held = [], 0
                     self._deny(cmd, info.name, decision.reason)
                     continue
                 rbac_name = info.name
                 if name not in SUBCOMMAND_PARENTS and len(allowed) < _ALLOWED_MAX:
                     allowed[name] = rbac_name
             audited.append(cmd)
-            append(cmd.raw)
+            raw = cmd.raw
+            append(raw)
+            held += len(raw)
             if m_on:
                 m_allowed[rbac_name] = m_allowed.get(rbac_name, 0) + 1
             if q:
@@ -657,7 +660,7 @@ class SessionCore:
                     continue
             q.append(_Entry(1))
         if audited:
-            self._aq.commands(now, self._logical_db, audited)
+            self._aq.commands(now, self._logical_db, audited, held)
         if self._blocked is not None:
             # Behind a blocking command the database would not run these yet either: they wait
             # here, so that the block can be re-issued before them.

@@ -321,3 +321,37 @@ async def test_a_slow_disk_holds_up_neither_the_sessions_nor_the_delivery(tmp_pa
     await spool.close()
     assert sorted(e.fields["n"] for e in sink.events) == list(range(600))
     assert not list(tmp_path.glob("*.batch"))
+
+
+async def test_large_commands_waiting_for_a_slow_auth_are_bounded_by_their_bytes(tmp_path):
+    """A query event keeps its command until it is encoded. Sessions sending large values
+    while auth hangs made the queue hold every byte of them, up to 50,000 commands (50 GB of
+    1 MiB values); past ``max_queue_bytes`` the oldest now go to disk, cut to ``max_arg``."""
+    from services.dbproxy.resp import CommandParser
+
+    release = asyncio.Event()
+    got: list = []
+
+    async def hung(batch):  # auth accepts the call and does not answer
+        await release.wait()
+        got.append(batch)
+
+    spool = AuditSpool(hung, tmp_path, encoded=True, max_queue_bytes=4 << 20, flush_interval=30)
+    await spool.start()
+    stream = spool.query_stream("alice", "127.0.0.1:1", {"session_id": "s1"})
+    parser = CommandParser()
+    value = b"v" * (100 << 10)
+    for i in range(200):  # 20 MB of SETs
+        (cmd,) = parser.feed(b"*3\r\n$3\r\nSET\r\n$%d\r\nk%05d\r\n$%d\r\n%s\r\n" % (6, i, len(value), value))
+        stream.commands(time.time(), 0, [cmd], len(cmd.raw))
+        assert spool.queued_bytes <= (4 << 20) + len(cmd.raw)
+        await asyncio.sleep(0)  # the sender's turn
+    await spool.written()
+    assert spool.spooled > 100  # the rest: in memory, or in the batches auth holds
+    files = sorted(tmp_path.glob("*.batch"))
+    assert sum(f.stat().st_size for f in files) < spool.spooled * 1024  # cut to max_arg, not 100 KiB each
+    first = read_spool_file(files[0])[0]
+    assert first.fields["args"][2].startswith("v" * 200) and len(first.fields["args"][2]) < 300
+    release.set()
+    await spool.close(timeout=10)
+    assert spool.sent == 200 and spool.lost == 0 and spool.queued_bytes == 0

@@ -151,7 +151,8 @@ class _Queries:
     def __init__(self) -> None:
         self.n = 0
 
-    def commands(self, when, logical_db, cmds):
+    def commands(self, when, logical_db, cmds, size=-1):
+        assert size == sum(len(c.raw) for c in cmds), (size, cmds)  # what the audit queue holds
         self.n += len(cmds)
 
     def query(self, when, logical_db, cmd, name, error=""):

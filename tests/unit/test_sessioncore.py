@@ -30,8 +30,11 @@ spec:
 class Recorder:
     def __init__(self) -> None:
         self.events: list[tuple[str, str]] = []
+        self.held = 0  # the bytes of the commands given, as the core counted them
 
-    def commands(self, when, logical_db, cmds):
+    def commands(self, when, logical_db, cmds, size=-1):
+        assert size == sum(len(c.raw) for c in cmds)
+        self.held += size
         self.events += [(c.name, "") for c in cmds]
 
     def query(self, when, logical_db, cmd, name, error=""):
